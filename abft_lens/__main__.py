@@ -1,0 +1,3 @@
+from abft_lens.cli import main
+
+main()

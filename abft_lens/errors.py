@@ -1,0 +1,25 @@
+"""Errors a user can act on. The CLI prints these as one clear message, without a stack trace."""
+
+
+class AbftLensError(Exception):
+    """Base class for problems with the user's input or environment (not bugs)."""
+
+
+class ModelLoadError(AbftLensError):
+    """A model name or path that cannot be loaded here."""
+
+
+class DataError(AbftLensError):
+    """A data set, label space or pool that cannot give the prompts asked for."""
+
+
+class LabelTokenError(DataError):
+    """A label word that is not a single token under the model's tokenizer."""
+
+
+class PromptTooLongError(DataError):
+    """A prompt longer than the model's context window."""
+
+
+class HeadSelectionError(AbftLensError):
+    """An empty or malformed head set."""

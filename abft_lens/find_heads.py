@@ -1,0 +1,75 @@
+"""The `find-heads` job: score every head of a model on probe prompts, rank, select, and write a
+run folder (config.json, heads.csv, heatmap.html)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from abft_lens.data import load_dataset, split_pools
+from abft_lens.heads import HeadScoreConfig, HeadScores, RankBy, ThresholdKind, score_heads
+from abft_lens.models import DEFAULT_MODEL, load_model
+from abft_lens.plots import head_heatmap, save_figure
+from abft_lens.prompts import build_prompts
+from abft_lens.runs import atomic_write_text, save_config
+
+HEADS_COLUMNS = ("rank", "layer", "head", "label_mass", "label_mass_se", "correctness", "correctness_se",
+                 "pass_rate", "uniform_mass", "mean_threshold", "n_prompts")
+
+
+@dataclass
+class FindHeadsConfig:
+    model: str = DEFAULT_MODEL
+    dataset: str = "sst2"
+    k: int = 4
+    n_prompts: int = 256
+    threshold: ThresholdKind = "paper"
+    tau: float = 2.0
+    rank_by: RankBy = "pass_rate"
+    top: int = 20
+    seed: int = 42
+    batch_size: int = 8
+    label_words: tuple[str, ...] | None = None
+    device: str | None = None
+    out: str | None = None  # default: runs/find-heads_<model>_<dataset>
+
+    def run_dir(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        return Path("runs") / f"find-heads_{Path(self.model).name}_{Path(self.dataset).stem}"
+
+
+@dataclass
+class FindHeadsResult:
+    scores: HeadScores
+    run_dir: Path
+    seconds: float
+
+    def top_table(self, top: int):
+        return self.scores.table.head(top)[list(HEADS_COLUMNS[:8])]
+
+
+def find_heads(config: FindHeadsConfig, model=None, progress: bool = True) -> FindHeadsResult:
+    """Run the job; ``model`` may be passed in to reuse a loaded one (it must be ``config.model``)."""
+    started = time.perf_counter()
+    model = model if model is not None else load_model(config.model, device=config.device)
+    dataset = load_dataset(config.dataset, config.label_words)
+    pools = split_pools(dataset, seed=config.seed)
+    prompts = build_prompts(model.tokenizer, dataset, pools.train, n_prompts=min(config.n_prompts, len(pools.train)),
+                            k=config.k, seed=config.seed, max_length=model.cfg.n_ctx)
+    scores = score_heads(model, prompts, HeadScoreConfig(config.threshold, config.tau, config.rank_by,
+                                                         config.batch_size), progress=progress)
+    run_dir = config.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seconds = time.perf_counter() - started
+    save_config(run_dir, config, pools=pools.sizes(), n_prompts_scored=len(prompts),
+                label_words=list(dataset.label_words), label_token_ids=list(prompts.label_token_ids),
+                mean_prompt_tokens=sum(len(p.tokens) for p in prompts.prompts) / len(prompts),
+                seconds=round(seconds, 1))
+    atomic_write_text(run_dir / "heads.csv", scores.table[list(HEADS_COLUMNS)].to_csv(index=False, float_format="%.6g"))
+    title = f"{config.model} on {dataset.name}: correct minus wrong label attention (k={config.k})"
+    save_figure(head_heatmap(scores.table, "correctness", title), run_dir / "heatmap")
+    save_figure(head_heatmap(scores.table, "label_mass", f"{config.model} on {dataset.name}: label attention mass"),
+                run_dir / "heatmap_label_mass")
+    return FindHeadsResult(scores, run_dir, seconds)

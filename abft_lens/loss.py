@@ -1,0 +1,192 @@
+"""The ABFT loss (method.md section 4) and the PID controller that adapts its punishment weight A.
+
+For an induction head on a prompt, with alpha its attention from the query's last token to the k
+demonstration label tokens:
+
+    L = A * sum_{i in I_minus} alpha_i  +  B * sum_{i in I_plus} (1 - alpha_i)
+
+Heads that are not flagged contribute 0. The "no head filter" ablation is an all-True head mask.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import einops
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+Terms = Literal["both", "reward", "punish"]
+# The paper does not say how per-head losses combine; the default is recorded in the run config.
+Reduction = Literal["sum_heads_mean_prompts", "mean"]
+
+
+@dataclass(frozen=True)
+class AbftLossConfig:
+    """Loss weights, the ablation of its terms, and the PID gains on the punishment weight A.
+
+    ``min_punish_weight`` is our design choice, not the paper's: the controller clamps A at this
+    floor (>= 0), so that punishing wrong labels can never turn into rewarding them.
+    """
+
+    terms: Terms = "both"
+    reward_weight: float = 1.0  # B
+    initial_punish_weight: float = 0.5  # A_0
+    pid: bool = True  # False: A stays at A_0 (the paper's "no PID" ablation)
+    kp: float = 0.03
+    ki: float = 0.005
+    kd: float = 0.005
+    min_punish_weight: float = 0.0
+    reduction: Reduction = "sum_heads_mean_prompts"
+
+    def __post_init__(self) -> None:
+        if self.terms not in get_args(Terms):
+            raise ValueError(f"terms must be one of {get_args(Terms)}, got {self.terms!r}")
+        if self.reduction not in get_args(Reduction):
+            raise ValueError(f"reduction must be one of {get_args(Reduction)}, got {self.reduction!r}")
+        for name in ("reward_weight", "initial_punish_weight", "kp", "ki", "kd", "min_punish_weight"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.initial_punish_weight < self.min_punish_weight:
+            raise ValueError(
+                f"initial_punish_weight ({self.initial_punish_weight}) is below "
+                f"min_punish_weight ({self.min_punish_weight})"
+            )
+
+
+def weights_for(config: AbftLossConfig, punish_weight: float) -> tuple[float, float]:
+    """(A, B) to pass to `abft_loss`, with the ``terms`` ablation applied to the current A."""
+    reward_weight = config.reward_weight
+    if config.terms == "reward":
+        punish_weight = 0.0
+    elif config.terms == "punish":
+        reward_weight = 0.0
+    return punish_weight, reward_weight
+
+
+@dataclass
+class AbftLossOutput:
+    """The loss and detached diagnostics; per-prompt means are 0 where no head is flagged."""
+
+    loss: Float[Tensor, ""]
+    flagged_heads_per_prompt: Float[Tensor, " batch"]
+    correct_mass: Float[Tensor, " batch"]  # mean over flagged heads of sum(alpha[I_plus])
+    wrong_mass: Float[Tensor, " batch"]  # mean over flagged heads of sum(alpha[I_minus])
+    reward_term: Float[Tensor, ""]  # B * sum(1 - alpha[I_plus]), reduced like the loss
+    punish_term: Float[Tensor, ""]  # A * sum(alpha[I_minus]), reduced like the loss
+
+
+def _check_shapes(label_attention: Tensor, correct_mask: Tensor, head_mask: Tensor) -> None:
+    if label_attention.ndim != 4 or not label_attention.is_floating_point():
+        raise ValueError(
+            "label_attention must be a float tensor [batch, layer, head, k], "
+            f"got {label_attention.dtype} of shape {tuple(label_attention.shape)}"
+        )
+    batch, layer, head, k = label_attention.shape
+    for name, mask, expected in (
+        ("correct_mask", correct_mask, (batch, k)),
+        ("head_mask", head_mask, (batch, layer, head)),
+    ):
+        if mask.dtype != torch.bool or tuple(mask.shape) != expected:
+            raise ValueError(
+                f"{name} must be a bool tensor of shape {expected} to match label_attention "
+                f"{tuple(label_attention.shape)}, got {mask.dtype} of shape {tuple(mask.shape)}"
+            )
+
+
+def abft_loss(
+    label_attention: Float[Tensor, "batch layer head k"],
+    correct_mask: Bool[Tensor, "batch k"],
+    head_mask: Bool[Tensor, "batch layer head"],
+    punish_weight: float,
+    reward_weight: float = 1.0,
+    reduction: Reduction = "sum_heads_mean_prompts",
+) -> AbftLossOutput:
+    """ABFT loss over the flagged heads. ``head_mask`` is treated as a constant (no gradient)."""
+    _check_shapes(label_attention, correct_mask, head_mask)
+    if reduction not in get_args(Reduction):
+        raise ValueError(f"reduction must be one of {get_args(Reduction)}, got {reduction!r}")
+
+    correct = correct_mask.to(label_attention.dtype)
+    correct_mass = einops.einsum(label_attention, correct, "b l h k, b k -> b l h")
+    wrong_mass = einops.einsum(label_attention, 1 - correct, "b l h k, b k -> b l h")
+    n_correct = einops.reduce(correct, "b k -> b", "sum")
+    reward = reward_weight * (n_correct[:, None, None] - correct_mass)
+    punish = punish_weight * wrong_mass
+
+    # torch.where rather than multiplying by the mask: NaN/inf in an unflagged head stays out of
+    # the loss, and with nothing flagged the result is still a 0 connected to the graph.
+    zero = label_attention.new_zeros(())
+    reward = einops.reduce(torch.where(head_mask, reward, zero), "b l h -> b", "sum")
+    punish = einops.reduce(torch.where(head_mask, punish, zero), "b l h -> b", "sum")
+
+    flagged = einops.reduce(head_mask.to(label_attention.dtype), "b l h -> b", "sum")
+    if reduction == "sum_heads_mean_prompts":
+        # Prompts with no flagged head still count in the mean: they contribute a loss of 0.
+        reward_term, punish_term = reward.mean(), punish.mean()
+    else:
+        n_pairs = flagged.sum().clamp(min=1)
+        reward_term, punish_term = reward.sum() / n_pairs, punish.sum() / n_pairs
+
+    def per_prompt_mean(mass: Tensor) -> Tensor:
+        total = einops.reduce(torch.where(head_mask, mass, zero), "b l h -> b", "sum")
+        return (total / flagged.clamp(min=1)).detach()
+
+    return AbftLossOutput(
+        loss=reward_term + punish_term,
+        flagged_heads_per_prompt=flagged.detach(),
+        correct_mass=per_prompt_mean(correct_mass),
+        wrong_mass=per_prompt_mean(wrong_mass),
+        reward_term=reward_term.detach(),
+        punish_term=punish_term.detach(),
+    )
+
+
+class PunishWeightController:
+    """The paper's PID controller on A, driven by n_t = mean heads flagged per prompt at step t.
+
+    Call `step(n_t)` after optimiser step t = 1, 2, ...; it returns A_t for the next step. A is
+    unchanged for t <= 2; afterwards
+
+        A_t = A_{t-1} + kp (n_t - n_{t-1}) + ki sum_{i=2..t} (n_i - n_{i-1}) + kd (n_t - 2 n_{t-1} + n_{t-2})
+
+    clamped at ``min_punish_weight``. The clamped value is the next step's A_{t-1}.
+    """
+
+    def __init__(self, config: AbftLossConfig) -> None:
+        self.config = config
+        self.punish_weight = config.initial_punish_weight
+        self.history: list[float] = []  # n_1, ..., n_t
+
+    def step(self, n_flagged: float) -> float:
+        n_flagged = float(n_flagged)
+        if not (math.isfinite(n_flagged) and n_flagged >= 0):
+            raise ValueError(f"n_flagged must be a finite number >= 0, got {n_flagged!r}")
+        self.history.append(n_flagged)
+        cfg = self.config
+        if not cfg.pid or len(self.history) <= 2:
+            return self.punish_weight
+        n_first, n_before, n_prev, n_now = self.history[0], self.history[-3], self.history[-2], n_flagged
+        proportional = cfg.kp * (n_now - n_prev)
+        integral = cfg.ki * (n_now - n_first)  # the sum of differences telescopes
+        derivative = cfg.kd * (n_now - 2 * n_prev + n_before)
+        updated = self.punish_weight + proportional + integral + derivative
+        self.punish_weight = max(cfg.min_punish_weight, updated)
+        return self.punish_weight
+
+    def state_dict(self) -> dict[str, float | list[float]]:
+        """Plain floats and lists (JSON-friendly); the config is saved with the run, not here."""
+        return {"punish_weight": self.punish_weight, "history": list(self.history)}
+
+    def load_state_dict(self, state: dict[str, float | list[float]]) -> None:
+        if set(state) != {"punish_weight", "history"}:
+            raise ValueError(f"expected keys punish_weight and history, got {sorted(state)}")
+        punish_weight, history = state["punish_weight"], state["history"]
+        if not isinstance(history, list) or isinstance(punish_weight, list):
+            raise ValueError("punish_weight must be a number and history a list of numbers")
+        self.punish_weight = float(punish_weight)
+        self.history = [float(n) for n in history]

