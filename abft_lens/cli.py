@@ -75,6 +75,50 @@ def find_heads_command(
     typer.echo(f"Run folder: {result.run_dir} ({result.seconds:.0f} s)")
 
 
+@app.command("evaluate")
+def evaluate_command(
+    model_or_run: Optional[str] = typer.Argument(None, help="a model (as for find-heads; default smollm2-135m) "
+                                                            "or a fine-tuning run folder"),
+    dataset: Optional[str] = typer.Option(None, help="as for find-heads [default: the run's data set, else sst2]"),
+    n_test: Optional[int] = typer.Option(None, help="test queries [default: 512]"),
+    demo_sets: Optional[int] = typer.Option(None, help="demonstration sets per query [default: 2]"),
+    k: Optional[int] = typer.Option(None, help="demonstrations per prompt [default: 4]"),
+    seed: Optional[int] = typer.Option(None, help="demonstration sampling [default: 42]"),
+    pool_seed: Optional[int] = typer.Option(None, help="pool split [default: the run's seed, else --seed]"),
+    batch_size: Optional[int] = typer.Option(None, help="[default: 8]"),
+    calibrate: Optional[bool] = typer.Option(None, "--calibrate/--no-calibrate",
+                                             help="add contextual calibration [default: off]"),
+    n_calibration: Optional[int] = typer.Option(None, help="content-free queries for calibration [default: 512]"),
+    robustness: Optional[bool] = typer.Option(None, "--robustness/--no-robustness",
+                                              help="prediction consistency over 9 templates and 8 demo sets"),
+    robustness_queries: Optional[int] = typer.Option(None, help="test queries for --robustness [default: 64]"),
+    unseen_labels: Optional[bool] = typer.Option(None, "--unseen-labels/--no-unseen-labels",
+                                                 help="unseen-label and 0-shot accuracy [default: off]"),
+    label_words: Optional[str] = typer.Option(None, help="comma-separated label words replacing the data set's"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
+    out: Optional[Path] = typer.Option(None, help="output folder [default: RUN_DIR/evaluate_<dataset>, or "
+                                                  "runs/evaluate_<model>_<dataset> for a bare model]"),
+    config: Optional[Path] = typer.Option(None, help="an EvaluateConfig JSON (or an evaluation's config.json)"),
+) -> None:
+    """Accuracy, macro-F1 and, on request, calibration, robustness and the unseen-label test."""
+    from abft_lens.evaluation import EvaluateConfig, headline, run_defaults, run_evaluation
+
+    base = load_config(config, EvaluateConfig) if config else EvaluateConfig()
+    if model_or_run is not None:
+        base = dataclasses.replace(base, model_or_run=model_or_run)
+    base = _merge(base, run_defaults(base.model_or_run))
+    words = tuple(w.strip() for w in label_words.split(",")) if label_words else None
+    cfg = _merge(base, dict(dataset=dataset, n_test=n_test, demo_sets=demo_sets, k=k, seed=seed, pool_seed=pool_seed,
+                            batch_size=batch_size, calibrate=calibrate, n_calibration=n_calibration,
+                            robustness=robustness, robustness_queries=robustness_queries,
+                            unseen_labels=unseen_labels, label_words=words, device=device,
+                            out=str(out) if out else None))
+    result = run_evaluation(cfg)
+    typer.echo(f"\n{cfg.model_or_run} on {cfg.dataset}:")
+    for line in headline(result.metrics):
+        typer.echo("  " + line)
+    typer.echo(f"Output folder: {result.run_dir}")
+
 def _load_plugins() -> None:
     for entry_point in importlib.metadata.entry_points(group=PLUGIN_GROUP):
         entry_point.load()(app)

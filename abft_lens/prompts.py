@@ -99,9 +99,9 @@ class PromptSet:
         return PromptBatch(
             tokens=tokens,
             attention_mask=mask,
-            label_positions=torch.tensor([p.label_positions for p in chosen]) + offsets[:, None],
-            correct_mask=torch.tensor([p.correct_demos for p in chosen]),
-            demo_labels=torch.tensor([p.demo_labels for p in chosen]),
+            label_positions=torch.tensor([p.label_positions for p in chosen], dtype=torch.long) + offsets[:, None],
+            correct_mask=torch.tensor([p.correct_demos for p in chosen], dtype=torch.bool),
+            demo_labels=torch.tensor([p.demo_labels for p in chosen], dtype=torch.long),
             query_labels=torch.tensor([p.query_label for p in chosen]),
             prompt_lengths=torch.tensor([len(p.tokens) for p in chosen]),
             label_token_ids=torch.tensor(self.label_token_ids),
@@ -220,8 +220,8 @@ def build_prompts(
     from ``queries`` itself without the query (training prompts). ``demo_sampling="unseen_label"``
     draws only demonstrations whose label differs from the query's (the paper's bias test).
     """
-    if k < 1:
-        raise DataError(f"k must be at least 1, got {k}.")
+    if k < 0:
+        raise DataError(f"k must be at least 0 (0-shot), got {k}.")
     chosen = list(queries[:n_prompts] if n_prompts is not None else queries)
     if n_prompts is not None and len(chosen) < n_prompts:
         raise DataError(f"Asked for {n_prompts} queries but the pool has only {len(queries)}.")

