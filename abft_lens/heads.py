@@ -28,19 +28,33 @@ RankBy = Literal["pass_rate", "label_mass", "correctness"]
 Head = tuple[int, int]
 
 
+class _QueryRowsCollected(Exception):
+    """Raised from the deepest needed hook: nothing after it is needed, not even the unembedding."""
+
+
 def query_attention_rows(
     model, batch: PromptBatch, layers: Sequence[int]
 ) -> Float[Tensor, "batch layer head key_pos"]:
     """Attention of every head of ``layers`` from the last position. Differentiable when grad
-    is enabled; the forward stops after ``max(layers)``."""
+    is enabled. The forward stops as soon as the deepest layer's pattern is computed (the
+    bridge's ``stop_at_layer`` would still run that layer's MLP and, at the last layer, the
+    unembedding)."""
     rows: dict[int, Tensor] = {}
+    deepest = max(layers)
 
     def keep_query_row(pattern: Float[Tensor, "batch head query_pos key_pos"], hook) -> None:
-        rows[int(hook.name.split(".")[1])] = pattern[:, :, -1, :]
+        layer = int(hook.name.split(".")[1])
+        # A copy, not a view: a view would keep every layer's whole pattern alive.
+        rows[layer] = pattern[:, :, -1, :].clone()
+        if layer == deepest:
+            raise _QueryRowsCollected
 
     hooks = [(f"blocks.{layer}.attn.hook_pattern", keep_query_row) for layer in layers]
     with model.hooks(fwd_hooks=hooks):
-        model(batch.tokens, attention_mask=batch.attention_mask, stop_at_layer=max(layers) + 1)
+        try:
+            model(batch.tokens, attention_mask=batch.attention_mask, stop_at_layer=deepest + 1)
+        except _QueryRowsCollected:
+            pass
     return torch.stack([rows[layer] for layer in layers], dim=1)
 
 

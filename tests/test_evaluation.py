@@ -1,0 +1,282 @@
+"""Specification of the evaluation: metric math on hand-made cases, plumbing on a tiny random
+GPT-2, and the behavioural claims (ICL works, calibration moves the label distribution, unseen
+labels hurt) on the real embedded model at sizes measured to be robust."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from abft_lens.data import Example, load_dataset, split_pools
+from abft_lens.errors import DataError
+from abft_lens.evaluation import (
+    EvaluateConfig,
+    accuracy,
+    calibrate_probabilities,
+    consistency_score,
+    default_out,
+    evaluate,
+    evaluate_datasets,
+    induction_label_mass,
+    is_run_dir,
+    macro_f1,
+    run_defaults,
+    summarise_induction,
+)
+from abft_lens.prompts import build_prompts
+
+T, F = True, False
+
+# --- pure metric functions ---------------------------------------------------------------------
+
+
+def test_macro_f1_matches_hand_computed_value():
+    true = torch.tensor([0, 0, 1, 1, 2])
+    predicted = torch.tensor([0, 1, 1, 1, 0])
+    # class 0: TP 1, FP 1, FN 1 -> 2/4; class 1: TP 2, FP 1, FN 0 -> 4/5; class 2: TP 0 -> 0
+    assert macro_f1(true, predicted, 3) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+    assert accuracy(true, predicted) == pytest.approx(3 / 5)
+
+
+def test_macro_f1_is_one_only_when_every_prediction_is_right():
+    true = torch.tensor([0, 1, 1, 0])
+    assert macro_f1(true, true.clone(), 2) == 1.0
+    assert macro_f1(true, torch.tensor([0, 1, 1, 1]), 2) < 1.0
+
+
+def test_macro_f1_averages_over_the_whole_label_space():
+    # StaICC's convention: a class that never occurs and is never predicted counts as 0.
+    true = torch.tensor([0, 1])
+    assert macro_f1(true, true.clone(), 3) == pytest.approx(2 / 3)
+
+
+def test_macro_f1_punishes_always_predicting_the_majority_class():
+    true = torch.tensor([1, 1, 1, 0])
+    majority = torch.ones(4, dtype=torch.long)
+    assert accuracy(true, majority) == 0.75
+    assert macro_f1(true, majority, 2) == pytest.approx((0 + 2 * 3 / (2 * 3 + 1)) / 2)
+
+
+def test_consistency_is_the_largest_agreeing_share_averaged_over_queries():
+    predictions = torch.tensor([[0, 0, 1], [1, 1, 1]])
+    assert consistency_score(predictions) == pytest.approx((2 / 3 + 1) / 2)
+    assert consistency_score(torch.tensor([[0, 1, 2]])) == pytest.approx(1 / 3)
+
+
+def test_consistency_ignores_accuracy():
+    # Always the same (wrong or right) answer is perfectly consistent.
+    assert consistency_score(torch.tensor([[2, 2, 2, 2], [0, 0, 0, 0]])) == 1.0
+
+
+def test_consistency_rejects_a_flat_vector():
+    with pytest.raises(ValueError):
+        consistency_score(torch.tensor([0, 1, 1]))
+
+
+def test_calibration_divides_by_the_content_free_mean_and_renormalises():
+    probabilities = torch.tensor([[0.6, 0.4]], dtype=torch.float64)
+    content_free = torch.tensor([[0.8, 0.2], [0.6, 0.4]], dtype=torch.float64)  # mean [0.7, 0.3]
+    calibrated = calibrate_probabilities(probabilities, content_free)
+    expected = torch.tensor([0.6 / 0.7, 0.4 / 0.3], dtype=torch.float64)
+    torch.testing.assert_close(calibrated[0], expected / expected.sum())
+    assert calibrated.argmax(-1).item() == 1  # the biased-towards-label-0 prediction flips
+
+
+def test_calibration_maps_the_content_free_mean_to_uniform():
+    content_free = torch.tensor([[0.5, 0.3, 0.2], [0.7, 0.2, 0.1]], dtype=torch.float64)
+    calibrated = calibrate_probabilities(content_free.mean(0, keepdim=True), content_free)
+    torch.testing.assert_close(calibrated, torch.full((1, 3), 1 / 3, dtype=torch.float64))
+
+
+def test_calibration_keeps_rows_normalised():
+    probabilities = torch.softmax(torch.randn(5, 4, generator=torch.Generator().manual_seed(0)), -1)
+    content_free = torch.softmax(torch.randn(7, 4, generator=torch.Generator().manual_seed(1)), -1)
+    torch.testing.assert_close(calibrate_probabilities(probabilities, content_free).sum(-1), torch.ones(5))
+
+
+def test_induction_mass_counts_only_heads_above_the_paper_threshold():
+    # n_t = 100, k = 4: threshold 4 / (4 + ln 100) = 0.465. Head 0 has S = 0.55, head 1 S = 0.40.
+    attention = torch.tensor([[[[0.30, 0.10, 0.10, 0.05], [0.10, 0.10, 0.10, 0.10]]]])
+    sums = induction_label_mass(attention, torch.tensor([[T, F, T, F]]), torch.tensor([100]))
+    summary = summarise_induction(sums)
+    assert summary["induction_heads_per_prompt"] == 1.0
+    assert summary["induction_correct_mass"] == pytest.approx(0.40)
+    assert summary["induction_wrong_mass"] == pytest.approx(0.15)
+
+
+def test_no_induction_heads_gives_nan_masses_not_an_error():
+    attention = torch.full((1, 1, 2, 4), 0.01)
+    sums = induction_label_mass(attention, torch.tensor([[T, F, T, F]]), torch.tensor([100]))
+    summary = summarise_induction(sums)
+    assert summary["induction_heads_per_prompt"] == 0.0
+    assert math.isnan(summary["induction_correct_mass"])
+
+
+def test_config_rejects_impossible_sizes():
+    with pytest.raises(DataError):
+        EvaluateConfig(n_test=0)
+    with pytest.raises(DataError):
+        EvaluateConfig(k=0)
+
+
+# --- plumbing on a tiny random GPT-2 (the real GPT-2 tokenizer) ----------------------------------
+
+
+def test_zero_shot_prompts_hold_only_the_query(tiny_gpt2, sst2):
+    pools = split_pools(sst2)
+    prompts = build_prompts(tiny_gpt2.tokenizer, sst2, pools.test[:3], k=0)
+    batch = prompts.collate([0, 1, 2])
+    assert prompts.k == 0 and batch.label_positions.shape == (3, 0)
+    assert batch.label_positions.dtype == torch.long and batch.correct_mask.dtype == torch.bool
+    text = tiny_gpt2.tokenizer.decode(prompts[0].tokens)
+    assert text.count("sentiment:") == 1 and text.rstrip().endswith("sentiment:")
+
+
+def test_robustness_scores_nine_templates_and_eight_demo_sets(tiny_gpt2, sst2):
+    config = EvaluateConfig(n_test=3, demo_sets=1, robustness=True, robustness_queries=3, attention=False)
+    result = evaluate(tiny_gpt2, sst2, config, progress=False)
+    table = result.tables["robustness"]
+    assert table.groupby("variant")["variant_index"].nunique().to_dict() == {"template": 9, "demos": 8}
+    assert len(table) == 3 * (9 + 8)
+    # Recompute the template score from the table: the metric is the table's consistency.
+    templates = table[table.variant == "template"]
+    grid = templates.pivot(index="query", columns="variant_index", values="predicted_label")
+    share = grid.apply(lambda row: row.value_counts().iloc[0] / 9, axis=1).mean()
+    assert result.metrics["consistency_templates"] == pytest.approx(share)
+    assert result.metrics["consistency"] == pytest.approx(
+        (result.metrics["consistency_templates"] + result.metrics["consistency_demos"]) / 2)
+
+
+def test_predictions_table_follows_queries_and_repeats(tiny_gpt2, sst2):
+    result = evaluate(tiny_gpt2, sst2, EvaluateConfig(n_test=5, demo_sets=2), progress=False)
+    frame = result.predictions
+    assert len(frame) == result.metrics["n_inputs"] == 10
+    assert frame["repeat"].tolist() == [0] * 5 + [1] * 5
+    queries = split_pools(sst2).test[:5]
+    expected = [sst2.label_words[q.label] for q in queries] * 2
+    assert frame["true_label"].tolist() == expected
+    probabilities = frame[[f"prob_{w}" for w in sst2.label_words]].sum(axis=1)
+    assert probabilities.to_numpy() == pytest.approx(1.0, abs=1e-5)
+    assert result.metrics["accuracy"] == pytest.approx(frame["correct"].mean())
+
+
+def test_evaluation_is_deterministic_for_a_fixed_seed(tiny_gpt2, sst2):
+    config = EvaluateConfig(n_test=4, demo_sets=2, unseen_labels=True)
+    first = evaluate(tiny_gpt2, sst2, config, progress=False)
+    second = evaluate(tiny_gpt2, sst2, config, progress=False)
+    pd.testing.assert_frame_equal(first.predictions, second.predictions)
+    pd.testing.assert_frame_equal(first.tables["unseen_label"], second.tables["unseen_label"])
+
+
+def test_unseen_label_prompts_never_show_the_query_label(tiny_gpt2, sst2):
+    config = EvaluateConfig(n_test=6, demo_sets=1, unseen_labels=True)
+    result = evaluate(tiny_gpt2, sst2, config, progress=False)
+    assert set(result.metrics) >= {"unseen_label_accuracy", "random_demo_accuracy", "zero_shot_accuracy"}
+    pools = split_pools(sst2)
+    prompts = build_prompts(tiny_gpt2.tokenizer, sst2, pools.test[:6], k=4, demo_pool=pools.demo,
+                            demo_sampling="unseen_label")
+    assert all(not any(p.correct_demos) for p in prompts.prompts)
+
+
+def test_too_many_test_queries_is_a_clear_error(tiny_gpt2, sst2):
+    with pytest.raises(DataError, match="test pool"):
+        evaluate(tiny_gpt2, sst2, EvaluateConfig(n_test=100_000), progress=False)
+
+
+def test_evaluate_datasets_gives_one_row_per_dataset(tiny_gpt2, sst2):
+    mr = load_dataset("mr")
+    table = evaluate_datasets(tiny_gpt2, [sst2, mr], EvaluateConfig(n_test=2, demo_sets=1), progress=False)
+    assert table["dataset"].tolist() == ["sst2", "mr"]
+    assert {"accuracy", "macro_f1", "n_inputs"} <= set(table.columns)
+
+
+def test_run_folders_are_told_from_model_directories_and_set_the_defaults(tiny_gpt2_dir, tmp_path):
+    assert not is_run_dir(tiny_gpt2_dir)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"config": {"dataset": "mr", "seed": 3}}))
+    (run / "trained.safetensors").write_bytes(b"")
+    assert is_run_dir(run)
+    # Evaluating a run follows its data set and pool seed (test queries never were training examples).
+    assert run_defaults(str(run)) == {"dataset": "mr", "pool_seed": 3}
+    assert default_out(EvaluateConfig(model_or_run=str(run), dataset="mr")) == run / "evaluate_mr"
+    bare = default_out(EvaluateConfig(model_or_run="smollm2-135m"))
+    assert bare.as_posix() == "runs/evaluate_smollm2-135m_sst2"
+
+
+def test_method_comparison_figure_groups_methods_by_dataset():
+    from abft_lens.plots import method_comparison
+
+    results = pd.DataFrame({
+        "dataset": ["sst2", "sst2", "sst2", "mr"], "method": ["vanilla", "abft", "abft", "vanilla"],
+        "seed": [42, 42, 43, 42], "accuracy": [0.6, 0.8, 0.9, 0.55], "macro_f1": [0.5, 0.8, 0.88, 0.5],
+    })
+    figure = method_comparison(results)  # consistency absent: left out
+    assert [a.text for a in figure.layout.annotations] == ["accuracy", "macro f1"]
+    abft_accuracy = next(t for t in figure.data if t.name == "abft" and t.yaxis == "y")
+    assert list(abft_accuracy.x) == ["sst2"] and abft_accuracy.y[0] == pytest.approx(0.85)
+    assert abft_accuracy.error_y.array[0] == pytest.approx(pd.Series([0.8, 0.9]).std())
+
+
+# --- behaviour of the real embedded model (SmolLM2-135M) -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sst2_evaluation(smollm2, sst2):
+    """Vanilla 4-shot SmolLM2 on 24 SST-2 test queries, with calibration (16 content-free queries)
+    and the unseen-label / 0-shot test."""
+    config = EvaluateConfig(n_test=24, demo_sets=1, calibrate=True, n_calibration=16, unseen_labels=True,
+                            batch_size=8)
+    return evaluate(smollm2, sst2, config, progress=False)
+
+
+@pytest.mark.slow
+def test_vanilla_icl_is_well_above_chance_on_sst2(sst2_evaluation):
+    metrics = sst2_evaluation.metrics
+    assert metrics["accuracy"] >= 0.65  # chance is 0.5
+    assert metrics["macro_f1"] >= 0.6
+
+
+@pytest.mark.slow
+def test_calibration_moves_predictions_away_from_the_favoured_label(sst2_evaluation):
+    metrics = sst2_evaluation.metrics
+    bias = metrics["content_free_probabilities"]
+    favoured = max(bias, key=bias.get)
+    assert bias[favoured] > 0.55  # the content-free query is not neutral
+    assert metrics["calibrated_predicted_distribution"][favoured] < metrics["predicted_distribution"][favoured]
+    assert (sst2_evaluation.predictions["calibrated_label"] != sst2_evaluation.predictions["predicted_label"]).any()
+
+
+@pytest.mark.slow
+def test_unseen_label_demonstrations_pull_accuracy_below_random_ones(sst2_evaluation):
+    metrics = sst2_evaluation.metrics
+    assert metrics["unseen_label_accuracy"] <= metrics["random_demo_accuracy"] - 0.25
+    assert 0.0 <= metrics["zero_shot_accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+def test_the_model_has_label_attending_induction_heads_on_test_prompts(sst2_evaluation):
+    assert sst2_evaluation.metrics["induction_heads_per_prompt"] >= 3
+
+
+@pytest.mark.slow
+def test_evaluate_command_writes_metrics_json(smollm2, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from abft_lens import cli, evaluation
+
+    # In process, with the session's model: the command's own parsing, job and files are real.
+    monkeypatch.setattr(evaluation, "load_model_or_run", lambda config: smollm2)
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(cli.app, ["evaluate", "smollm2-135m", "--dataset", "sst2", "--n-test", "4",
+                                          "--demo-sets", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "accuracy" in result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_inputs"] == 4 and 0.0 <= metrics["accuracy"] <= 1.0
+    assert metrics["model_or_run"] == "smollm2-135m"
+    assert len(pd.read_csv(out / "predictions.csv")) == 4
+    saved = json.loads((out / "config.json").read_text())["config"]
+    assert saved["n_test"] == 4 and saved["dataset"] == "sst2"
