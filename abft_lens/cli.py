@@ -54,18 +54,25 @@ def find_heads_command(
     batch_size: Optional[int] = typer.Option(None, help="[default: 8]"),
     label_words: Optional[str] = typer.Option(None, help="comma-separated label words replacing the data set's"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
+    device_map: Optional[str] = typer.Option(None, help="spread or offload a large model (accelerate): auto, "
+                                                        "balanced, cpu, or a JSON map; excludes --device"),
+    n_devices: Optional[int] = typer.Option(None, help="split the model over this many GPUs; excludes --device"),
     out: Optional[Path] = typer.Option(None, help="run folder [default: runs/find-heads_<model>_<dataset>]"),
     config: Optional[Path] = typer.Option(None, help="a FindHeadsConfig JSON (or a run folder's config.json)"),
 ) -> None:
     """Rank every attention head by how much it attends to the demonstration labels."""
+    from abft_lens.distributed import is_main_process
     from abft_lens.find_heads import FindHeadsConfig, find_heads
 
     base = load_config(config, FindHeadsConfig) if config else FindHeadsConfig()
     words = tuple(w.strip() for w in label_words.split(",")) if label_words else None
     cfg = _merge(base, dict(model=model, dataset=dataset, k=k, n_prompts=n_prompts, threshold=threshold, tau=tau,
                             rank_by=rank_by, top=top, seed=seed, batch_size=batch_size, label_words=words,
-                            device=device, out=str(out) if out else None))
+                            device=device, device_map=device_map, n_devices=n_devices,
+                            out=str(out) if out else None))
     result = find_heads(cfg)
+    if not is_main_process():  # under torchrun, rank 0 alone reports
+        return
     typer.echo(f"\nTop {cfg.top} heads of {cfg.model} on {cfg.dataset} "
                f"({cfg.n_prompts} prompts, k={cfg.k}, ranked by {cfg.rank_by}):")
     _print_table(result.top_table(cfg.top))
@@ -73,6 +80,90 @@ def find_heads_command(
     typer.echo(f"\nUniform attention would put {row['uniform_mass']:.3f} on the labels; "
                f"the paper's threshold averages {row['mean_threshold']:.3f}.")
     typer.echo(f"Run folder: {result.run_dir} ({result.seconds:.0f} s)")
+
+
+def _parse_lr(value: str | None) -> float | None | str:
+    """``--lr 1e-4`` or ``--lr search``; "unset" (not given) is returned as the string "unset"."""
+    if value is None:
+        return "unset"
+    if value.strip().lower() == "search":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise typer.BadParameter(f"--lr must be a number or 'search', got {value!r}") from None
+
+
+@app.command("finetune")
+def finetune_command(
+    model: Optional[str] = typer.Argument(None, help="as for find-heads [default: smollm2-135m]"),
+    dataset: Optional[str] = typer.Option(None, help="as for find-heads [default: sst2]"),
+    method: Optional[str] = typer.Option(None, help="abft or e2e (cross-entropy of the query's label) [default: abft]"),
+    n_train: Optional[int] = typer.Option(None, help="training prompts from the training pool [default: 512]"),
+    n_val: Optional[int] = typer.Option(None, help="validation queries carved from the training pool, for the lr "
+                                                   "search [default: 128]"),
+    k: Optional[int] = typer.Option(None, help="demonstrations per prompt [default: 4]"),
+    lr: Optional[str] = typer.Option(None, help="a learning rate, or 'search': the best of --lr-grid by validation "
+                                                "accuracy after --lr-search-steps steps [default: search]"),
+    lr_grid: Optional[str] = typer.Option(None, help="comma-separated lrs for the search [default: 2e-5,1e-4,3e-4,1e-3]"),
+    lr_search_steps: Optional[int] = typer.Option(None, help="steps of each lr trial [default: 8]"),
+    batch_size: Optional[int] = typer.Option(None, help="prompts per optimiser step (pseudo-batch) [default: 32]"),
+    micro_batch_size: Optional[int] = typer.Option(None, help="prompts per forward [default: 8]"),
+    steps: Optional[int] = typer.Option(None, help="optimiser steps [default: 32]"),
+    heads: Optional[str] = typer.Option(None, help="per-prompt (the paper's threshold on each prompt), all (no head "
+                                                   "filter) or a heads.csv (a fixed set) [default: per-prompt]"),
+    head_top: Optional[int] = typer.Option(None, help="with a heads.csv: its first N rows [default: 20]"),
+    threshold: Optional[str] = typer.Option(None, help="paper: k/(k+ln n_t); uniform: tau*k/n_t [default: paper]"),
+    tau: Optional[float] = typer.Option(None, help="multiple of uniform attention for --threshold uniform"),
+    pid: Optional[bool] = typer.Option(None, "--pid/--no-pid", help="adapt A by the PID controller [default: on]"),
+    terms: Optional[str] = typer.Option(None, help="both, reward (A = 0) or punish (B = 0) [default: both]"),
+    e2e_softmax: Optional[str] = typer.Option(None, help="E2E cross-entropy over the label tokens (label) or the "
+                                                         "vocabulary (vocab) [default: label]"),
+    trainable: Optional[str] = typer.Option(None, help="qk (W_Q, W_K) or all (full fine-tuning) [default: qk]"),
+    checkpoint_every: Optional[int] = typer.Option(None, help="steps between checkpoints [default: 4]"),
+    seed: Optional[int] = typer.Option(None, help="prompts, data order [default: 42]"),
+    pool_seed: Optional[int] = typer.Option(None, help="the train/demo/test split [default: 42]"),
+    label_words: Optional[str] = typer.Option(None, help="comma-separated label words replacing the data set's"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
+    out: Optional[Path] = typer.Option(None, help="run folder [default: runs/finetune_<method>_<model>_<dataset>"
+                                                  "_seed<seed>]"),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume",
+                                          help="continue a killed run from its last checkpoint"),
+    config: Optional[Path] = typer.Option(None, help="a FinetuneConfig JSON (or a run folder's config.json)"),
+) -> None:
+    """Fine-tune W_Q and W_K with ABFT (or the end-to-end baseline) and write a run folder."""
+    from abft_lens.training import FinetuneConfig, run_finetune
+
+    base = load_config(config, FinetuneConfig) if config else FinetuneConfig()
+    words = tuple(w.strip() for w in label_words.split(",")) if label_words else None
+    grid = tuple(float(x) for x in lr_grid.split(",")) if lr_grid else None
+    parsed_lr = _parse_lr(lr)
+    if parsed_lr != "unset":
+        base = dataclasses.replace(base, lr=parsed_lr)
+    cfg = _merge(base, dict(model=model, dataset=dataset, method=method, n_train=n_train, n_val=n_val, k=k,
+                            lr_grid=grid, lr_search_steps=lr_search_steps, batch_size=batch_size,
+                            micro_batch_size=micro_batch_size, steps=steps, heads=heads, head_top=head_top,
+                            threshold=threshold, tau=tau, pid=pid, terms=terms, e2e_softmax=e2e_softmax,
+                            trainable=trainable, checkpoint_every=checkpoint_every, seed=seed, pool_seed=pool_seed,
+                            label_words=words, device=device, out=str(out) if out else None, resume=resume))
+    result = run_finetune(cfg)
+    from abft_lens.distributed import is_main_process
+    if not is_main_process():  # under torchrun, rank 0 alone reports
+        return
+    metrics = result.metrics
+    first, last = metrics.iloc[0], metrics.iloc[-1]
+    typer.echo(f"\n{cfg.method.upper()} on {cfg.dataset}: {len(metrics)} steps at lr {result.lr:g}, "
+               f"{result.trainable_params / 1e6:.1f}M trained parameters, {result.train_seconds:.0f} s "
+               f"({result.seconds_per_step:.1f} s per step)")
+    if result.lr_search is not None:
+        trials = ", ".join(f"{t['lr']:g}: {t['validation_accuracy']:.3f}" for t in result.lr_search.trials)
+        typer.echo(f"lr search (validation accuracy after {result.lr_search.steps} steps; untrained "
+                   f"{result.lr_search.baseline_accuracy:.3f}): {trials}")
+    typer.echo(f"loss {first['loss']:.3f} -> {last['loss']:.3f}; flagged heads per prompt "
+               f"{first['flagged_heads']:.1f} -> {last['flagged_heads']:.1f}; their label mass correct "
+               f"{first['correct_mass']:.3f} -> {last['correct_mass']:.3f}, wrong {first['wrong_mass']:.3f} -> "
+               f"{last['wrong_mass']:.3f}")
+    typer.echo(f"Run folder: {result.run_dir} (evaluate it with `abft-lens evaluate {result.run_dir}`)")
 
 
 @app.command("evaluate")
@@ -108,8 +199,8 @@ def evaluate_command(
         base = dataclasses.replace(base, model_or_run=model_or_run)
     base = _merge(base, run_defaults(base.model_or_run))
     words = tuple(w.strip() for w in label_words.split(",")) if label_words else None
-    cfg = _merge(base, dict(dataset=dataset, n_test=n_test, demo_sets=demo_sets, k=k, seed=seed, pool_seed=pool_seed,
-                            batch_size=batch_size, calibrate=calibrate, n_calibration=n_calibration,
+    cfg = _merge(base, dict(dataset=dataset, n_test=n_test, demo_sets=demo_sets, k=k, seed=seed,
+                            pool_seed=pool_seed, batch_size=batch_size, calibrate=calibrate, n_calibration=n_calibration,
                             robustness=robustness, robustness_queries=robustness_queries,
                             unseen_labels=unseen_labels, label_words=words, device=device,
                             out=str(out) if out else None))
@@ -118,6 +209,26 @@ def evaluate_command(
     for line in headline(result.metrics):
         typer.echo("  " + line)
     typer.echo(f"Output folder: {result.run_dir}")
+
+
+@app.command("figures")
+def figures_command(
+    roots: Optional[list[Path]] = typer.Argument(None, help="folders to search for saved results "
+                                                            "[default: runs benchmarks/results]"),
+    out: Path = typer.Option(Path("figures"), help="where the HTML and PNG files go"),
+    png: bool = typer.Option(True, "--png/--no-png", help="also write PNG (needs kaleido and Chromium)"),
+) -> None:
+    """Redraw the paper's figures from saved run folders: head heatmaps, accuracy per data set beside
+    the paper's quoted GPT2-XL numbers, training curves, and the analysis figures."""
+    from abft_lens.figures import DEFAULT_ROOTS, make_figures
+
+    report = make_figures(roots or list(DEFAULT_ROOTS), out, png)
+    for path in report.written:
+        typer.echo(f"  {path}")
+    for reason in report.skipped:
+        typer.echo(f"skipped: {reason}", err=True)
+    typer.echo(f"{len(report.written)} files in {out}")
+
 
 def _load_plugins() -> None:
     for entry_point in importlib.metadata.entry_points(group=PLUGIN_GROUP):

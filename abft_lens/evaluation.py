@@ -19,6 +19,7 @@ The metric math (macro-F1, consistency, calibration, induction-head masses) is p
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -110,7 +111,8 @@ def induction_label_mass(
     flagged = induction_head_mask(label_attention, prompt_lengths).double()
     plus, minus = correct_and_wrong_mass(label_attention.double(), correct_mask)
     return {"prompts": torch.tensor(float(label_attention.shape[0]), dtype=torch.float64),
-            "flagged": flagged.sum(), "correct_mass": (plus * flagged).sum(), "wrong_mass": (minus * flagged).sum()}
+            "flagged": flagged.sum(), "correct_mass": (plus * flagged).sum(),
+            "wrong_mass": (minus * flagged).sum()}
 
 
 def summarise_induction(sums: dict[str, Tensor]) -> dict[str, float]:
@@ -229,7 +231,7 @@ class EvaluateConfig:
     attention: bool = True  # the induction heads' correct/wrong label mass on the test prompts
     label_words: tuple[str, ...] | None = None
     device: str | None = None
-    out: str | None = None  # default: the run folder's evaluate_<dataset>/, or runs/evaluate_<model>_<dataset>
+    out: str | None = None  # default: RUN_DIR/evaluate_<dataset>/, or runs/evaluate_<model>_<dataset>
 
     def __post_init__(self) -> None:
         for name in ("n_test", "demo_sets", "batch_size", "n_calibration", "robustness_queries",
@@ -303,7 +305,8 @@ def evaluate(model, dataset: ICLDataset, config: EvaluateConfig | None = None,
     build = dict(k=config.k, demo_pool=pools.demo, max_length=model.cfg.n_ctx)
     n_forwards = 0
 
-    prompts = build_prompts(model.tokenizer, dataset, queries, seed=config.seed, repeats=config.demo_sets, **build)
+    prompts = build_prompts(model.tokenizer, dataset, queries, seed=config.seed, repeats=config.demo_sets,
+                            **build)
     test = predict(model, prompts, config.batch_size, attention=config.attention, progress=progress)
     n_forwards += len(prompts)
     metrics: dict[str, object] = {
@@ -361,7 +364,7 @@ def evaluate(model, dataset: ICLDataset, config: EvaluateConfig | None = None,
 
     seconds = time.perf_counter() - started
     metrics.update({"n_forwards": n_forwards, "seconds": round(seconds, 2),
-                    "seconds_per_forward": test.seconds / len(prompts)})
+                    "seconds_per_prompt": test.seconds / len(prompts)})
     return EvaluationResult(metrics, predictions_frame(test, words, len(queries), calibrated), config, tables)
 
 
@@ -374,10 +377,12 @@ def _robustness(model, dataset: ICLDataset, demo_pool: Sequence[Example], querie
     frames, by_variant = [], {}
     build = dict(k=config.k, demo_pool=demo_pool, max_length=model.cfg.n_ctx)
     for index, template in enumerate(l9_templates(dataset)):
-        prompts = build_prompts(model.tokenizer, dataset, queries, seed=config.seed, template=template, **build)
+        prompts = build_prompts(model.tokenizer, dataset, queries, seed=config.seed, template=template,
+                                **build)
         result = predict(model, prompts, config.batch_size, progress=progress, desc=f"template {index + 1}/9")
         by_variant.setdefault("template", []).append(result.predicted)
-        frames.append(predictions_frame(result, dataset.label_words, n).assign(variant="template", variant_index=index))
+        frame = predictions_frame(result, dataset.label_words, n)
+        frames.append(frame.assign(variant="template", variant_index=index))
     prompts = build_prompts(model.tokenizer, dataset, queries, seed=config.seed + 1,
                             repeats=config.robustness_demo_sets, **build)
     result = predict(model, prompts, config.batch_size, progress=progress, desc="demonstration sets")
@@ -390,7 +395,8 @@ def _robustness(model, dataset: ICLDataset, demo_pool: Sequence[Example], querie
                "consistency": (scores["template"] + scores["demos"]) / 2, "robustness_queries": n,
                "robustness_demo_sets": config.robustness_demo_sets}
     table = pd.concat(frames, ignore_index=True).drop(columns="repeat")
-    return metrics, table[["variant", "variant_index"] + [c for c in table.columns if c not in ("variant", "variant_index")]]
+    first = ["variant", "variant_index"]
+    return metrics, table[first + [column for column in table.columns if column not in first]]
 
 
 def evaluate_datasets(model, datasets: Sequence[str | ICLDataset], config: EvaluateConfig | None = None,
@@ -413,8 +419,6 @@ def evaluate_datasets(model, datasets: Sequence[str | ICLDataset], config: Evalu
 def is_run_dir(path: Path) -> bool:
     """A fine-tuning run folder: a ``config.json`` written by ``runs.save_config`` (fields under
     ``"config"``; a Hugging Face model directory's config.json has none) and a checkpoint."""
-    import json
-
     config = path / "config.json"
     if not (path.is_dir() and config.is_file()):
         return False
@@ -427,14 +431,13 @@ def is_run_dir(path: Path) -> bool:
 
 
 def _run_record(run_dir: Path) -> dict[str, object]:
-    import json
-
     return json.loads((run_dir / "config.json").read_text()).get("config", {})
 
 
 def run_defaults(model_or_run: str) -> dict[str, object]:
-    """For a run folder, the evaluation settings that must follow the training run: its data set and
-    its pool seed (so that the test pool is disjoint from the pool it trained on). Empty for a bare model."""
+    """For a run folder, the evaluation settings that follow the training run: its data set, k, label
+    words and pool seed (so that the test pool is disjoint from the pool it trained on). Empty for a
+    bare model."""
     source = Path(model_or_run)
     if not is_run_dir(source):
         return {}
@@ -442,6 +445,10 @@ def run_defaults(model_or_run: str) -> dict[str, object]:
     defaults: dict[str, object] = {}
     if isinstance(record.get("dataset"), str):
         defaults["dataset"] = record["dataset"]
+    if isinstance(record.get("k"), int):
+        defaults["k"] = record["k"]
+    if record.get("label_words"):
+        defaults["label_words"] = tuple(record["label_words"])
     pool_seed = record.get("pool_seed", record.get("seed"))
     if isinstance(pool_seed, int):
         defaults["pool_seed"] = pool_seed
@@ -467,7 +474,7 @@ def load_model_or_run(config: EvaluateConfig):
         except ImportError as error:
             raise AbftLensError(f"{source} is a run folder, but abft_lens.training cannot be imported "
                                 f"to load it: {error}") from error
-        return load_trained_model(source)
+        return load_trained_model(source, device=config.device)
     from abft_lens.models import load_model
 
     return load_model(config.model_or_run, device=config.device)
@@ -490,25 +497,28 @@ def run_evaluation(config: EvaluateConfig, model=None, progress: bool = True) ->
     return result
 
 
+def _shares(distribution: dict[str, float]) -> str:
+    return ", ".join(f"{word} {share:.2f}" for word, share in distribution.items())
+
+
 def headline(metrics: dict[str, object]) -> list[str]:
     """The metrics a person reads first, one line each."""
-    lines = [f"accuracy {metrics['accuracy']:.3f}  macro-F1 {metrics['macro_f1']:.3f}  "
-             f"({metrics['n_inputs']} inputs = {metrics['n_queries']} queries x {metrics['demo_sets']} "
-             f"demonstration sets, k={metrics['k']})",
-             "predicted labels: " + ", ".join(f"{w} {p:.2f}" for w, p in metrics["predicted_distribution"].items())]
-    if "calibrated_accuracy" in metrics:
-        lines.append(f"calibrated: accuracy {metrics['calibrated_accuracy']:.3f}  "
-                     f"macro-F1 {metrics['calibrated_macro_f1']:.3f}; predicted labels: "
-                     + ", ".join(f"{w} {p:.2f}" for w, p in metrics["calibrated_predicted_distribution"].items()))
-    if "consistency" in metrics:
-        lines.append(f"consistency {metrics['consistency']:.3f} (templates {metrics['consistency_templates']:.3f}, "
-                     f"demonstration sets {metrics['consistency_demos']:.3f}; {metrics['robustness_queries']} queries)")
-    if "unseen_label_accuracy" in metrics:
-        lines.append(f"unseen-label accuracy {metrics['unseen_label_accuracy']:.3f} vs random demonstrations "
-                     f"{metrics['random_demo_accuracy']:.3f} and 0-shot {metrics['zero_shot_accuracy']:.3f}")
-    if "induction_heads_per_prompt" in metrics:
-        lines.append(f"induction heads: {metrics['induction_heads_per_prompt']:.1f} per prompt, label mass "
-                     f"correct {metrics['induction_correct_mass']:.3f} / wrong {metrics['induction_wrong_mass']:.3f}")
-    lines.append(f"{metrics['n_forwards']} forwards in {metrics['seconds']:.0f} s "
-                 f"({metrics['seconds_per_forward']:.3f} s per test input)")
+    m = metrics
+    lines = [f"accuracy {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}  ({m['n_inputs']} inputs = "
+             f"{m['n_queries']} queries x {m['demo_sets']} demonstration sets, k={m['k']})",
+             f"predicted labels: {_shares(m['predicted_distribution'])}"]
+    if "calibrated_accuracy" in m:
+        lines.append(f"calibrated: accuracy {m['calibrated_accuracy']:.3f}  "
+                     f"macro-F1 {m['calibrated_macro_f1']:.3f}; predicted labels: {_shares(m['calibrated_predicted_distribution'])}")
+    if "consistency" in m:
+        lines.append(f"consistency {m['consistency']:.3f} (templates {m['consistency_templates']:.3f}, "
+                     f"demonstration sets {m['consistency_demos']:.3f}; {m['robustness_queries']} queries)")
+    if "unseen_label_accuracy" in m:
+        lines.append(f"unseen-label accuracy {m['unseen_label_accuracy']:.3f} vs random demonstrations "
+                     f"{m['random_demo_accuracy']:.3f} and 0-shot {m['zero_shot_accuracy']:.3f}")
+    if "induction_heads_per_prompt" in m:
+        lines.append(f"induction heads: {m['induction_heads_per_prompt']:.1f} per prompt, label mass "
+                     f"correct {m['induction_correct_mass']:.3f} / wrong {m['induction_wrong_mass']:.3f}")
+    lines.append(f"{m['n_forwards']} prompts in {m['seconds']:.0f} s "
+                 f"({m['seconds_per_prompt']:.3f} s per test prompt, batched)")
     return lines

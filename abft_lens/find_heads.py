@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from abft_lens.data import load_dataset, split_pools
-from abft_lens.heads import HeadScoreConfig, HeadScores, RankBy, ThresholdKind, score_heads
-from abft_lens.models import DEFAULT_MODEL, load_model
+from abft_lens import distributed
+from abft_lens.heads import HeadScoreConfig, HeadScores, RankBy, ThresholdKind, accumulate_head_statistics
+from abft_lens.models import DEFAULT_MODEL, load_model, parse_device_map
 from abft_lens.plots import head_heatmap, save_figure
 from abft_lens.prompts import build_prompts
 from abft_lens.runs import atomic_write_text, save_config
@@ -32,6 +33,8 @@ class FindHeadsConfig:
     batch_size: int = 8
     label_words: tuple[str, ...] | None = None
     device: str | None = None
+    device_map: str | None = None  # accelerate placement: auto, balanced, cpu or a JSON map (see load_model)
+    n_devices: int | None = None  # split the model over this many GPUs
     out: str | None = None  # default: runs/find-heads_<model>_<dataset>
 
     def run_dir(self) -> Path:
@@ -51,19 +54,36 @@ class FindHeadsResult:
 
 
 def find_heads(config: FindHeadsConfig, model=None, progress: bool = True) -> FindHeadsResult:
-    """Run the job; ``model`` may be passed in to reuse a loaded one (it must be ``config.model``)."""
+    """Run the job; ``model`` may be passed in to reuse a loaded one (it must be ``config.model``).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) each rank scores its share of the probe prompts (whole
+    batches, see ``distributed.shard_batches``), the per-head sums are all-reduced, and rank 0 alone
+    writes the run folder; every rank returns the same scores."""
+    with distributed.process_group():
+        return _find_heads(config, model, progress)
+
+
+def _find_heads(config: FindHeadsConfig, model, progress: bool) -> FindHeadsResult:
     started = time.perf_counter()
-    model = model if model is not None else load_model(config.model, device=config.device)
+    model = model if model is not None else load_model(config.model, device=config.device,
+                                                       device_map=parse_device_map(config.device_map),
+                                                       n_devices=config.n_devices)
     dataset = load_dataset(config.dataset, config.label_words)
     pools = split_pools(dataset, seed=config.seed)
     prompts = build_prompts(model.tokenizer, dataset, pools.train, n_prompts=min(config.n_prompts, len(pools.train)),
                             k=config.k, seed=config.seed, max_length=model.cfg.n_ctx)
-    scores = score_heads(model, prompts, HeadScoreConfig(config.threshold, config.tau, config.rank_by,
-                                                         config.batch_size), progress=progress)
+    score_config = HeadScoreConfig(config.threshold, config.tau, config.rank_by, config.batch_size)
+    shard = distributed.shard_batches(len(prompts), config.batch_size)
+    stats = accumulate_head_statistics(model, prompts, score_config, indices=shard,
+                                       progress=progress and distributed.is_main_process())
+    scores = HeadScores(distributed.all_reduce_head_statistics(stats).to_frame(config.rank_by))
     run_dir = config.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
     seconds = time.perf_counter() - started
+    if not distributed.is_main_process():
+        return FindHeadsResult(scores, run_dir, seconds)
+    run_dir.mkdir(parents=True, exist_ok=True)
     save_config(run_dir, config, pools=pools.sizes(), n_prompts_scored=len(prompts),
+                world_size=distributed.get_world_size(),
                 label_words=list(dataset.label_words), label_token_ids=list(prompts.label_token_ids),
                 mean_prompt_tokens=sum(len(p.tokens) for p in prompts.prompts) / len(prompts),
                 seconds=round(seconds, 1))

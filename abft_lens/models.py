@@ -190,14 +190,37 @@ def dequantised_gguf_dir(gguf: Path, cache_dir: Path | None = None) -> Path:
     return entry
 
 
-def _boot(hf_name: str, hf_dir: Path | None, device: str | None, dtype: torch.dtype) -> TransformerBridge:
+DeviceMap = str | dict[str, str | int]
+
+
+def parse_device_map(value: str | None) -> DeviceMap | None:
+    """``--device-map`` as given: an accelerate directive (``auto``, ``balanced``, ``sequential``,
+    ``cpu``) or a JSON object mapping module names to devices (``{"": "cpu"}``)."""
+    if value is None or not value.strip().startswith("{"):
+        return value
+    return json.loads(value)
+
+
+def _boot(hf_name: str, hf_dir: Path | None, device: str | None, dtype: torch.dtype,
+          device_map: DeviceMap | None = None, n_devices: int | None = None) -> TransformerBridge:
+    """``device_map`` / ``n_devices`` spread the model over several GPUs or offload it to CPU/disk
+    (accelerate dispatch, through the bridge); they exclude ``device``."""
     if hf_dir is None:
-        return TransformerBridge.boot_transformers(hf_name, device=device, dtype=dtype)
+        return TransformerBridge.boot_transformers(hf_name, device=device, dtype=dtype, device_map=device_map,
+                                                   n_devices=n_devices)
+    from transformer_lens.utilities.multi_gpu import resolve_device_map
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # With hf_model= the bridge leaves placement to whoever loads the weights: resolve the map the
+    # way the bridge does and give it to from_pretrained.
+    try:
+        device_map, max_memory = resolve_device_map(n_devices, device_map, device)
+    except ValueError as error:
+        raise ModelLoadError(f"Cannot place the model: {error}") from error
+    placement = {} if device_map is None else {"device_map": device_map, "max_memory": max_memory}
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, attn_implementation="eager")
-    if device is not None:
+    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, attn_implementation="eager", **placement)
+    if device is not None and device_map is None:
         hf_model = hf_model.to(device)
     return TransformerBridge.boot_transformers(
         hf_name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
@@ -214,35 +237,43 @@ def load_model(
     device: str | None = None,
     dtype: torch.dtype = torch.float32,
     cache_dir: Path | None = None,
+    device_map: DeviceMap | None = None,
+    n_devices: int | None = None,
 ) -> TransformerBridge:
     """Load a TransformerLens hooked model, in eval mode.
 
     ``name_or_path`` is an embedded short name (``smollm2-135m``, the default), a Hub short name
     (``gpt2-xl``) or full name, a local Hugging Face model directory, or a local ``.gguf`` file.
+    ``device_map`` (``"auto"``, ``"balanced"``, ``"cpu"`` or a dict) or ``n_devices`` (split over that
+    many GPUs) place a model too large for one device; they exclude ``device``.
     """
+    if device is not None and (device_map is not None or (n_devices or 1) > 1):
+        raise ModelLoadError("Pass either device or device_map/n_devices, not both.")
+    placement = dict(device_map=device_map, n_devices=n_devices)
     if name_or_path in EMBEDDED_MODELS:
         embedded = EMBEDDED_MODELS[name_or_path]
         gguf = embedded.locate_gguf(cache_dir or default_cache_dir())
-        model = _boot(embedded.hf_name, dequantised_gguf_dir(gguf, cache_dir), device, dtype)
+        model = _boot(embedded.hf_name, dequantised_gguf_dir(gguf, cache_dir), device, dtype, **placement)
     else:
         path = Path(name_or_path).expanduser()
         if path.suffix == ".gguf":
             if not path.is_file():
                 raise ModelLoadError(f"No GGUF file at {path}.")
-            model = _boot(str(path), dequantised_gguf_dir(path.resolve(), cache_dir), device, dtype)
+            model = _boot(str(path), dequantised_gguf_dir(path.resolve(), cache_dir), device, dtype, **placement)
         elif path.is_dir():
-            model = _boot(str(path), path, device, dtype)
+            model = _boot(str(path), path, device, dtype, **placement)
         else:
-            model = _boot_from_hub(name_or_path, device, dtype)
+            model = _boot_from_hub(name_or_path, device, dtype, **placement)
     model.eval()
     return model
 
 
-def _boot_from_hub(name: str, device: str | None, dtype: torch.dtype) -> TransformerBridge:
+def _boot_from_hub(name: str, device: str | None, dtype: torch.dtype, device_map: DeviceMap | None = None,
+                   n_devices: int | None = None) -> TransformerBridge:
     hf_name = resolve_model_name(name)
     label = name if hf_name == name else f"{name} ({hf_name})"
     try:
-        return _boot(hf_name, None, device, dtype)
+        return _boot(hf_name, None, device, dtype, device_map, n_devices)
     except OSError as error:
         # transformers reports "no network", "not in the offline cache" and "no such repository"
         # all as OSError subclasses; the message tells them apart.

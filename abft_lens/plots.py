@@ -45,8 +45,9 @@ def save_figure(figure: go.Figure, path_without_suffix: Path, png: bool = False)
             figure.write_image(target)
         except Exception as error:  # kaleido raises its own types for a missing browser
             raise RuntimeError(
-                f"Could not write {target} (static export needs kaleido and a Chrome/Chromium "
-                f"browser): {error}. The HTML figure {html} was written."
+                f"Could not write {target} (static export needs kaleido, the `figures` extra, and a "
+                f"Chrome/Chromium browser, e.g. `apt-get install chromium`): {error}. "
+                f"The HTML figure {html} was written."
             ) from error
         written.append(target)
     return written
@@ -91,6 +92,6 @@ def method_comparison(
         fraction = results[metric].dropna().between(0, 1).all()
         figure.update_yaxes(title_text=metric, range=[0, 1] if fraction else None, row=row, col=1)
     figure.update_layout(barmode="group", template="plotly_white", title=title or "Methods compared",
-                         height=260 * len(shown) + 120, width=max(600, 90 * len(groups) * max(len(methods), 1) // 2),
+                         height=260 * len(shown) + 120, width=max(600, 45 * len(groups) * len(methods)),
                          legend_title_text=method)
     return figure

@@ -16,18 +16,23 @@ Every finished piece is appended to ``<out>/results.csv`` at once (atomic rewrit
 finished pieces. ``<out>/results.html`` is the figure, ``<out>/summary.json`` the headline (mean accuracy
 per method, ABFT wins over vanilla, ABFT/E2E training-time ratio) with the command that produced it.
 
-Size (measured on the 2-core CPU machine of this project on a loaded day, so an upper bound): a
-training step of 32 prompts (k = 4, ~100 tokens) takes 1-3 min, so one 32-step run is 0.5-1.5 h; the
-lr search (4 lrs x 8 steps) costs as much again; an evaluation with calibration, robustness (64
-queries) and the unseen-label test is ~5,000 forwards, 20-40 min. The full run below is therefore
-about 2-4 h per data set and 16-30 h in all: run it by hand, in pieces (it resumes), not in CI:
+Size (measured on this project's 2-core CPU machine while lightly shared, SST-2, k = 4, ~104 tokens per
+prompt): forward + backward of W_Q/W_K costs ~0.47 s per prompt for ABFT (the forward stops after the
+last attention pattern) and ~0.58 s for E2E, so a 32-step run of 32 prompts is ~8 (ABFT) to ~10 (E2E)
+minutes; the lr search (4 lrs x 8 steps, plus 5 validation passes of 128 prompts) costs about as much
+again; an evaluation with calibration, robustness (64 queries) and the unseen-label test is ~5,000
+forwards, 10-15 minutes. That is ~1.5 h per data set and ~11 h for the 8 (about 3x longer when the
+machine is busy): run it by hand, in pieces (it resumes), not in CI:
 
     ABFT_LENS_CACHE_DIR=$PWD/.cache HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_paper_claim.py \\
         --model smollm2-135m --seeds 42 --out benchmarks/results/paper_claim_smollm2
 
-To halve the cost, search the lr once on SST-2 and pass it for every data set (``--abft-lr 3e-4
---e2e-lr 1e-4``; the paper also used one lr throughout). CI runs the tiny version (one data set, a few
-prompts, two steps; about 5 minutes on 2 cores):
+To save about a quarter of that, search the lr once on SST-2 and pass it for every data set (``--abft-lr X
+--e2e-lr Y``; the paper also used one lr throughout). A first small search on SST-2 (4 steps of 8
+prompts, 64 validation queries) found validation accuracy falling with the ABFT lr: untrained 0.656,
+2e-5 0.641, 1e-4 0.594, 3e-4 0.516, 1e-3 0.469, so search below 1e-4 for ABFT. CI runs the tiny
+version (one data set, 8 test inputs, two steps of 4 prompts; 41 min of pieces on this machine at a
+load average of ~15 on 2 cores, so a few minutes on an idle one; its numbers mean nothing):
 
     .venv/bin/python benchmarks/bench_paper_claim.py --tiny --out runs/bench_paper_claim_tiny
 """
@@ -52,8 +57,8 @@ COLUMNS = ["dataset", "method", "seed", "accuracy", "macro_f1", "consistency", "
            "train_seconds", "peak_memory_mb", "trainable_params", "model", "lr", "n_train", "steps",
            "zero_shot_accuracy", "induction_heads_per_prompt", "induction_correct_mass", "induction_wrong_mass",
            "eval_seconds", "piece_seconds", "run_dir"]
-TINY = dict(datasets=["sst2"], n_train=8, steps=2, batch_size=4, micro_batch_size=4, n_val=8, k=4, n_test=16,
-            demo_sets=1, n_calibration=16, robustness_queries=4, robustness_demo_sets=2, abft_lr="1e-3",
+TINY = dict(datasets=["sst2"], n_train=8, steps=2, batch_size=4, micro_batch_size=4, n_val=8, k=2, n_test=8,
+            demo_sets=1, n_calibration=8, robustness_queries=2, robustness_demo_sets=2, abft_lr="1e-3",
             e2e_lr="1e-3", eval_batch_size=8)
 
 

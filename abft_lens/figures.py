@@ -1,0 +1,199 @@
+"""`abft-lens figures`: redraw the paper's figures on our models from saved folders.
+
+It reads what earlier jobs wrote under the given roots (default ``runs/`` and ``benchmarks/results/``)
+and writes each figure as offline HTML and, where kaleido and a browser are present, PNG:
+
+- ``heads_<name>_<value>``: layer x head heatmaps of every find-heads table (``heads.csv`` of a run
+  folder, or ``find_heads_*.csv``);
+- ``accuracy_<name>``: accuracy per data set and method from a benchmark's ``results.csv``
+  (``benchmarks/bench_paper_claim.py``), with the paper's own GPT2-XL numbers (Table 1, method.md
+  section 8) drawn beside ours and labelled as quoted;
+- ``training_<name>``: correct and wrong label mass of the induction heads per step of every
+  fine-tuning run folder (``metrics.jsonl``).
+
+Other packages add figures without ``abft_lens`` importing them: a command plugin (entry-point
+group ``abft_lens.commands``) calls ``register_figure_source(fn)`` from its ``register(app)``; ``fn(roots,
+out, png)`` draws what it finds under ``roots`` into ``out`` and returns the files written.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from abft_lens.plots import head_heatmap, save_figure
+
+FigureSource = Callable[[Sequence[Path], Path, bool], list[Path]]
+_SOURCES: list[tuple[str, FigureSource]] = []
+
+DEFAULT_ROOTS = (Path("runs"), Path("benchmarks/results"))
+
+# The paper's Table 1 (accuracy %, k = 4), GPT2-XL rows; quoted, not measured here.
+PAPER_GPT2_XL = {
+    "vanilla": {"sst2": 67.87, "mr": 69.53, "fp": 51.07, "sst5": 30.66, "trec": 35.25, "subj": 50.98,
+                "tee": 42.68, "teh": 53.03},
+    "calibration": {"sst2": 68.16, "mr": 75.00, "fp": 36.43, "sst5": 28.52, "trec": 35.55, "subj": 50.10,
+                    "tee": 39.26, "teh": 51.56},
+    "abft": {"sst2": 87.92, "mr": 86.52, "fp": 87.67, "sst5": 37.55, "trec": 51.83, "subj": 75.07,
+             "tee": 60.01, "teh": 55.35},
+}
+PAPER_DATASET_ORDER = ("sst2", "mr", "fp", "sst5", "trec", "subj", "tee", "teh")
+SCORE_COLUMNS = ("layer", "head", "label_mass", "correctness", "pass_rate", "n_prompts")
+METHOD_COLOURS = {"vanilla": "#9D9D9D", "calibration": "#72B7B2", "abft": "#F58518", "e2e": "#4C78A8"}
+
+
+def register_figure_source(name: str, source: FigureSource) -> None:
+    """Add a figure source (see the module doc); registering the same name again replaces it."""
+    global _SOURCES
+    _SOURCES = [(n, s) for n, s in _SOURCES if n != name] + [(name, source)]
+
+
+def figure_sources() -> list[tuple[str, FigureSource]]:
+    return list(_SOURCES)
+
+
+def paper_table() -> pd.DataFrame:
+    """The quoted GPT2-XL accuracies as fractions, one row per (dataset, method)."""
+    return pd.DataFrame([{"dataset": d, "method": m, "accuracy": v / 100} for m, row in PAPER_GPT2_XL.items()
+                         for d, v in row.items()])
+
+
+def accuracy_with_paper(results: pd.DataFrame, title: str = "Accuracy per data set") -> go.Figure:
+    """Grouped bars: our methods (solid, mean over seeds with std) and the paper's GPT2-XL numbers
+    (hatched, "GPT2-XL, quoted from the paper") for the same data sets."""
+    ours = results.groupby(["dataset", "method"], sort=False)["accuracy"].agg(["mean", "std"]).reset_index()
+    datasets = [d for d in PAPER_DATASET_ORDER if d in set(ours["dataset"])]
+    datasets += [d for d in dict.fromkeys(ours["dataset"]) if d not in datasets]
+    figure = go.Figure()
+    methods = [m for m in ("vanilla", "calibration", "abft", "e2e") if m in set(ours["method"])]
+    methods += [m for m in dict.fromkeys(ours["method"]) if m not in methods]
+    for method in methods:
+        part = ours[ours["method"] == method].set_index("dataset").reindex(datasets)
+        figure.add_trace(go.Bar(x=datasets, y=part["mean"], name=f"{method} (ours)",
+                                marker_color=METHOD_COLOURS.get(method),
+                                error_y={"type": "data", "array": part["std"].fillna(0)}))
+    paper = paper_table()
+    for method in PAPER_GPT2_XL:
+        part = paper[paper["method"] == method].set_index("dataset").reindex(datasets)
+        colour = METHOD_COLOURS[method]
+        name = f"{method} (GPT2-XL, quoted from the paper)"
+        figure.add_trace(go.Bar(x=datasets, y=part["accuracy"], name=name,
+                                marker={"color": "white", "line": {"color": colour, "width": 2},
+                                        "pattern": {"shape": "/", "fgcolor": colour}}))
+    figure.update_layout(barmode="group", template="plotly_white", title=title, yaxis_title="accuracy",
+                         yaxis_range=[0, 1], width=max(700, 110 * len(datasets) + 300), height=480,
+                         legend={"font": {"size": 10}})
+    return figure
+
+
+def training_figure(metrics: pd.DataFrame, title: str) -> go.Figure:
+    figure = go.Figure()
+    for column, dash, what in (("correct_mass", "solid", "correct labels"),
+                               ("wrong_mass", "dash", "wrong labels")):
+        figure.add_trace(go.Scatter(x=metrics["step"], y=metrics[column], mode="lines+markers", name=what,
+                                    line={"dash": dash}))
+    figure.update_layout(template="plotly_white", title=title, xaxis_title="optimiser step",
+                         yaxis_title="mean label mass of flagged heads", width=700, height=420)
+    return figure
+
+
+@dataclass
+class FiguresReport:
+    written: list[Path] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # what was found but could not be drawn, and why
+
+
+def _name(path: Path, root: Path) -> str:
+    relative = path.relative_to(root) if path.is_relative_to(root) else path
+    parts = [p for p in relative.with_suffix("").parts if p not in ("heads", "results")]
+    return "_".join(parts or [path.stem]).replace(" ", "-")
+
+
+def _save(report: FiguresReport, figure: go.Figure, target: Path, png: bool) -> None:
+    try:
+        report.written += save_figure(figure, target, png=png)
+    except RuntimeError as error:  # PNG export unavailable: the HTML was written
+        report.written.append(target.with_suffix(".html"))
+        report.skipped.append(str(error))
+
+
+@contextmanager
+def png_session(png: bool = True) -> Iterator[None]:
+    """Keep one browser open for every PNG written inside the block (kaleido's sync server): about 3x
+    faster than a browser per figure. Without kaleido or a browser it does nothing, and each
+    ``save_figure`` reports the problem itself."""
+    started = False
+    if png:
+        try:
+            import kaleido
+
+            kaleido.start_sync_server(silence_warnings=True)
+            started = True
+        except Exception:
+            started = False
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The kopts argument is ignored")
+            yield
+    finally:
+        if started:
+            kaleido.stop_sync_server(silence_warnings=True)
+
+
+def make_figures(roots: Sequence[Path] = DEFAULT_ROOTS, out: Path = Path("figures"),
+                 png: bool = True) -> FiguresReport:
+    """Draw every figure the saved folders under ``roots`` allow (see the module doc) into ``out``."""
+    with png_session(png):
+        return _make_figures(roots, out, png)
+
+
+def _make_figures(roots: Sequence[Path], out: Path, png: bool) -> FiguresReport:
+    out.mkdir(parents=True, exist_ok=True)
+    report = FiguresReport()
+    for root in [Path(r) for r in roots if Path(r).exists()]:
+        tables = sorted(set(root.rglob("heads.csv")) | set(root.rglob("find_heads_*.csv")))
+        for path in tables:
+            table = pd.read_csv(path)
+            # Only find-heads score tables (every head once); a fine-tuning run's fixed head set and
+            # the gradient analysis' heads.csv are other tables under the same name.
+            if not set(SCORE_COLUMNS) <= set(table.columns) or len(table) < 2 \
+                    or len(table) != table["layer"].nunique() * table["head"].nunique() \
+                    or table.duplicated(["layer", "head"]).any():
+                continue
+            name = _name(path.parent if path.name == "heads.csv" else path, root)
+            for value in ("label_mass", "correctness"):
+                _save(report, head_heatmap(table, value, title=f"{value.replace('_', ' ')} per head: {name}"),
+                      out / f"heads_{name}_{value}", png)
+        for path in sorted(root.rglob("results.csv")):
+            results = pd.read_csv(path)
+            if not {"dataset", "method", "accuracy"} <= set(results.columns):
+                continue
+            name = _name(path.parent, root)
+            _save(report, accuracy_with_paper(results, title=f"Accuracy per data set: {name} (k = 4)"),
+                  out / f"accuracy_{name}", png)
+        for path in sorted(root.rglob("metrics.jsonl")):
+            rows = []
+            for line in path.read_text().splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue
+            metrics = pd.DataFrame(rows)
+            if metrics.empty or not {"step", "correct_mass", "wrong_mass"} <= set(metrics.columns):
+                continue
+            name = _name(path.parent, root)
+            _save(report, training_figure(metrics, f"Induction heads' label mass during training: {name}"),
+                  out / f"training_{name}", png)
+    for name, source in figure_sources():
+        try:
+            report.written += source(list(roots), out, png)
+        except Exception as error:  # one plugin's failure must not lose the other figures
+            report.skipped.append(f"{name}: {type(error).__name__}: {error}")
+    return report

@@ -1,0 +1,94 @@
+"""`abft-lens figures`: figures from saved folders, HTML always, real PNG images where a browser exists."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import struct
+
+import pandas as pd
+import pytest
+
+from abft_lens.figures import accuracy_with_paper, make_figures, paper_table, register_figure_source
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_available() -> bool:
+    return importlib.util.find_spec("kaleido") is not None and any(
+        shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome", "chrome"))
+
+
+def _png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def _saved_folders(root):
+    rows = [dict(layer=layer, head=head, label_mass=0.1 * head, correctness=0.01 * layer, pass_rate=0.5,
+                 n_prompts=8, rank=1)
+            for layer in range(3) for head in range(4)]
+    (root / "find-heads_x").mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(root / "find-heads_x" / "heads.csv", index=False)
+    (root / "bench").mkdir()
+    accuracies = (("sst2", "vanilla", 0.6), ("sst2", "abft", 0.8),
+                  ("mr", "vanilla", 0.55), ("mr", "abft", 0.7))
+    pd.DataFrame([dict(dataset=d, method=m, seed=42, accuracy=a) for d, m, a in accuracies]
+                 ).to_csv(root / "bench" / "results.csv", index=False)
+    (root / "run_abft").mkdir()
+    (root / "run_abft" / "metrics.jsonl").write_text(
+        "".join(json.dumps(dict(step=s, loss=1.0 / s, correct_mass=0.3 + 0.01 * s, wrong_mass=0.2)) + "\n"
+                for s in (1, 2, 3)))
+
+
+def test_paper_numbers_are_the_quoted_gpt2_xl_row():
+    table = paper_table()
+    assert table.query("dataset == 'sst2' and method == 'abft'")["accuracy"].item() == pytest.approx(0.8792)
+    assert table.groupby("method")["accuracy"].mean()["vanilla"] == pytest.approx(0.5013, abs=1e-4)
+
+
+def test_accuracy_figure_labels_the_paper_numbers_as_quoted():
+    results = pd.DataFrame([dict(dataset="sst2", method="abft", accuracy=0.7)])
+    names = [trace.name for trace in accuracy_with_paper(results).data]
+    assert "abft (ours)" in names
+    assert "abft (GPT2-XL, quoted from the paper)" in names
+
+
+def test_figures_are_drawn_from_saved_folders_as_html(tmp_path):
+    _saved_folders(tmp_path / "runs")
+    report = make_figures([tmp_path / "runs"], tmp_path / "figures", png=False)
+    names = sorted(path.name for path in report.written)
+    assert names == ["accuracy_bench.html", "heads_find-heads_x_correctness.html",
+                     "heads_find-heads_x_label_mass.html", "training_run_abft.html"]
+    assert all(path.stat().st_size > 1000 for path in report.written)
+
+
+def test_registered_figure_sources_run_and_their_failures_are_reported(tmp_path):
+    def good(roots, out, png):
+        (out / "extra.html").write_text("<html></html>")
+        return [out / "extra.html"]
+
+    def bad(roots, out, png):
+        raise ValueError("broken")
+
+    register_figure_source("test-good", good)
+    register_figure_source("test-bad", bad)
+    try:
+        report = make_figures([tmp_path / "nothing"], tmp_path / "figures", png=False)
+    finally:
+        from abft_lens import figures
+        figures._SOURCES[:] = [(n, s) for n, s in figures._SOURCES if not n.startswith("test-")]
+    assert [p.name for p in report.written] == ["extra.html"]
+    assert any("test-bad" in reason and "broken" in reason for reason in report.skipped)
+
+
+@pytest.mark.skipif(not _png_available(), reason="PNG export needs kaleido and a Chrome/Chromium")
+def test_png_export_writes_real_images(tmp_path):
+    _saved_folders(tmp_path / "runs")
+    report = make_figures([tmp_path / "runs"], tmp_path / "figures", png=True)
+    pngs = [path for path in report.written if path.suffix == ".png"]
+    assert len(pngs) == 4 and not report.skipped
+    width, height = _png_size(next(p for p in pngs if p.name.startswith("heads_")))
+    assert (width, height) == (520, 720)  # head_heatmap's layout size
