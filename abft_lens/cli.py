@@ -16,7 +16,7 @@ from typing import Optional
 import typer
 
 from abft_lens.errors import AbftLensError
-from abft_lens.runs import load_config
+from abft_lens.runs import load_config, with_overrides
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Find, score and fine-tune the induction heads behind in-context learning.")
@@ -28,10 +28,6 @@ PLUGIN_GROUP = "abft_lens.commands"
 def _commands() -> None:
     """Keeps `find-heads` a named command even while it is the only one."""
 
-
-def _merge(config, overrides: dict):
-    """Command-line values that were given override the config file's."""
-    return dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def _print_table(frame) -> None:
@@ -66,7 +62,7 @@ def find_heads_command(
 
     base = load_config(config, FindHeadsConfig) if config else FindHeadsConfig()
     words = tuple(w.strip() for w in label_words.split(",")) if label_words else None
-    cfg = _merge(base, dict(model=model, dataset=dataset, k=k, n_prompts=n_prompts, threshold=threshold, tau=tau,
+    cfg = with_overrides(base, dict(model=model, dataset=dataset, k=k, n_prompts=n_prompts, threshold=threshold, tau=tau,
                             rank_by=rank_by, top=top, seed=seed, batch_size=batch_size, label_words=words,
                             device=device, device_map=device_map, n_devices=n_devices,
                             out=str(out) if out else None))
@@ -140,7 +136,7 @@ def finetune_command(
     parsed_lr = _parse_lr(lr)
     if parsed_lr != "unset":
         base = dataclasses.replace(base, lr=parsed_lr)
-    cfg = _merge(base, dict(model=model, dataset=dataset, method=method, n_train=n_train, n_val=n_val, k=k,
+    cfg = with_overrides(base, dict(model=model, dataset=dataset, method=method, n_train=n_train, n_val=n_val, k=k,
                             lr_grid=grid, lr_search_steps=lr_search_steps, batch_size=batch_size,
                             micro_batch_size=micro_batch_size, steps=steps, heads=heads, head_top=head_top,
                             threshold=threshold, tau=tau, pid=pid, terms=terms, e2e_softmax=e2e_softmax,
@@ -197,9 +193,9 @@ def evaluate_command(
     base = load_config(config, EvaluateConfig) if config else EvaluateConfig()
     if model_or_run is not None:
         base = dataclasses.replace(base, model_or_run=model_or_run)
-    base = _merge(base, run_defaults(base.model_or_run))
+    base = with_overrides(base, run_defaults(base.model_or_run))
     words = tuple(w.strip() for w in label_words.split(",")) if label_words else None
-    cfg = _merge(base, dict(dataset=dataset, n_test=n_test, demo_sets=demo_sets, k=k, seed=seed,
+    cfg = with_overrides(base, dict(dataset=dataset, n_test=n_test, demo_sets=demo_sets, k=k, seed=seed,
                             pool_seed=pool_seed, batch_size=batch_size, calibrate=calibrate, n_calibration=n_calibration,
                             robustness=robustness, robustness_queries=robustness_queries,
                             unseen_labels=unseen_labels, label_words=words, device=device,

@@ -56,6 +56,11 @@ def save_config(run_dir: Path, config: Any, name: str = "config.json", **extra: 
     write_json(run_dir / name, payload)
 
 
+def with_overrides(config: ConfigT, overrides: dict[str, Any]) -> ConfigT:
+    """``config`` with the given fields replaced; ``None`` means "not given" (a CLI flag left out)."""
+    return dataclasses.replace(config, **{key: value for key, value in overrides.items() if value is not None})
+
+
 def load_config(path: Path, config_type: type[ConfigT]) -> ConfigT:
     """A config dataclass from a JSON file: either a bare mapping of fields or a run folder's
     ``config.json`` (fields under ``"config"``). Unknown fields are an error, not ignored."""

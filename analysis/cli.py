@@ -5,17 +5,13 @@ Registered through the entry-point group ``abft_lens.commands`` (pyproject.toml)
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from abft_lens.runs import load_config
+from abft_lens.runs import load_config, with_overrides
 
-
-def _merge(config, overrides: dict):
-    return dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def register(app: typer.Typer) -> None:
@@ -41,7 +37,7 @@ def register(app: typer.Typer) -> None:
 
         base = load_config(config, AnalyzeGradientsConfig) if config else AnalyzeGradientsConfig()
         chosen = tuple(int(x) for x in layers.split(",")) if layers else None
-        cfg = _merge(base, dict(model=model, dataset=dataset, n_prompts=n_prompts, k=k, softmax=softmax,
+        cfg = with_overrides(base, dict(model=model, dataset=dataset, n_prompts=n_prompts, k=k, softmax=softmax,
                                 layers=chosen, sign_test=sign_test, sign_test_eps=sign_test_eps, seed=seed,
                                 device=device, out=str(out) if out else None))
         result = run_analyze_gradients(cfg)
@@ -75,7 +71,7 @@ def register(app: typer.Typer) -> None:
         """Accuracy on the plane base + l_E (E2E - base) + l_A (ABFT - base) of W_Q/W_K."""
         from analysis.jobs import LandscapeConfig, run_landscape
 
-        cfg = _merge(load_config(config, LandscapeConfig) if config else LandscapeConfig(),
+        cfg = with_overrides(load_config(config, LandscapeConfig) if config else LandscapeConfig(),
                      dict(base=base, abft=str(abft) if abft else None, e2e=str(e2e) if e2e else None, grid=grid,
                           n_test=n_test, demo_sets=demo_sets, batch_size=batch_size, device=device,
                           out=str(out) if out else None))
