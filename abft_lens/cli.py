@@ -210,7 +210,7 @@ def evaluate_command(
 @app.command("figures")
 def figures_command(
     roots: Optional[list[Path]] = typer.Argument(None, help="folders to search for saved results "
-                                                            "[default: runs benchmarks/results]"),
+                                                            "[default: runs benchmarks/results analysis/results]"),
     out: Path = typer.Option(Path("figures"), help="where the HTML and PNG files go"),
     png: bool = typer.Option(True, "--png/--no-png", help="also write PNG (needs kaleido and Chromium)"),
 ) -> None:

@@ -413,6 +413,18 @@ def evaluate_datasets(model, datasets: Sequence[str | ICLDataset], config: Evalu
     return pd.DataFrame(rows)
 
 
+def out_of_domain_harm(table: pd.DataFrame) -> pd.DataFrame:
+    """Out-of-domain harm from a long table of accuracies (columns ``trained_on``, ``dataset``, ``method``,
+    ``seed``, ``accuracy``; the base model's rows have method ``vanilla``): per fine-tuned row, the
+    vanilla accuracy on the same data set and seed minus the fine-tuned model's (positive = harm) in
+    a new column ``harm``. Both must come from the same evaluation settings."""
+    vanilla = table[table["method"] == "vanilla"].set_index(["dataset", "seed"])["accuracy"]
+    tuned = table[table["method"] != "vanilla"].copy()
+    reference = [vanilla.get((d, s), float("nan")) for d, s in zip(tuned["dataset"], tuned["seed"], strict=True)]
+    tuned["harm"] = pd.Series(reference, index=tuned.index, dtype=float) - tuned["accuracy"]
+    return tuned
+
+
 # --- run folders -----------------------------------------------------------------------------------
 
 

@@ -1,13 +1,16 @@
 """`abft-lens figures`: redraw the paper's figures on our models from saved folders.
 
-It reads what earlier jobs wrote under the given roots (default ``runs/`` and ``benchmarks/results/``)
-and writes each figure as offline HTML and, where kaleido and a browser are present, PNG:
+It reads what earlier jobs wrote under the given roots (default ``runs/``, ``benchmarks/results/`` and
+``analysis/results/``) and writes each figure as offline HTML and, where kaleido and a browser are
+present, PNG:
 
 - ``heads_<name>_<value>``: layer x head heatmaps of every find-heads table (``heads.csv`` of a run
   folder, or ``find_heads_*.csv``);
 - ``accuracy_<name>``: accuracy per data set and method from a benchmark's ``results.csv``
   (``benchmarks/bench_paper_claim.py``), with the paper's own GPT2-XL numbers (Table 1, method.md
   section 8) drawn beside ours and labelled as quoted;
+- ``robustness_<name>``: prediction consistency, unseen-label and 0-shot accuracy from the same table,
+  and ``ood_<name>``: out-of-domain harm from the benchmark's ``ood.csv`` beside it;
 - ``training_<name>``: correct and wrong label mass of the induction heads per step of every
   fine-tuning run folder (``metrics.jsonl``).
 
@@ -28,12 +31,13 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 
-from abft_lens.plots import head_heatmap, save_figure
+from abft_lens.plots import head_heatmap, method_comparison, save_figure
 
 FigureSource = Callable[[Sequence[Path], Path, bool], list[Path]]
 _SOURCES: list[tuple[str, FigureSource]] = []
 
-DEFAULT_ROOTS = (Path("runs"), Path("benchmarks/results"))
+# Run folders, and the results committed with the repository (benchmarks, analysis).
+DEFAULT_ROOTS = (Path("runs"), Path("benchmarks/results"), Path("analysis/results"))
 
 # The paper's Table 1 (accuracy %, k = 4), GPT2-XL rows; quoted, not measured here.
 PAPER_GPT2_XL = {
@@ -46,6 +50,7 @@ PAPER_GPT2_XL = {
 }
 PAPER_DATASET_ORDER = ("sst2", "mr", "fp", "sst5", "trec", "subj", "tee", "teh")
 SCORE_COLUMNS = ("layer", "head", "label_mass", "correctness", "pass_rate", "n_prompts")
+ROBUSTNESS_METRICS = ("consistency", "unseen_label_accuracy", "zero_shot_accuracy")
 METHOD_COLOURS = {"vanilla": "#9D9D9D", "calibration": "#72B7B2", "abft": "#F58518", "e2e": "#4C78A8"}
 
 
@@ -110,7 +115,8 @@ class FiguresReport:
     skipped: list[str] = field(default_factory=list)  # what was found but could not be drawn, and why
 
 
-def _name(path: Path, root: Path) -> str:
+def figure_name(path: Path, root: Path) -> str:
+    """A file-name-safe name for a saved folder or table: its path below ``root``."""
     relative = path.relative_to(root) if path.is_relative_to(root) else path
     parts = [p for p in relative.with_suffix("").parts if p not in ("heads", "results")]
     return "_".join(parts or [path.stem]).replace(" ", "-")
@@ -147,6 +153,37 @@ def png_session(png: bool = True) -> Iterator[None]:
             kaleido.stop_sync_server(silence_warnings=True)
 
 
+def _robustness_figures(report: FiguresReport, results: pd.DataFrame, ood_path: Path, name: str, out: Path,
+                        png: bool) -> None:
+    """``robustness_<name>``: consistency, unseen-label and 0-shot accuracy per data set and method (the
+    calibration rows reuse the vanilla forwards, so they are left out); ``ood_<name>``: out-of-domain harm
+    per training data set, from the benchmark's ``ood.csv`` beside its results."""
+    from abft_lens.evaluation import out_of_domain_harm  # torch-heavy: imported only when drawing
+
+    measured = in_paper_order(results[results["method"] != "calibration"], "dataset")
+    shown = tuple(m for m in ROBUSTNESS_METRICS if m in measured and measured[m].notna().any())
+    if shown:
+        _save(report, method_comparison(measured, shown, title=f"Robustness and label bias: {name}",
+                                        colours=METHOD_COLOURS), out / f"robustness_{name}", png)
+    if ood_path.is_file():
+        harm = in_paper_order(out_of_domain_harm(pd.read_csv(ood_path)).dropna(subset=["harm"]), "trained_on")
+        if len(harm):
+            title = f"Out-of-domain harm: {name}<br><sup>vanilla minus fine-tuned accuracy on the other data sets, " \
+                    f"by training data set (mean, std over them)</sup>"
+            _save(report, method_comparison(harm, ("harm",), group="trained_on", title=title, colours=METHOD_COLOURS),
+                  out / f"ood_{name}", png)
+
+
+def in_paper_order(table: pd.DataFrame, dataset_column: str = "dataset") -> pd.DataFrame:
+    """Rows sorted by data set in the paper's order and by method (vanilla, calibration, abft, e2e), others
+    after them in their own order, so that every figure lists both the same way."""
+    dataset_rank = table[dataset_column].map({d: i for i, d in enumerate(PAPER_DATASET_ORDER)})
+    method_rank = table["method"].map({m: i for i, m in enumerate(METHOD_COLOURS)})
+    ranks = pd.DataFrame({"dataset": dataset_rank.fillna(len(PAPER_DATASET_ORDER)),
+                          "method": method_rank.fillna(len(METHOD_COLOURS))}, index=table.index)
+    return table.loc[ranks.sort_values(["dataset", "method"], kind="stable").index]
+
+
 def make_figures(roots: Sequence[Path] = DEFAULT_ROOTS, out: Path = Path("figures"),
                  png: bool = True) -> FiguresReport:
     """Draw every figure the saved folders under ``roots`` allow (see the module doc) into ``out``."""
@@ -167,7 +204,7 @@ def _make_figures(roots: Sequence[Path], out: Path, png: bool) -> FiguresReport:
                     or len(table) != table["layer"].nunique() * table["head"].nunique() \
                     or table.duplicated(["layer", "head"]).any():
                 continue
-            name = _name(path.parent if path.name == "heads.csv" else path, root)
+            name = figure_name(path.parent if path.name == "heads.csv" else path, root)
             for value in ("label_mass", "correctness"):
                 _save(report, head_heatmap(table, value, title=f"{value.replace('_', ' ')} per head: {name}"),
                       out / f"heads_{name}_{value}", png)
@@ -175,9 +212,10 @@ def _make_figures(roots: Sequence[Path], out: Path, png: bool) -> FiguresReport:
             results = pd.read_csv(path)
             if not {"dataset", "method", "accuracy"} <= set(results.columns):
                 continue
-            name = _name(path.parent, root)
+            name = figure_name(path.parent, root)
             _save(report, accuracy_with_paper(results, title=f"Accuracy per data set: {name} (k = 4)"),
                   out / f"accuracy_{name}", png)
+            _robustness_figures(report, results, path.parent / "ood.csv", name, out, png)
         for path in sorted(root.rglob("metrics.jsonl")):
             rows = []
             for line in path.read_text().splitlines():
@@ -188,7 +226,7 @@ def _make_figures(roots: Sequence[Path], out: Path, png: bool) -> FiguresReport:
             metrics = pd.DataFrame(rows)
             if metrics.empty or not {"step", "correct_mass", "wrong_mass"} <= set(metrics.columns):
                 continue
-            name = _name(path.parent, root)
+            name = figure_name(path.parent, root)
             _save(report, training_figure(metrics, f"Induction heads' label mass during training: {name}"),
                   out / f"training_{name}", png)
     for name, source in figure_sources():

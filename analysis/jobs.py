@@ -5,13 +5,16 @@ tidy CSVs plus plotly figures in the output folder."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from abft_lens.data import load_dataset, split_pools
+from abft_lens.figures import figure_name
 from abft_lens.heads import ThresholdKind
 from abft_lens.models import DEFAULT_MODEL, load_model
 from abft_lens.plots import save_figure
@@ -20,7 +23,7 @@ from abft_lens.runs import atomic_write_text, save_config, write_json
 from analysis import figures
 from analysis.dynamics import read_metrics
 from analysis.gradients import GradientAnalysis, GradientConfig, Softmax, analyze_gradients
-from analysis.landscape import LandscapeResult, weight_landscape
+from analysis.landscape import LandscapeResult, landscape_marks, weight_landscape
 
 
 def _csv(path: Path, frame: pd.DataFrame) -> None:
@@ -168,3 +171,43 @@ def run_dynamics(config: DynamicsConfig) -> pd.DataFrame:
     save_figure(figures.dynamics_figure(metrics), out / "dynamics")
     save_config(out, config)
     return metrics
+
+
+# --- figures from saved folders --------------------------------------------------------------------
+
+
+def redraw_figures(roots: Sequence[Path], out: Path, png: bool) -> list[Path]:
+    """The analysis' figure source for `abft-lens figures` (registered by ``analysis.cli.register``):
+    redraws every gradient analysis (``gradients_<name>_*``), landscape (``landscape_<name>``) and
+    dynamics table (``dynamics_<name>``) saved under ``roots`` into ``out``."""
+    written: list[Path] = []
+    for root in [Path(r) for r in roots if Path(r).exists()]:
+        for folder in sorted({path.parent for path in root.rglob("summary.json")}):
+            name = figure_name(folder, root)
+            if (folder / "layers.csv").is_file() and (folder / "heads.csv").is_file():
+                layers, heads = pd.read_csv(folder / "layers.csv"), pd.read_csv(folder / "heads.csv")
+                if not {"cos_full_abft", "cos_label_abft"} <= set(layers.columns):
+                    continue
+                written += save_figure(figures.layer_cosines(layers, f"{name}: cosine(E2E, ABFT) per layer"),
+                                       out / f"{_prefixed('gradients', name)}_layer_cosines", png)
+                written += save_figure(figures.layer_components(layers, f"{name}: E2E gradient on W_Q/W_K by path"),
+                                       out / f"{_prefixed('gradients', name)}_components", png)
+                written += save_figure(figures.head_cosines(heads, f"{name}: cosine(E2E, ABFT) on the induction heads"),
+                                       out / f"{_prefixed('gradients', name)}_head_cosines", png)
+                sign = folder / "sign_test.csv"
+                if sign.is_file() and sign.stat().st_size and len(table := pd.read_csv(sign)):
+                    written += save_figure(figures.sign_test_figure(table), out / f"{_prefixed('gradients', name)}_sign_test", png)
+            elif (folder / "landscape.csv").is_file():
+                marks = landscape_marks(json.loads((folder / "summary.json").read_text()))
+                written += save_figure(figures.landscape_figure(pd.read_csv(folder / "landscape.csv"), marks,
+                                                                f"{name}: accuracy on the weight plane"),
+                                       out / _prefixed("landscape", name), png)
+        for path in sorted(root.rglob("dynamics.csv")):
+            name = figure_name(path.parent, root)
+            written += save_figure(figures.dynamics_figure(pd.read_csv(path), f"Induction heads' label attention "
+                                                           f"during training: {name}"), out / _prefixed("dynamics", name), png)
+    return written
+
+
+def _prefixed(prefix: str, name: str) -> str:
+    return name if name.startswith(prefix) else f"{prefix}_{name}"

@@ -47,9 +47,13 @@ class LandscapeResult:
     summary: dict[str, object]
 
     def marks(self) -> dict[str, Point]:
-        best = self.summary["best_mix"]
-        return {"base": (0.0, 0.0), "ABFT": (0.0, 1.0), "E2E": (1.0, 0.0),
-                "best mix": (best["l_e2e"], best["l_abft"])}
+        return landscape_marks(self.summary)
+
+
+def landscape_marks(summary: dict[str, object]) -> dict[str, Point]:
+    """The named points of a landscape (its ``summary``) as (l_E, l_A)."""
+    best = summary["best_mix"]
+    return {"base": (0.0, 0.0), "ABFT": (0.0, 1.0), "E2E": (1.0, 0.0), "best mix": (best["l_e2e"], best["l_abft"])}
 
 
 def read_run(run_dir: Path) -> tuple[dict[str, object], dict[str, torch.Tensor]]:

@@ -2,7 +2,8 @@
 E2E fine-tuning on the paper's 8 data sets, one results table and one figure.
 
 For each (dataset, method, seed) piece the script runs, in a fresh subprocess (so peak memory is the
-piece's own):
+piece's own) or, with ``--in-process``, in this process with one loaded model (W_Q/W_K restored after
+each piece; what a GPU run wants):
 - ``vanilla`` and ``calibration`` (one piece, "base", gives both rows): ``evaluation.evaluate`` of the
   pretrained model with calibration (512 content-free queries), robustness and the unseen-label test;
   the calibration row's accuracy/macro-F1 are the calibrated ones (its consistency and unseen-label
@@ -11,30 +12,29 @@ piece's own):
   only, the lr chosen on a validation split of the training pool unless given) and then the same
   evaluation of the fine-tuned model. The run folder is resumable, so a piece killed mid-training
   continues from its last checkpoint.
+- with ``--ood``, each fine-tuned model is also evaluated on the 7 other data sets and the base model on
+  its own under the same settings (``ood.csv``): the out-of-domain harm.
 
-Every finished piece is appended to ``<out>/results.csv`` at once (atomic rewrite); a re-run skips
-finished pieces. ``<out>/results.html`` is the figure, ``<out>/summary.json`` the headline (mean accuracy
-per method, ABFT wins over vanilla, ABFT/E2E training-time ratio) with the command that produced it.
+Every finished piece is appended to ``<out>/results.csv`` at once (atomic rewrite under a file lock, so
+several processes may share one ``--out``); a re-run skips finished pieces. ``<out>/results.html`` is
+the figure, ``<out>/summary.json`` the headline (mean accuracy per method, ABFT wins over vanilla,
+ABFT minus E2E, ABFT/E2E training-time ratio on the same device, mean consistency, mean out-of-domain
+harm) with the command that produced it; ``--summarise-only`` redraws both from what is there.
 
-Size (measured on this project's 2-core CPU machine while lightly shared, SST-2, k = 4, ~104 tokens per
-prompt): forward + backward of W_Q/W_K costs ~0.47 s per prompt for ABFT (the forward stops after the
-last attention pattern) and ~0.58 s for E2E, so a 32-step run of 32 prompts is ~8 (ABFT) to ~10 (E2E)
-minutes; the lr search (4 lrs x 8 steps, plus 5 validation passes of 128 prompts) costs about as much
-again; an evaluation with calibration, robustness (64 queries) and the unseen-label test is ~5,000
-forwards, 10-15 minutes. That is ~1.5 h per data set and ~11 h for the 8 (about 3x longer when the
-machine is busy): run it by hand, in pieces (it resumes), not in CI:
+The committed run (benchmarks/results/paper_claim_smollm2, benchmarks/RESULTS.md) ran on one H200 with
+``benchmarks/run_on_gpu.sh``: about 60 s per piece, 18 min for 30 pieces in two parallel processes. On
+this project's 2-core CPU a piece is 40-60 min (a 32-step run of 32 prompts alone is ~8-10 min, the lr
+search as much again, the evaluation 10-15 min), ~11 h for the whole table: run it by hand, in pieces
+(it resumes), not in CI:
 
     ABFT_LENS_CACHE_DIR=$PWD/.cache HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_paper_claim.py \\
-        --model smollm2-135m --seeds 42 --out benchmarks/results/paper_claim_smollm2
+        --model smollm2-135m --seeds 42 --ood --lr-grid 1e-5 3e-5 1e-4 3e-4 1e-3 \\
+        --out benchmarks/results/paper_claim_smollm2
 
-To save about a quarter of that, search the lr once on SST-2 and pass it for every data set (``--abft-lr X
---e2e-lr Y``; the paper also used one lr throughout). A first small search on SST-2 (4 steps of 8
-prompts, 64 validation queries) found validation accuracy falling with the ABFT lr: untrained 0.656,
-2e-5 0.641, 1e-4 0.594, 3e-4 0.516, 1e-3 0.469, so search below 1e-4 for ABFT. CI runs the tiny
-version (one data set, 8 test inputs, two steps of 4 prompts; 41 min of pieces on this machine at a
-load average of ~15 on 2 cores, so a few minutes on an idle one; its numbers mean nothing):
+CI runs the tiny version in process (tests/test_benchmarks.py; one data set, 8 test inputs, two steps
+of 4 prompts; its numbers mean nothing):
 
-    .venv/bin/python benchmarks/bench_paper_claim.py --tiny --out runs/bench_paper_claim_tiny
+    .venv/bin/python benchmarks/bench_paper_claim.py --tiny --in-process --ood --out runs/bench_paper_claim_tiny
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ METHODS = ("vanilla", "calibration", "abft", "e2e")
 COLUMNS = ["dataset", "method", "seed", "accuracy", "macro_f1", "consistency", "unseen_label_accuracy",
            "train_seconds", "peak_memory_mb", "trainable_params", "model", "lr", "n_train", "steps",
            "zero_shot_accuracy", "induction_heads_per_prompt", "induction_correct_mass", "induction_wrong_mass",
-           "eval_seconds", "piece_seconds", "run_dir"]
+           "eval_seconds", "piece_seconds", "run_dir", "device"]
+OOD_COLUMNS = ["trained_on", "dataset", "method", "seed", "accuracy", "macro_f1", "n_inputs"]
 TINY = dict(datasets=["sst2"], n_train=8, steps=2, batch_size=4, micro_batch_size=4, n_val=8, k=2, n_test=8,
             demo_sets=1, n_calibration=8, robustness_queries=2, robustness_demo_sets=2, abft_lr="1e-3",
             e2e_lr="1e-3", eval_batch_size=8)
@@ -78,14 +79,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--abft-lr", default="search", help="a number or 'search' (validation split)")
     parser.add_argument("--e2e-lr", default="search")
+    parser.add_argument("--lr-grid", nargs="+", type=float, default=None,
+                        help="lrs tried by the search [default: FinetuneConfig.lr_grid]")
+    parser.add_argument("--lr-search-steps", type=int, default=None,
+                        help="steps of each trial run of the search [default: FinetuneConfig's]")
     parser.add_argument("--n-test", type=int, default=512)
     parser.add_argument("--demo-sets", type=int, default=2)
     parser.add_argument("--n-calibration", type=int, default=512)
     parser.add_argument("--robustness-queries", type=int, default=64)
     parser.add_argument("--robustness-demo-sets", type=int, default=8)
     parser.add_argument("--eval-batch-size", type=int, default=8)
+    parser.add_argument("--ood", action="store_true",
+                        help="also evaluate each fine-tuned model on the other data sets (out-of-domain harm, "
+                             "ood.csv; n-test queries x 1 demonstration set)")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--in-process", action="store_true",
+                        help="run every piece in this process with one loaded model (the trained W_Q/W_K are "
+                             "reset between pieces): saves a model load per piece, for GPUs; peak memory is "
+                             "then per piece only on CUDA")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/paper_claim"))
+    parser.add_argument("--summarise-only", action="store_true",
+                        help="run no piece: redraw the figure and summary.json from the pieces already finished")
     parser.add_argument("--tiny", action="store_true", help="CI size: one data set, a few prompts, 2 steps")
     parser.add_argument("--piece", default=None, help=argparse.SUPPRESS)  # internal: DATASET:PIECE:SEED
     args = parser.parse_args(argv)
@@ -112,18 +126,28 @@ def eval_config(args: argparse.Namespace, dataset: str, seed: int, calibrate: bo
 def _row(args, dataset: str, method: str, seed: int, metrics: dict, **extra) -> dict[str, object]:
     keys = ("accuracy", "macro_f1", "consistency", "unseen_label_accuracy", "zero_shot_accuracy",
             "induction_heads_per_prompt", "induction_correct_mass", "induction_wrong_mass")
-    row = {"dataset": dataset, "method": method, "seed": seed, "model": args.model,
+    row = {"dataset": dataset, "method": method, "seed": seed, "model": args.model, "device": device_name(args.device),
            **{key: metrics.get(key) for key in keys}, "eval_seconds": metrics.get("seconds")}
     return {**row, **extra}
 
 
-def run_piece(args: argparse.Namespace, dataset: str, piece: str, seed: int) -> list[dict[str, object]]:
-    """One piece in this process: its result rows."""
+def device_name(device: str | None) -> str:
+    """What ran a piece, for its timings: the GPU's name, or "cpu"."""
+    import torch
+
+    if (device or "cpu").startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return "cpu"
+
+
+def run_piece(args: argparse.Namespace, dataset: str, piece: str, seed: int, model=None) -> list[dict[str, object]]:
+    """One piece: its result rows (and, with ``--ood``, its out-of-domain rows appended to ood.csv).
+    A given ``model`` is used as it is and left with the trained tensors applied."""
     from abft_lens.evaluation import run_evaluation
     from abft_lens.models import load_model
     from abft_lens.training import FinetuneConfig, peak_memory_mb, run_finetune
 
-    model = load_model(args.model, device=args.device)
+    model = model if model is not None else load_model(args.model, device=args.device)
     device = next(model.parameters()).device
     runs = args.out / "runs"
     if piece == "base":
@@ -133,40 +157,124 @@ def run_piece(args: argparse.Namespace, dataset: str, piece: str, seed: int) -> 
         common = dict(train_seconds=0.0, peak_memory_mb=peak, trainable_params=0, run_dir=str(out))
         calibrated = {**metrics, "accuracy": metrics["calibrated_accuracy"], "macro_f1": metrics["calibrated_macro_f1"],
                       "consistency": None, "unseen_label_accuracy": None}
+        if args.ood:
+            append_rows(args.out / "ood.csv", vanilla_ood_rows(args, model, dataset, seed), OOD_COLUMNS,
+                        ("trained_on", "dataset", "method", "seed"))
         return [_row(args, dataset, "vanilla", seed, metrics, **common),
                 _row(args, dataset, "calibration", seed, calibrated, **common)]
 
     lr_arg = args.abft_lr if piece == "abft" else args.e2e_lr
     run_dir = runs / f"{dataset}_{piece}_seed{seed}"
+    search = {key: value for key, value in (("lr_grid", args.lr_grid), ("lr_search_steps", args.lr_search_steps))
+              if value is not None}
     config = FinetuneConfig(model=args.model, dataset=dataset, method=piece, n_train=args.n_train, n_val=args.n_val,
                             k=args.k, lr=None if lr_arg == "search" else float(lr_arg), batch_size=args.batch_size,
                             micro_batch_size=args.micro_batch_size, steps=args.steps, seed=seed,
-                            pool_seed=args.pool_seed, out=str(run_dir), resume=True, device=args.device)
+                            pool_seed=args.pool_seed, out=str(run_dir), resume=True, device=args.device, **search)
     trained = run_finetune(config, model=model)
     evaluation = run_evaluation(eval_config(args, dataset, seed, calibrate=False, out=run_dir / f"evaluate_{dataset}"),
                                 model=model)
+    if args.ood:
+        append_rows(args.out / "ood.csv", out_of_domain_rows(args, model, dataset, piece, seed), OOD_COLUMNS,
+                    ("trained_on", "dataset", "method", "seed"))
     return [_row(args, dataset, piece, seed, evaluation.metrics, train_seconds=trained.train_seconds,
                  peak_memory_mb=trained.peak_memory_mb, trainable_params=trained.trainable_params, lr=trained.lr,
                  n_train=args.n_train, steps=args.steps, run_dir=str(run_dir))]
+
+
+def ood_config(args: argparse.Namespace, seed: int):
+    """The out-of-domain evaluation: n-test queries x one demonstration set, accuracy only."""
+    from abft_lens.evaluation import EvaluateConfig
+
+    return EvaluateConfig(n_test=args.n_test, demo_sets=1, k=args.k, seed=seed, pool_seed=args.pool_seed,
+                          batch_size=args.eval_batch_size, attention=False)
+
+
+def out_of_domain_rows(args: argparse.Namespace, model, trained_on: str, method: str,
+                       seed: int) -> list[dict[str, object]]:
+    """The fine-tuned ``model`` on every other paper data set (n-test queries, one demonstration set);
+    ``vanilla`` rows of the same data sets come from the base pieces' ood rows (same settings)."""
+    from abft_lens.evaluation import evaluate_datasets
+
+    others = [d for d in PAPER_DATASETS if d != trained_on]
+    table = evaluate_datasets(model, others, ood_config(args, seed), progress=False)
+    return [{"trained_on": trained_on, "dataset": row["dataset"], "method": method, "seed": seed,
+             "accuracy": row["accuracy"], "macro_f1": row["macro_f1"], "n_inputs": row["n_inputs"]}
+            for row in table.to_dict("records")]
+
+
+def vanilla_ood_rows(args: argparse.Namespace, model, dataset: str, seed: int) -> list[dict[str, object]]:
+    """The base model under the out-of-domain settings, on ``dataset``: the reference for the harm."""
+    from abft_lens.evaluation import evaluate_datasets
+
+    row = evaluate_datasets(model, [dataset], ood_config(args, seed), progress=False).to_dict("records")[0]
+    return [{"trained_on": "none", "dataset": dataset, "method": "vanilla", "seed": seed, "accuracy": row["accuracy"],
+             "macro_f1": row["macro_f1"], "n_inputs": row["n_inputs"]}]
+
+
+def run_pieces_in_process(args: argparse.Namespace, pieces: list[tuple[str, str, int]], results: Path,
+                          model=None) -> None:
+    """Every piece with one loaded model (``model``, else ``args.model`` loaded once); its W_Q/W_K are
+    restored after each piece, so the model is left as it was given."""
+    import torch
+
+    from abft_lens.models import load_model
+    from abft_lens.training import apply_tensors, snapshot, trainable_parameters
+
+    if set(pieces) <= finished_pieces(results):
+        return
+    model = model if model is not None else load_model(args.model, device=args.device)
+    device = next(model.parameters()).device
+    base = snapshot(trainable_parameters(model, "qk"))
+    for index, (dataset, piece, seed) in enumerate(pieces, 1):
+        if (dataset, piece, seed) in finished_pieces(results):
+            print(f"[{index}/{len(pieces)}] {dataset} {piece} seed {seed}: done, skipped")
+            continue
+        print(f"[{index}/{len(pieces)}] {dataset} {piece} seed {seed}", flush=True)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        started = time.perf_counter()
+        try:
+            rows = run_piece(args, dataset, piece, seed, model=model)
+        finally:
+            apply_tensors(model, base)
+        append_results(results, [{**row, "piece_seconds": time.perf_counter() - started} for row in rows])
+
+
+def finished_pieces(results: Path) -> set[tuple[str, str, int]]:
+    frame = read_results(results)
+    return set(zip(frame["dataset"], frame["method"].map(piece_of), frame["seed"].astype(int)))
 
 
 def read_results(path: Path) -> pd.DataFrame:
     return pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=COLUMNS)
 
 
-def append_results(path: Path, rows: list[dict[str, object]]) -> pd.DataFrame:
-    """Add ``rows`` (replacing rows of the same dataset/method/seed) and rewrite the CSV atomically."""
-    frame = read_results(path)
-    new = pd.DataFrame(rows).reindex(columns=COLUMNS)
-    keys = set(zip(new["dataset"], new["method"], new["seed"]))
-    keep = [(d, m, s) not in keys for d, m, s in zip(frame["dataset"], frame["method"], frame["seed"])]
-    frame = pd.concat([frame[keep], new], ignore_index=True) if len(frame) else new
-    atomic_write_text(path, frame.to_csv(index=False, float_format="%.6g"))
+def append_rows(path: Path, rows: list[dict[str, object]], columns: list[str], keys: tuple[str, ...]) -> pd.DataFrame:
+    """Add ``rows`` to the CSV at ``path`` (replacing rows with the same ``keys``) and rewrite it atomically,
+    under a lock: pieces of one benchmark may run in parallel processes."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        frame = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=columns)
+        new = pd.DataFrame(rows).reindex(columns=columns)
+        new_keys = set(new[list(keys)].itertuples(index=False, name=None))
+        keep = [key not in new_keys for key in frame[list(keys)].itertuples(index=False, name=None)]
+        frame = pd.concat([frame[keep], new], ignore_index=True) if len(frame) else new
+        atomic_write_text(path, frame.to_csv(index=False, float_format="%.6g"))
     return frame
 
 
-def summarise(frame: pd.DataFrame) -> dict[str, object]:
-    """Mean accuracy per method, ABFT wins over vanilla, ABFT minus E2E, and the training-time ratio."""
+def append_results(path: Path, rows: list[dict[str, object]]) -> pd.DataFrame:
+    """Add ``rows`` (replacing rows of the same dataset/method/seed) to results.csv."""
+    return append_rows(path, rows, COLUMNS, ("dataset", "method", "seed"))
+
+
+def summarise(frame: pd.DataFrame, ood: pd.DataFrame | None = None) -> dict[str, object]:
+    """Mean accuracy per method, ABFT wins over vanilla, ABFT minus E2E, the training-time ratio, mean
+    consistency per method and, given the out-of-domain table, the mean out-of-domain harm per method."""
     mean = frame.groupby("method")["accuracy"].mean().to_dict()
     pivot = frame.pivot_table(index=["dataset", "seed"], columns="method", values="accuracy")
     summary: dict[str, object] = {"mean_accuracy": mean, "pieces": len(frame)}
@@ -177,29 +285,21 @@ def summarise(frame: pd.DataFrame) -> dict[str, object]:
     if {"abft", "e2e"} <= set(pivot.columns):
         both = pivot[["abft", "e2e"]].dropna()
         summary["abft_minus_e2e"] = float((both["abft"] - both["e2e"]).mean())
-        seconds = frame.groupby("method")["train_seconds"].sum()
-        summary["abft_over_e2e_train_time"] = float(seconds["abft"] / seconds["e2e"])
+        # Pieces both methods finished on the same kind of device: timings compare only there.
+        seconds = frame.assign(device=frame["device"].fillna("unknown")).pivot_table(
+            index=["dataset", "seed", "device"], columns="method", values="train_seconds")
+        paired = seconds[["abft", "e2e"]].dropna().sum()
+        summary["abft_over_e2e_train_time"] = float(paired["abft"] / paired["e2e"])
+    summary["mean_consistency"] = frame.groupby("method")["consistency"].mean().dropna().to_dict()
+    if ood is not None and len(ood):
+        from abft_lens.evaluation import out_of_domain_harm
+
+        summary["mean_out_of_domain_harm"] = out_of_domain_harm(ood).groupby("method")["harm"].mean().to_dict()
     return summary
 
 
-def figure(frame: pd.DataFrame, title: str):
-    import plotly.graph_objects as go
-
-    order = [d for d in PAPER_DATASETS if d in set(frame["dataset"])] + sorted(set(frame["dataset"]) - set(PAPER_DATASETS))
-    fig = go.Figure()
-    for method in [m for m in METHODS if m in set(frame["method"])]:
-        rows = frame[frame["method"] == method].groupby("dataset")["accuracy"].agg(["mean", "std", "count"])
-        rows = rows.reindex(order)
-        x = order + ["mean"]
-        y = rows["mean"].tolist() + [rows["mean"].mean()]
-        error = rows["std"].fillna(0).tolist() + [0]
-        fig.add_bar(name=method, x=x, y=y, error_y={"type": "data", "array": error, "visible": True})
-    fig.update_layout(title=title, barmode="group", yaxis_title="accuracy (label-space argmax)",
-                      yaxis_range=[0, 1], template="plotly_white", width=900, height=480)
-    return fig
-
-
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, model=None) -> None:
+    """The benchmark (module doc); ``model`` (with ``--in-process``) replaces loading ``--model``."""
     args = parse_args(argv)
     if args.piece:
         dataset, piece, seed = args.piece.split(":")
@@ -209,32 +309,37 @@ def main(argv: list[str] | None = None) -> None:
         append_results(args.out / "results.csv", [{**row, "piece_seconds": time.perf_counter() - started} for row in rows])
         return
 
+    from abft_lens.figures import accuracy_with_paper
     from abft_lens.plots import save_figure
 
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.csv"
-    command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+    given = sys.argv[1:] if argv is None else argv
+    command = shlex.join([sys.executable, sys.argv[0] if argv is None else __file__, *given])
     started = time.perf_counter()
     pieces = []
     for dataset in args.datasets:
         for seed in args.seeds:
             for piece in dict.fromkeys(piece_of(m) for m in args.methods):
                 pieces.append((dataset, piece, seed))
+    if args.summarise_only:
+        pieces = []
+    if args.in_process:
+        run_pieces_in_process(args, pieces, results, model)
     for index, (dataset, piece, seed) in enumerate(pieces, 1):
-        frame = read_results(results)
-        done = set(zip(frame["dataset"], frame["method"].map(piece_of), frame["seed"]))
-        if (dataset, piece, seed) in done:
+        if (dataset, piece, seed) in finished_pieces(results):
             print(f"[{index}/{len(pieces)}] {dataset} {piece} seed {seed}: done, skipped")
             continue
         print(f"[{index}/{len(pieces)}] {dataset} {piece} seed {seed}", flush=True)
         child = [sys.executable, __file__, "--piece", f"{dataset}:{piece}:{seed}"]
-        child += [a for a in (argv if argv is not None else sys.argv[1:])]
+        child += given
         subprocess.run(child, check=True)
 
     frame = read_results(results)
-    frame = frame[frame["method"].isin(args.methods) & frame["dataset"].isin(args.datasets)]
-    save_figure(figure(frame, f"{args.model}: ICL accuracy, k = {args.k}"), args.out / "results")
-    summary = summarise(frame)
+    frame = frame[frame["method"].isin(args.methods) & frame["dataset"].isin(args.datasets) & frame["seed"].isin(args.seeds)]
+    save_figure(accuracy_with_paper(frame, f"{args.model}: ICL accuracy, k = {args.k}"), args.out / "results")
+    ood_path = args.out / "ood.csv"
+    summary = summarise(frame, pd.read_csv(ood_path) if ood_path.is_file() else None)
     wall = float(frame.loc[frame["method"] != "calibration", "piece_seconds"].sum())  # base rows share one piece
     write_json(args.out / "summary.json", {"command": command, **summary, "total_piece_seconds": round(wall, 1),
                                            "this_session_seconds": round(time.perf_counter() - started, 1),

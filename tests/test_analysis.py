@@ -285,3 +285,20 @@ def test_landscape_and_dynamics_commands_write_csv_figures_and_config(tiny_gpt2_
     result = runner.invoke(app, ["dynamics", str(tiny_runs["abft"]), str(tiny_runs["e2e"]), "--out", str(tmp_path / "dyn")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "dyn" / "dynamics.html").is_file() and (tmp_path / "dyn" / "dynamics.csv").is_file()
+
+
+def test_analysis_figures_are_redrawn_from_saved_results(tmp_path):
+    """`abft-lens figures` reaches the analysis through its registered source; here on the committed
+    SmolLM2 results (gradient analysis and training dynamics on SST-2)."""
+    import shutil
+
+    from analysis.jobs import redraw_figures
+
+    results = Path(__file__).resolve().parents[1] / "analysis" / "results"
+    for name in ("gradients_sst2", "dynamics_sst2"):
+        shutil.copytree(results / name, tmp_path / "saved" / name)
+    written = redraw_figures([tmp_path / "saved"], tmp_path / "figures", png=False)
+    assert sorted(path.name for path in written) == [
+        "dynamics_sst2.html", "gradients_sst2_components.html", "gradients_sst2_head_cosines.html",
+        "gradients_sst2_layer_cosines.html", "gradients_sst2_sign_test.html"]
+    assert all(path.stat().st_size > 1000 for path in written)

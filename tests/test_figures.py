@@ -92,3 +92,20 @@ def test_png_export_writes_real_images(tmp_path):
     assert len(pngs) == 4 and not report.skipped
     width, height = _png_size(next(p for p in pngs if p.name.startswith("heads_")))
     assert (width, height) == (520, 720)  # head_heatmap's layout size
+
+
+def test_robustness_and_out_of_domain_figures_come_from_the_benchmark_tables(tmp_path):
+    bench = tmp_path / "runs" / "bench"
+    bench.mkdir(parents=True)
+    rows = [dict(dataset=d, method=m, seed=42, accuracy=0.6, consistency=None if m == "calibration" else 0.8,
+                 unseen_label_accuracy=None if m == "calibration" else 0.3, zero_shot_accuracy=0.5)
+            for d in ("sst2", "mr") for m in ("vanilla", "calibration", "abft")]
+    pd.DataFrame(rows).to_csv(bench / "results.csv", index=False)
+    pd.DataFrame([dict(trained_on="none", dataset="mr", method="vanilla", seed=42, accuracy=0.6),
+                  dict(trained_on="sst2", dataset="mr", method="abft", seed=42, accuracy=0.5)]
+                 ).to_csv(bench / "ood.csv", index=False)
+    report = make_figures([tmp_path / "runs"], tmp_path / "figures", png=False)
+    written = {path.name: path for path in report.written}
+    assert {"accuracy_bench.html", "robustness_bench.html", "ood_bench.html"} <= set(written)
+    robustness = written["robustness_bench.html"].read_text()
+    assert '"name":"abft"' in robustness and '"name":"calibration"' not in robustness  # no forwards of its own

