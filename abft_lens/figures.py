@@ -118,8 +118,9 @@ class FiguresReport:
 def figure_name(path: Path, root: Path) -> str:
     """A file-name-safe name for a saved folder or table: its path below ``root``."""
     relative = path.relative_to(root) if path.is_relative_to(root) else path
-    parts = [p for p in relative.with_suffix("").parts if p not in ("heads", "results")]
-    return "_".join(parts or [path.stem]).replace(" ", "-")
+    parts = [*relative.parts[:-1], Path(relative.parts[-1]).stem] if relative.parts else []
+    parts = [p for p in parts if p not in ("heads", "results")]
+    return "_".join(parts or [path.resolve().stem]).replace(" ", "-")
 
 
 def _save(report: FiguresReport, figure: go.Figure, target: Path, png: bool) -> None:

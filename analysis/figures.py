@@ -112,10 +112,14 @@ def landscape_figure(grid: pd.DataFrame, marks: dict[str, tuple[float, float]] |
         contours={"showlabels": True, "labelfont": {"color": "white"}}, colorbar={"title": "accuracy"},
         hovertemplate="l_E %{x:.2f}, l_A %{y:.2f}<br>accuracy %{z:.3f}<extra></extra>"))
     symbols = {"base": "circle", "ABFT": "square", "E2E": "diamond", "best mix": "star"}
-    for name, (l_e2e, l_abft) in (marks or {}).items():
-        figure.add_trace(go.Scatter(x=[l_e2e], y=[l_abft], mode="markers+text", text=[name], textposition="top center",
-                                    name=name, marker={"size": 13, "color": "white", "symbol": symbols.get(name, "x"),
-                                                       "line": {"color": "black", "width": 1.5}},
+    names_at: dict[tuple[float, float], list[str]] = {}
+    for name, point in (marks or {}).items():  # one label per point: "E2E = best mix" where they coincide
+        names_at.setdefault(point, []).append(name)
+    for (l_e2e, l_abft), names in names_at.items():
+        figure.add_trace(go.Scatter(x=[l_e2e], y=[l_abft], mode="markers+text", text=[" = ".join(names)],
+                                    textposition="top center", name=" = ".join(names), showlegend=False,
+                                    marker={"size": 13, "color": "white", "symbol": symbols.get(names[0], "x"),
+                                            "line": {"color": "black", "width": 1.5}},
                                     textfont={"color": "white"}))
     figure.update_layout(template="plotly_white", title=title, width=700, height=620,
                          xaxis_title="l_E (towards the E2E weights)", yaxis_title="l_A (towards the ABFT weights)")

@@ -34,7 +34,8 @@ search as much again, the evaluation 10-15 min), ~11 h for the whole table: run 
 CI runs the tiny version in process (tests/test_benchmarks.py; one data set, 8 test inputs, two steps
 of 4 prompts; its numbers mean nothing):
 
-    .venv/bin/python benchmarks/bench_paper_claim.py --tiny --in-process --ood --out runs/bench_paper_claim_tiny
+    .venv/bin/python benchmarks/bench_paper_claim.py --tiny --in-process --ood --ood-datasets sst2 mr trec \\
+        --out runs/bench_paper_claim_tiny
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ood", action="store_true",
                         help="also evaluate each fine-tuned model on the other data sets (out-of-domain harm, "
                              "ood.csv; n-test queries x 1 demonstration set)")
+    parser.add_argument("--ood-datasets", nargs="+", default=list(PAPER_DATASETS),
+                        help="the data sets of the out-of-domain evaluation (each model skips its own)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--in-process", action="store_true",
                         help="run every piece in this process with one loaded model (the trained W_Q/W_K are "
@@ -196,7 +199,7 @@ def out_of_domain_rows(args: argparse.Namespace, model, trained_on: str, method:
     ``vanilla`` rows of the same data sets come from the base pieces' ood rows (same settings)."""
     from abft_lens.evaluation import evaluate_datasets
 
-    others = [d for d in PAPER_DATASETS if d != trained_on]
+    others = [d for d in args.ood_datasets if d != trained_on]
     table = evaluate_datasets(model, others, ood_config(args, seed), progress=False)
     return [{"trained_on": trained_on, "dataset": row["dataset"], "method": method, "seed": seed,
              "accuracy": row["accuracy"], "macro_f1": row["macro_f1"], "n_inputs": row["n_inputs"]}

@@ -289,16 +289,16 @@ def test_landscape_and_dynamics_commands_write_csv_figures_and_config(tiny_gpt2_
 
 def test_analysis_figures_are_redrawn_from_saved_results(tmp_path):
     """`abft-lens figures` reaches the analysis through its registered source; here on the committed
-    SmolLM2 results (gradient analysis and training dynamics on SST-2)."""
+    SmolLM2 results (gradient analysis, training dynamics and landscape on SST-2)."""
     import shutil
 
     from analysis.jobs import redraw_figures
 
     results = Path(__file__).resolve().parents[1] / "analysis" / "results"
-    for name in ("gradients_sst2", "dynamics_sst2"):
+    for name in ("gradients_sst2", "dynamics_sst2", "landscape_sst2"):
         shutil.copytree(results / name, tmp_path / "saved" / name)
     written = redraw_figures([tmp_path / "saved"], tmp_path / "figures", png=False)
     assert sorted(path.name for path in written) == [
         "dynamics_sst2.html", "gradients_sst2_components.html", "gradients_sst2_head_cosines.html",
-        "gradients_sst2_layer_cosines.html", "gradients_sst2_sign_test.html"]
+        "gradients_sst2_layer_cosines.html", "gradients_sst2_sign_test.html", "landscape_sst2.html"]
     assert all(path.stat().st_size > 1000 for path in written)
