@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import plotly.graph_objects as go
 
 from abft_lens.data import load_dataset, split_pools
 from abft_lens.figures import figure_name
@@ -84,15 +85,20 @@ def write_gradient_analysis(analysis: GradientAnalysis, out: Path, title: str) -
         _csv(out / f"{name}.csv", frame)
     write_json(out / "summary.json", analysis.summary)
     written = []
-    written += save_figure(figures.layer_cosines(analysis.layers, f"{title}: cosine(E2E, ABFT) per layer"),
-                           out / "layer_cosines")
-    written += save_figure(figures.layer_components(analysis.layers, f"{title}: E2E gradient on W_Q/W_K by path"),
-                           out / "gradient_components")
-    written += save_figure(figures.head_cosines(analysis.heads, f"{title}: cosine(E2E, ABFT) on the induction heads"),
-                           out / "head_cosines")
-    if len(analysis.sign):
-        written += save_figure(figures.sign_test_figure(analysis.sign), out / "sign_test")
+    for name, figure in gradient_figures(analysis.layers, analysis.heads, analysis.sign, title).items():
+        written += save_figure(figure, out / ("gradient_components" if name == "components" else name))
     return written
+
+
+def gradient_figures(layers: pd.DataFrame, heads: pd.DataFrame, sign: pd.DataFrame, title: str) -> dict[str, go.Figure]:
+    """A gradient analysis' figures by name: per-layer cosines, the gradient by path, per-head cosines
+    and, where it ran, the sign test."""
+    drawn = {"layer_cosines": figures.layer_cosines(layers, f"{title}: cosine(E2E, ABFT) per layer"),
+             "components": figures.layer_components(layers, f"{title}: E2E gradient on W_Q/W_K by path"),
+             "head_cosines": figures.head_cosines(heads, f"{title}: cosine(E2E, ABFT) on the induction heads")}
+    if len(sign):
+        drawn["sign_test"] = figures.sign_test_figure(sign)
+    return drawn
 
 
 def run_analyze_gradients(config: AnalyzeGradientsConfig, model=None, progress: bool = True) -> GradientAnalysis:
@@ -188,15 +194,10 @@ def redraw_figures(roots: Sequence[Path], out: Path, png: bool) -> list[Path]:
                 layers, heads = pd.read_csv(folder / "layers.csv"), pd.read_csv(folder / "heads.csv")
                 if not {"cos_full_abft", "cos_label_abft"} <= set(layers.columns):
                     continue
-                written += save_figure(figures.layer_cosines(layers, f"{name}: cosine(E2E, ABFT) per layer"),
-                                       out / f"{_prefixed('gradients', name)}_layer_cosines", png)
-                written += save_figure(figures.layer_components(layers, f"{name}: E2E gradient on W_Q/W_K by path"),
-                                       out / f"{_prefixed('gradients', name)}_components", png)
-                written += save_figure(figures.head_cosines(heads, f"{name}: cosine(E2E, ABFT) on the induction heads"),
-                                       out / f"{_prefixed('gradients', name)}_head_cosines", png)
-                sign = folder / "sign_test.csv"
-                if sign.is_file() and sign.stat().st_size and len(table := pd.read_csv(sign)):
-                    written += save_figure(figures.sign_test_figure(table), out / f"{_prefixed('gradients', name)}_sign_test", png)
+                sign_path = folder / "sign_test.csv"
+                sign = pd.read_csv(sign_path) if sign_path.is_file() and sign_path.stat().st_size else pd.DataFrame()
+                for figure_kind, figure in gradient_figures(layers, heads, sign, name).items():
+                    written += save_figure(figure, out / f"{_prefixed('gradients', name)}_{figure_kind}", png)
             elif (folder / "landscape.csv").is_file():
                 marks = landscape_marks(json.loads((folder / "summary.json").read_text()))
                 written += save_figure(figures.landscape_figure(pd.read_csv(folder / "landscape.csv"), marks,

@@ -161,8 +161,7 @@ def run_piece(args: argparse.Namespace, dataset: str, piece: str, seed: int, mod
         calibrated = {**metrics, "accuracy": metrics["calibrated_accuracy"], "macro_f1": metrics["calibrated_macro_f1"],
                       "consistency": None, "unseen_label_accuracy": None}
         if args.ood:
-            append_rows(args.out / "ood.csv", vanilla_ood_rows(args, model, dataset, seed), OOD_COLUMNS,
-                        ("trained_on", "dataset", "method", "seed"))
+            record_out_of_domain(args, model, [dataset], "none", "vanilla", seed)
         return [_row(args, dataset, "vanilla", seed, metrics, **common),
                 _row(args, dataset, "calibration", seed, calibrated, **common)]
 
@@ -178,41 +177,26 @@ def run_piece(args: argparse.Namespace, dataset: str, piece: str, seed: int, mod
     evaluation = run_evaluation(eval_config(args, dataset, seed, calibrate=False, out=run_dir / f"evaluate_{dataset}"),
                                 model=model)
     if args.ood:
-        append_rows(args.out / "ood.csv", out_of_domain_rows(args, model, dataset, piece, seed), OOD_COLUMNS,
-                    ("trained_on", "dataset", "method", "seed"))
+        record_out_of_domain(args, model, [d for d in args.ood_datasets if d != dataset], dataset, piece, seed)
     return [_row(args, dataset, piece, seed, evaluation.metrics, train_seconds=trained.train_seconds,
                  peak_memory_mb=trained.peak_memory_mb, trainable_params=trained.trainable_params, lr=trained.lr,
                  n_train=args.n_train, steps=args.steps, run_dir=str(run_dir))]
 
 
-def ood_config(args: argparse.Namespace, seed: int):
-    """The out-of-domain evaluation: n-test queries x one demonstration set, accuracy only."""
-    from abft_lens.evaluation import EvaluateConfig
+def record_out_of_domain(args: argparse.Namespace, model, datasets: list[str], trained_on: str, method: str,
+                         seed: int) -> None:
+    """Evaluate ``model`` on ``datasets`` under the out-of-domain settings (n-test queries x one
+    demonstration set, accuracy only) and add the rows to ood.csv. The base model's rows (trained_on
+    "none", method "vanilla") are the reference of the harm."""
+    from abft_lens.evaluation import EvaluateConfig, evaluate_datasets
 
-    return EvaluateConfig(n_test=args.n_test, demo_sets=1, k=args.k, seed=seed, pool_seed=args.pool_seed,
-                          batch_size=args.eval_batch_size, attention=False)
-
-
-def out_of_domain_rows(args: argparse.Namespace, model, trained_on: str, method: str,
-                       seed: int) -> list[dict[str, object]]:
-    """The fine-tuned ``model`` on every other paper data set (n-test queries, one demonstration set);
-    ``vanilla`` rows of the same data sets come from the base pieces' ood rows (same settings)."""
-    from abft_lens.evaluation import evaluate_datasets
-
-    others = [d for d in args.ood_datasets if d != trained_on]
-    table = evaluate_datasets(model, others, ood_config(args, seed), progress=False)
-    return [{"trained_on": trained_on, "dataset": row["dataset"], "method": method, "seed": seed,
+    config = EvaluateConfig(n_test=args.n_test, demo_sets=1, k=args.k, seed=seed, pool_seed=args.pool_seed,
+                            batch_size=args.eval_batch_size, attention=False)
+    table = evaluate_datasets(model, datasets, config, progress=False)
+    rows = [{"trained_on": trained_on, "dataset": row["dataset"], "method": method, "seed": seed,
              "accuracy": row["accuracy"], "macro_f1": row["macro_f1"], "n_inputs": row["n_inputs"]}
             for row in table.to_dict("records")]
-
-
-def vanilla_ood_rows(args: argparse.Namespace, model, dataset: str, seed: int) -> list[dict[str, object]]:
-    """The base model under the out-of-domain settings, on ``dataset``: the reference for the harm."""
-    from abft_lens.evaluation import evaluate_datasets
-
-    row = evaluate_datasets(model, [dataset], ood_config(args, seed), progress=False).to_dict("records")[0]
-    return [{"trained_on": "none", "dataset": dataset, "method": "vanilla", "seed": seed, "accuracy": row["accuracy"],
-             "macro_f1": row["macro_f1"], "n_inputs": row["n_inputs"]}]
+    append_rows(args.out / "ood.csv", rows, OOD_COLUMNS, ("trained_on", "dataset", "method", "seed"))
 
 
 def run_pieces_in_process(args: argparse.Namespace, pieces: list[tuple[str, str, int]], results: Path,
