@@ -21,11 +21,11 @@ the figure, ``<out>/summary.json`` the headline (mean accuracy per method, ABFT 
 ABFT minus E2E, ABFT/E2E training-time ratio on the same device, mean consistency, mean out-of-domain
 harm) with the command that produced it; ``--summarise-only`` redraws both from what is there.
 
-The committed run (benchmarks/results/paper_claim_smollm2, benchmarks/RESULTS.md) ran on one H200 with
-``benchmarks/run_on_gpu.sh``: about 60 s per piece, 18 min for 30 pieces in two parallel processes. On
-this project's 2-core CPU a piece is 40-60 min (a 32-step run of 32 prompts alone is ~8-10 min, the lr
-search as much again, the evaluation 10-15 min), ~11 h for the whole table: run it by hand, in pieces
-(it resumes), not in CI:
+The committed run (benchmarks/results/paper_claim_smollm2, benchmarks/RESULTS.md) ran 30 pieces on one H200
+with ``benchmarks/run_on_gpu.sh`` (about 60 s a piece, 18 min in two parallel processes) and E2E on SST-5
+and TEH on this project's 2-core CPU (49 and 73 min with a two-value lr grid: 26-35 s per optimiser step,
+25-41 min of evaluation). On that CPU the whole table with the full grid and ``--ood`` is about a day
+(~35 min for a base piece, ~1.5 h for an ABFT or E2E one): run it by hand, in pieces (it resumes), not in CI:
 
     ABFT_LENS_CACHE_DIR=$PWD/.cache HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_paper_claim.py \\
         --model smollm2-135m --seeds 42 --ood --lr-grid 1e-5 3e-5 1e-4 3e-4 1e-3 \\
@@ -261,7 +261,8 @@ def append_results(path: Path, rows: list[dict[str, object]]) -> pd.DataFrame:
 
 def summarise(frame: pd.DataFrame, ood: pd.DataFrame | None = None) -> dict[str, object]:
     """Mean accuracy per method, ABFT wins over vanilla, ABFT minus E2E, the training-time ratio, mean
-    consistency per method and, given the out-of-domain table, the mean out-of-domain harm per method."""
+    consistency per method and, given the out-of-domain table, the mean out-of-domain harm per method (over
+    every run, and over the training sets where both ABFT and E2E have one)."""
     mean = frame.groupby("method")["accuracy"].mean().to_dict()
     pivot = frame.pivot_table(index=["dataset", "seed"], columns="method", values="accuracy")
     summary: dict[str, object] = {"mean_accuracy": mean, "pieces": len(frame)}
@@ -281,7 +282,13 @@ def summarise(frame: pd.DataFrame, ood: pd.DataFrame | None = None) -> dict[str,
     if ood is not None and len(ood):
         from abft_lens.evaluation import out_of_domain_harm
 
-        summary["mean_out_of_domain_harm"] = out_of_domain_harm(ood).groupby("method")["harm"].mean().to_dict()
+        harm = out_of_domain_harm(ood)
+        summary["mean_out_of_domain_harm"] = harm.groupby("method")["harm"].mean().to_dict()
+        # The target compares ABFT and E2E: only on the (training set, seed) pairs that both have.
+        per_run = harm.pivot_table(index=["trained_on", "seed"], columns="method", values="harm")
+        if {"abft", "e2e"} <= set(per_run.columns):
+            paired = per_run[["abft", "e2e"]].dropna()
+            summary["paired_out_of_domain_harm"] = {**paired.mean().to_dict(), "runs": len(paired)}
     return summary
 
 

@@ -59,13 +59,18 @@ def test_summary_counts_wins_differences_and_harm(bench):
     frame = pd.DataFrame([dict(dataset=d, method=m, seed=42, accuracy=a, train_seconds=t, consistency=0.8, device="cpu")
                           for d, m, a, t in rows])
     ood = pd.DataFrame([dict(trained_on="none", dataset="mr", method="vanilla", seed=42, accuracy=0.6),
-                        dict(trained_on="sst2", dataset="mr", method="abft", seed=42, accuracy=0.5)])
+                        dict(trained_on="none", dataset="sst2", method="vanilla", seed=42, accuracy=0.7),
+                        dict(trained_on="sst2", dataset="mr", method="abft", seed=42, accuracy=0.5),
+                        dict(trained_on="mr", dataset="sst2", method="abft", seed=42, accuracy=0.4),
+                        dict(trained_on="mr", dataset="sst2", method="e2e", seed=42, accuracy=0.8)])
     summary = bench.summarise(frame, ood)
     assert summary["abft_wins_over_vanilla"] == "1 of 2"
     assert summary["abft_minus_vanilla"] == pytest.approx(0.05)
     assert summary["abft_minus_e2e"] == pytest.approx(-0.15)
     assert summary["abft_over_e2e_train_time"] == pytest.approx(0.5)
-    assert summary["mean_out_of_domain_harm"] == {"abft": pytest.approx(0.1)}
+    assert summary["mean_out_of_domain_harm"] == {"abft": pytest.approx(0.2), "e2e": pytest.approx(-0.1)}
+    # ABFT trained on sst2 has no E2E partner: the paired means use the mr runs only
+    assert summary["paired_out_of_domain_harm"] == {"abft": pytest.approx(0.3), "e2e": pytest.approx(-0.1), "runs": 1}
 
 
 def test_figures_list_data_sets_and_methods_in_the_papers_order():
