@@ -259,6 +259,12 @@ def append_results(path: Path, rows: list[dict[str, object]]) -> pd.DataFrame:
     return append_rows(path, rows, COLUMNS, ("dataset", "method", "seed"))
 
 
+def _both(wide: pd.DataFrame, first: str, second: str) -> pd.DataFrame | None:
+    """The rows of a table with one column per method where both methods have a value; None when
+    either never ran. Every ABFT-versus-other comparison of the summary is paired this way."""
+    return wide[[first, second]].dropna() if {first, second} <= set(wide.columns) else None
+
+
 def summarise(frame: pd.DataFrame, ood: pd.DataFrame | None = None) -> dict[str, object]:
     """Mean accuracy per method, ABFT wins over vanilla, ABFT minus E2E, the training-time ratio, mean
     consistency per method and, given the out-of-domain table, the mean out-of-domain harm per method (over
@@ -266,17 +272,15 @@ def summarise(frame: pd.DataFrame, ood: pd.DataFrame | None = None) -> dict[str,
     mean = frame.groupby("method")["accuracy"].mean().to_dict()
     pivot = frame.pivot_table(index=["dataset", "seed"], columns="method", values="accuracy")
     summary: dict[str, object] = {"mean_accuracy": mean, "pieces": len(frame)}
-    if {"abft", "vanilla"} <= set(pivot.columns):
-        both = pivot[["abft", "vanilla"]].dropna()
+    if (both := _both(pivot, "abft", "vanilla")) is not None:
         summary["abft_minus_vanilla"] = float((both["abft"] - both["vanilla"]).mean())
         summary["abft_wins_over_vanilla"] = f"{int((both['abft'] > both['vanilla']).sum())} of {len(both)}"
-    if {"abft", "e2e"} <= set(pivot.columns):
-        both = pivot[["abft", "e2e"]].dropna()
+    if (both := _both(pivot, "abft", "e2e")) is not None:
         summary["abft_minus_e2e"] = float((both["abft"] - both["e2e"]).mean())
         # Pieces both methods finished on the same kind of device: timings compare only there.
         seconds = frame.assign(device=frame["device"].fillna("unknown")).pivot_table(
             index=["dataset", "seed", "device"], columns="method", values="train_seconds")
-        paired = seconds[["abft", "e2e"]].dropna().sum()
+        paired = _both(seconds, "abft", "e2e").sum()
         summary["abft_over_e2e_train_time"] = float(paired["abft"] / paired["e2e"])
     summary["mean_consistency"] = frame.groupby("method")["consistency"].mean().dropna().to_dict()
     if ood is not None and len(ood):
@@ -286,8 +290,7 @@ def summarise(frame: pd.DataFrame, ood: pd.DataFrame | None = None) -> dict[str,
         summary["mean_out_of_domain_harm"] = harm.groupby("method")["harm"].mean().to_dict()
         # The target compares ABFT and E2E: only on the (training set, seed) pairs that both have.
         per_run = harm.pivot_table(index=["trained_on", "seed"], columns="method", values="harm")
-        if {"abft", "e2e"} <= set(per_run.columns):
-            paired = per_run[["abft", "e2e"]].dropna()
+        if (paired := _both(per_run, "abft", "e2e")) is not None:
             summary["paired_out_of_domain_harm"] = {**paired.mean().to_dict(), "runs": len(paired)}
     return summary
 
