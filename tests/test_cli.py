@@ -42,6 +42,7 @@ def test_same_seed_same_model_gives_identical_heads_csv(smollm2, tmp_path):
     find_heads(FindHeadsConfig(n_prompts=6, seed=7, out=str(tmp_path / "b")), model=smollm2, progress=False)
     find_heads(FindHeadsConfig(n_prompts=6, seed=8, out=str(tmp_path / "c")), model=smollm2, progress=False)
     first, second, other = ((tmp_path / name / "heads.csv").read_bytes() for name in "abc")
+    # Identity, not closeness: the same process, shapes and thread count run the same float32 sums.
     assert first == second
     assert first != other
 

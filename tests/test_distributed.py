@@ -26,6 +26,7 @@ from abft_lens.distributed import (
 )
 from abft_lens.find_heads import HEADS_COLUMNS, FindHeadsConfig, find_heads
 from abft_lens.heads import HeadStatistics
+from tolerances import MASS_ATOL
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 900  # a whole torchrun job, model loads included, on a loaded 2-core machine
@@ -48,12 +49,21 @@ def torchrun(*args: str, nproc: int = 2, env: dict[str, str] | None = None,
 
 
 def assert_same_heads(distributed_csv: Path, single_csv: Path) -> None:
-    two, one = pd.read_csv(distributed_csv), pd.read_csv(single_csv)
-    assert tuple(two.columns) == HEADS_COLUMNS
-    assert two[["rank", "layer", "head", "n_prompts"]].equals(one[["rank", "layer", "head", "n_prompts"]])
-    numeric = [c for c in HEADS_COLUMNS if c not in ("rank", "layer", "head", "n_prompts")]
-    # Exact up to float64 summation order, then the CSV's 6 significant digits.
-    pd.testing.assert_frame_equal(two[numeric], one[numeric], check_exact=False, rtol=1e-5, atol=1e-9)
+    """Closeness, not identity: each rank runs with 1 thread and the single process with 2, so the
+    float32 sums inside the model are split differently (see tolerances.py). The ranking is a pure
+    function of these columns (tested in test_heads), so heads are matched by (layer, head): two heads
+    within rounding of each other may swap ranks."""
+    two, one = (pd.read_csv(path).set_index(["layer", "head"]).sort_index() for path in (distributed_csv, single_csv))
+    assert tuple(pd.read_csv(distributed_csv).columns) == HEADS_COLUMNS
+    assert two.index.equals(one.index) and two["n_prompts"].equals(one["n_prompts"])
+    n_prompts = int(one["n_prompts"].iloc[0])
+    for column in ("label_mass", "label_mass_se", "correctness", "correctness_se"):
+        worst = float((two[column] - one[column]).abs().max())
+        assert worst <= MASS_ATOL, f"{column}: 2-rank differs from 1-rank by {worst:g}"
+    assert float((two["pass_rate"] - one["pass_rate"]).abs().max()) <= 1 / n_prompts + 1e-9
+    # Functions of the prompt lengths alone: equal up to the CSV's 6 significant digits.
+    for column in ("uniform_mass", "mean_threshold"):
+        assert two[column].to_numpy() == pytest.approx(one[column].to_numpy(), rel=1e-5), column
 
 
 # --- pure parts -------------------------------------------------------------------------------------
@@ -213,7 +223,7 @@ def assert_same_training(two: Path, one: Path, initial: dict[str, torch.Tensor])
     m1 = pd.read_json(one / "metrics.jsonl", lines=True)
     assert m2["step"].tolist() == m1["step"].tolist() == [1, 2, 3]
     for column in ("loss", "flagged_heads", "punish_weight", "correct_mass", "wrong_mass"):
-        assert m2[column].to_numpy() == pytest.approx(m1[column].to_numpy(), rel=1e-4, abs=1e-6), column
+        assert m2[column].to_numpy() == pytest.approx(m1[column].to_numpy(), rel=1e-4, abs=MASS_ATOL), column
 
 
 def test_two_rank_finetune_equals_one_rank_with_the_same_global_batch(tiny_gpt2_dir, short_sst2_csv,

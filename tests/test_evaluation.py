@@ -166,6 +166,7 @@ def test_evaluation_is_deterministic_for_a_fixed_seed(tiny_gpt2, sst2):
     config = EvaluateConfig(n_test=4, demo_sets=2, unseen_labels=True)
     first = evaluate(tiny_gpt2, sst2, config, progress=False)
     second = evaluate(tiny_gpt2, sst2, config, progress=False)
+    # Identity: the same process and shapes run the same float32 sums.
     pd.testing.assert_frame_equal(first.predictions, second.predictions)
     pd.testing.assert_frame_equal(first.tables["unseen_label"], second.tables["unseen_label"])
 

@@ -14,6 +14,7 @@ from abft_lens.heads import (
     induction_thresholds, label_attention, score_heads,
 )
 from abft_lens.prompts import build_prompts
+from tolerances import ATTENTION_ATOL, MASS_ATOL
 
 
 def test_paper_threshold_is_k_over_k_plus_log_length():
@@ -110,7 +111,7 @@ def test_scores_of_a_layer_subset_equal_the_full_run(smollm2, real_scores):
     subset = score_heads(smollm2, prompts, HeadScoreConfig(batch_size=8, layers=(17, 20)), progress=False)
     assert set(subset.table["layer"]) == {17, 20}
     full = scores.table.set_index(["layer", "head"]).loc[list(zip(subset.table["layer"], subset.table["head"]))]
-    assert subset.table["label_mass"].to_numpy() == pytest.approx(full["label_mass"].to_numpy(), abs=1e-5)
+    assert subset.table["label_mass"].to_numpy() == pytest.approx(full["label_mass"].to_numpy(), abs=MASS_ATOL)
 
 
 def test_label_attention_matches_run_with_cache(smollm2, real_scores):
@@ -120,7 +121,7 @@ def test_label_attention_matches_run_with_cache(smollm2, real_scores):
         ours = label_attention(smollm2, batch, [20])
         _, cache = smollm2.run_with_cache(batch.tokens, attention_mask=batch.attention_mask)
     reference = cache["blocks.20.attn.hook_pattern"][0, :, -1, batch.label_positions[0]]
-    torch.testing.assert_close(ours[0, 0], reference)
+    torch.testing.assert_close(ours[0, 0], reference, atol=ATTENTION_ATOL, rtol=0)
 
 
 def test_label_attention_is_differentiable_to_the_query_weights(smollm2, real_scores):
@@ -148,4 +149,4 @@ def test_gpt2_family_scores_and_pads_like_llama(tiny_gpt2, sst2):
         padded = label_attention(tiny_gpt2, batch, [0, 1])
         for row in range(4):
             alone = label_attention(tiny_gpt2, prompts.collate([row]), [0, 1])
-            torch.testing.assert_close(padded[row], alone[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(padded[row], alone[0], atol=ATTENTION_ATOL, rtol=0)

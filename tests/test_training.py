@@ -174,6 +174,7 @@ def test_same_seed_gives_identical_weights_and_metrics(abft_run, smollm2, restor
         restore_smollm2()
     first = load_file(str(abft_run["result"].run_dir / TRAINED_FILE))
     second = load_file(str(again.run_dir / TRAINED_FILE))
+    # Identity, not closeness: the same process, shapes and thread count run the same float32 sums.
     assert all(torch.equal(first[name], second[name]) for name in first)
     columns = [c for c in again.metrics.columns if c != "seconds"]
     pd.testing.assert_frame_equal(abft_run["result"].metrics[columns], again.metrics[columns], check_exact=True)
@@ -199,6 +200,7 @@ def test_killed_run_resumes_to_the_same_weights(abft_run, short_sst2, tmp_path):
     reference = load_file(str(abft_run["result"].run_dir / TRAINED_FILE))
     final = load_file(str(run_dir / TRAINED_FILE))
     assert set(final) == set(reference)
+    # Identity: the subprocess inherits the thread count and CPU kernels, so it runs the same sums.
     assert all(torch.equal(final[name], reference[name]) for name in reference)
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in lines] == [1, 2]
