@@ -54,6 +54,11 @@ def find_heads_command(
                                                         "balanced, cpu, or a JSON map; excludes --device"),
     n_devices: Optional[int] = typer.Option(None, help="split the model over this many GPUs; excludes --device"),
     out: Optional[Path] = typer.Option(None, help="run folder [default: runs/find-heads_<model>_<dataset>]"),
+    precision: Optional[str] = typer.Option(None, help="auto (bf16 where the CPU has AMX/avx512_bf16 or the GPU "
+                                                       "bf16, else fp32), fp32, or bf16 (autocast mixed precision) "
+                                                       "[default: auto]"),
+    dtype: Optional[str] = typer.Option(None, help="how the frozen weights are held: float32 or bfloat16 (half "
+                                                   "the memory; implies bf16 matmuls) [default: float32]"),
     config: Optional[Path] = typer.Option(None, help="a FindHeadsConfig JSON (or a run folder's config.json)"),
 ) -> None:
     """Rank every attention head by how much it attends to the demonstration labels."""
@@ -65,7 +70,7 @@ def find_heads_command(
     cfg = with_overrides(base, dict(model=model, dataset=dataset, k=k, n_prompts=n_prompts, threshold=threshold, tau=tau,
                             rank_by=rank_by, top=top, seed=seed, batch_size=batch_size, label_words=words,
                             device=device, device_map=device_map, n_devices=n_devices,
-                            out=str(out) if out else None))
+                            out=str(out) if out else None, precision=precision, dtype=dtype))
     result = find_heads(cfg)
     if not is_main_process():  # under torchrun, rank 0 alone reports
         return
@@ -125,6 +130,11 @@ def finetune_command(
                                                   "_seed<seed>]"),
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume",
                                           help="continue a killed run from its last checkpoint"),
+    precision: Optional[str] = typer.Option(None, help="auto (bf16 where the CPU has AMX/avx512_bf16 or the GPU "
+                                                       "bf16, else fp32), fp32, or bf16 (autocast mixed precision) "
+                                                       "[default: auto]"),
+    dtype: Optional[str] = typer.Option(None, help="how the frozen weights are held: float32 or bfloat16 (half "
+                                                   "the memory; implies bf16 matmuls) [default: float32]"),
     config: Optional[Path] = typer.Option(None, help="a FinetuneConfig JSON (or a run folder's config.json)"),
 ) -> None:
     """Fine-tune W_Q and W_K with ABFT (or the end-to-end baseline) and write a run folder."""
@@ -141,7 +151,8 @@ def finetune_command(
                             micro_batch_size=micro_batch_size, steps=steps, heads=heads, head_top=head_top,
                             threshold=threshold, tau=tau, pid=pid, terms=terms, e2e_softmax=e2e_softmax,
                             trainable=trainable, checkpoint_every=checkpoint_every, seed=seed, pool_seed=pool_seed,
-                            label_words=words, device=device, out=str(out) if out else None, resume=resume))
+                            label_words=words, device=device, out=str(out) if out else None, resume=resume,
+                            precision=precision, dtype=dtype))
     result = run_finetune(cfg)
     from abft_lens.distributed import is_main_process
     if not is_main_process():  # under torchrun, rank 0 alone reports
@@ -185,6 +196,11 @@ def evaluate_command(
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
     out: Optional[Path] = typer.Option(None, help="output folder [default: RUN_DIR/evaluate_<dataset>, or "
                                                   "runs/evaluate_<model>_<dataset> for a bare model]"),
+    precision: Optional[str] = typer.Option(None, help="auto (bf16 where the CPU has AMX/avx512_bf16 or the GPU "
+                                                       "bf16, else fp32), fp32, or bf16 (autocast mixed precision) "
+                                                       "[default: auto]"),
+    dtype: Optional[str] = typer.Option(None, help="how the frozen weights are held: float32 or bfloat16 (half "
+                                                   "the memory; implies bf16 matmuls) [default: float32]"),
     config: Optional[Path] = typer.Option(None, help="an EvaluateConfig JSON (or an evaluation's config.json)"),
 ) -> None:
     """Accuracy, macro-F1 and, on request, calibration, robustness and the unseen-label test."""
@@ -199,7 +215,7 @@ def evaluate_command(
                             pool_seed=pool_seed, batch_size=batch_size, calibrate=calibrate, n_calibration=n_calibration,
                             robustness=robustness, robustness_queries=robustness_queries,
                             unseen_labels=unseen_labels, label_words=words, device=device,
-                            out=str(out) if out else None))
+                            out=str(out) if out else None, precision=precision, dtype=dtype))
     result = run_evaluation(cfg)
     typer.echo(f"\n{cfg.model_or_run} on {cfg.dataset}:")
     for line in headline(result.metrics):

@@ -72,7 +72,8 @@ STAICC_DATASETS: dict[str, str] = {
 }
 PAPER_DATASETS: tuple[str, ...] = ("sst2", "mr", "fp", "sst5", "trec", "subj", "tee", "teh")
 
-# The paper's label words where they differ from StaICC's (method.md, Table 5).
+# The paper's label words where they differ from StaICC's (method.md, Table 5), in StaICC's label
+# order: StaICC's SUBJ labels ("false", "true") answer "subjectiveness:", so false = objective.
 PAPER_LABEL_WORDS: dict[str, tuple[str, ...]] = {"subj": ("objective", "subjective")}
 
 _L9_SLOTS = ("instruction", "input_prefix", "label_prefix", "label_affix")
@@ -107,6 +108,8 @@ def _from_staicc(short_name: str) -> ICLDataset:
         "label_prefix": tuple(options["label_prefix"]),
         "label_affix": tuple(options["label_affix"]),
     }
+    # Examples index StaICC's label space; the paper's words (Table 5) replace it word for word.
+    label_words = PAPER_LABEL_WORDS.get(short_name, label_words)
     return ICLDataset(short_name, examples, label_words, template, template_options)
 
 

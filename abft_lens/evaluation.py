@@ -35,16 +35,19 @@ from tqdm.auto import tqdm
 
 from abft_lens.data import Example, ICLDataset, l9_templates, load_dataset, split_pools
 from abft_lens.errors import AbftLensError, DataError
+from abft_lens.forward import label_logits, query_logits_and_rows
 from abft_lens.heads import correct_and_wrong_mass, gather_label_attention, induction_head_mask
 from abft_lens.models import DEFAULT_MODEL
+from abft_lens.precision import (
+    WEIGHT_DTYPES,
+    Precision,
+    WeightDtype,
+    autocast,
+    check_precision_fields,
+    resolve_config_precision,
+)
 from abft_lens.prompts import PromptBatch, PromptSet, build_prompts
 from abft_lens.runs import atomic_write_text, save_config, write_json
-
-
-def label_logits(model, batch: PromptBatch) -> Float[Tensor, "batch n_labels"]:
-    """Logits of the label tokens at the query's last position (differentiable when grad is on)."""
-    logits = model(batch.tokens, attention_mask=batch.attention_mask)
-    return logits[:, -1, :].index_select(-1, batch.label_token_ids)
 
 
 # --- pure metric functions ------------------------------------------------------------------------
@@ -74,6 +77,20 @@ def macro_f1(true: Int[Tensor, "n"], predicted: Int[Tensor, "n"], n_labels: int)
 def label_distribution(labels: Int[Tensor, "n"], n_labels: int) -> Float[Tensor, "n_labels"]:
     """Fraction of ``labels`` equal to each class."""
     return torch.bincount(labels, minlength=n_labels).double() / max(labels.numel(), 1)
+
+
+COLLAPSE_SHARE = 0.7  # a run has collapsed when more than this share of predictions is one label ...
+COLLAPSE_TRUE_SHARE = 0.5  # ... whose true share is under this
+
+
+def collapsed_label(predicted: Float[Tensor, "n_labels"], true: Float[Tensor, "n_labels"]) -> int | None:
+    """The label the predictions have collapsed onto, if any: more than 70% of the predictions on one
+    label whose true share is under 50% (a model that says one word most of the time; its accuracy can
+    still rise where that label is common). ``predicted``/``true`` are label distributions."""
+    top = int(predicted.argmax())
+    if float(predicted[top]) > COLLAPSE_SHARE and float(true[top]) < COLLAPSE_TRUE_SHARE:
+        return top
+    return None
 
 
 def consistency_score(predictions: Int[Tensor, "query variant"]) -> float:
@@ -149,17 +166,9 @@ def _logits_and_label_attention(
     model, batch: PromptBatch
 ) -> tuple[Float[Tensor, "batch n_labels"], Float[Tensor, "batch layer head k"]]:
     """One forward: the label logits and every head's attention from the last position to the
-    demonstration labels (only the query row of each ``hook_pattern`` is kept)."""
-    rows: dict[int, Tensor] = {}
-
-    def keep_query_row(pattern: Float[Tensor, "batch head query_pos key_pos"], hook) -> None:
-        rows[int(hook.name.split(".")[1])] = pattern[:, :, -1, :]
-
-    hooks = [(f"blocks.{layer}.attn.hook_pattern", keep_query_row) for layer in range(model.cfg.n_layers)]
-    with model.hooks(fwd_hooks=hooks):
-        logits = label_logits(model, batch)
-    query_rows = torch.stack([rows[layer] for layer in range(model.cfg.n_layers)], dim=1)
-    return logits, gather_label_attention(query_rows, batch.label_positions)
+    demonstration labels."""
+    logits, rows = query_logits_and_rows(model, batch, range(model.cfg.n_layers))
+    return logits.index_select(-1, batch.label_token_ids), gather_label_attention(rows, batch.label_positions)
 
 
 def predict(model, prompts: PromptSet, batch_size: int = 8, attention: bool = False,
@@ -232,8 +241,11 @@ class EvaluateConfig:
     label_words: tuple[str, ...] | None = None
     device: str | None = None
     out: str | None = None  # default: RUN_DIR/evaluate_<dataset>/, or runs/evaluate_<model>_<dataset>
+    precision: Precision = "auto"  # bf16 autocast mixed precision or fp32; auto: bf16 where it is fast
+    dtype: WeightDtype = "float32"  # how the model's weights are held
 
     def __post_init__(self) -> None:
+        check_precision_fields(self.precision, self.dtype)
         for name in ("n_test", "demo_sets", "batch_size", "n_calibration", "robustness_queries",
                      "robustness_demo_sets"):
             if getattr(self, name) < 1:
@@ -285,15 +297,27 @@ def predictions_frame(
     return frame
 
 
+def _collapsed_word(predicted: Tensor, true: Tensor, label_words: Sequence[str]) -> str | None:
+    n = len(label_words)
+    top = collapsed_label(label_distribution(predicted, n), label_distribution(true, n))
+    return None if top is None else label_words[top]
+
+
 def _distribution(labels: Tensor, label_words: Sequence[str]) -> dict[str, float]:
     return dict(zip(label_words, label_distribution(labels, len(label_words)).tolist(), strict=True))
 
 
 def evaluate(model, dataset: ICLDataset, config: EvaluateConfig | None = None,
              progress: bool = True) -> EvaluationResult:
-    """Evaluate ``model`` on ``dataset`` (see the module doc); ``config.model_or_run``,
-    ``config.dataset``, ``device`` and ``out`` are not read here (``run_evaluation`` uses them)."""
+    """Evaluate ``model`` on ``dataset`` (see the module doc) in ``config.precision``;
+    ``config.model_or_run``, ``config.dataset``, ``device`` and ``out`` are not read here
+    (``run_evaluation`` uses them)."""
     config = config or EvaluateConfig()
+    with autocast(config.precision, model):
+        return _evaluate(model, dataset, config, progress)
+
+
+def _evaluate(model, dataset: ICLDataset, config: EvaluateConfig, progress: bool) -> EvaluationResult:
     started = time.perf_counter()
     pools = split_pools(dataset, seed=config.pools_seed)
     if config.n_test > len(pools.test):
@@ -316,6 +340,7 @@ def evaluate(model, dataset: ICLDataset, config: EvaluateConfig | None = None,
         "macro_f1": macro_f1(test.true, test.predicted, n_labels),
         "predicted_distribution": _distribution(test.predicted, words),
         "true_distribution": _distribution(test.true, words),
+        "collapsed_onto": _collapsed_word(test.predicted, test.true, words),
         "mean_prompt_tokens": float(np.mean([len(p.tokens) for p in prompts.prompts])),
     }
     if test.induction_sums is not None:
@@ -486,21 +511,23 @@ def load_model_or_run(config: EvaluateConfig):
         except ImportError as error:
             raise AbftLensError(f"{source} is a run folder, but abft_lens.training cannot be imported "
                                 f"to load it: {error}") from error
-        return load_trained_model(source, device=config.device)
+        return load_trained_model(source, device=config.device, dtype=config.dtype)
     from abft_lens.models import load_model
 
-    return load_model(config.model_or_run, device=config.device)
+    return load_model(config.model_or_run, device=config.device, dtype=WEIGHT_DTYPES[config.dtype])
 
 
 def run_evaluation(config: EvaluateConfig, model=None, progress: bool = True) -> EvaluationResult:
     """The `evaluate` job: load the model (or use ``model``), evaluate, and write the output folder
     (config.json, metrics.json, predictions.csv and one CSV per extra condition)."""
     model = model if model is not None else load_model_or_run(config)
+    device = next(model.parameters()).device
+    config, choice = resolve_config_precision(config, device, announce=progress)
     dataset = load_dataset(config.dataset, config.label_words)
     result = evaluate(model, dataset, config, progress)
     out = default_out(config)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(out, config, pools_seed=config.pools_seed)
+    save_config(out, config, pools_seed=config.pools_seed, precision_reason=choice.reason)
     write_json(out / "metrics.json", {"model_or_run": config.model_or_run, **result.metrics})
     atomic_write_text(out / "predictions.csv", result.predictions.to_csv(index=False, float_format="%.6g"))
     for name, table in result.tables.items():
@@ -519,6 +546,9 @@ def headline(metrics: dict[str, object]) -> list[str]:
     lines = [f"accuracy {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}  ({m['n_inputs']} inputs = "
              f"{m['n_queries']} queries x {m['demo_sets']} demonstration sets, k={m['k']})",
              f"predicted labels: {_shares(m['predicted_distribution'])}"]
+    if m.get("collapsed_onto"):
+        lines.append(f"COLLAPSED onto '{m['collapsed_onto']}': over {COLLAPSE_SHARE:.0%} of the predictions, "
+                     f"true share {m['true_distribution'][m['collapsed_onto']]:.2f}; read accuracy with care")
     if "calibrated_accuracy" in m:
         lines.append(f"calibrated: accuracy {m['calibrated_accuracy']:.3f}  "
                      f"macro-F1 {m['calibrated_macro_f1']:.3f}; predicted labels: {_shares(m['calibrated_predicted_distribution'])}")

@@ -12,6 +12,14 @@ from abft_lens import distributed
 from abft_lens.heads import HeadScoreConfig, HeadScores, RankBy, ThresholdKind, accumulate_head_statistics
 from abft_lens.models import DEFAULT_MODEL, load_model, parse_device_map
 from abft_lens.plots import head_heatmap, save_figure
+from abft_lens.precision import (
+    WEIGHT_DTYPES,
+    Precision,
+    WeightDtype,
+    autocast,
+    check_precision_fields,
+    resolve_config_precision,
+)
 from abft_lens.prompts import build_prompts
 from abft_lens.runs import atomic_write_text, save_config
 
@@ -36,6 +44,11 @@ class FindHeadsConfig:
     device_map: str | None = None  # accelerate placement: auto, balanced, cpu or a JSON map (see load_model)
     n_devices: int | None = None  # split the model over this many GPUs
     out: str | None = None  # default: runs/find-heads_<model>_<dataset>
+    precision: Precision = "auto"  # bf16 autocast mixed precision or fp32; auto: bf16 where it is fast
+    dtype: WeightDtype = "float32"  # how the model's weights are held
+
+    def __post_init__(self) -> None:
+        check_precision_fields(self.precision, self.dtype)
 
     def run_dir(self) -> Path:
         if self.out:
@@ -66,16 +79,20 @@ def find_heads(config: FindHeadsConfig, model=None, progress: bool = True) -> Fi
 def _find_heads(config: FindHeadsConfig, model, progress: bool) -> FindHeadsResult:
     started = time.perf_counter()
     model = model if model is not None else load_model(config.model, device=config.device,
+                                                       dtype=WEIGHT_DTYPES[config.dtype],
                                                        device_map=parse_device_map(config.device_map),
                                                        n_devices=config.n_devices)
+    config, choice = resolve_config_precision(config, next(model.parameters()).device,
+                                              announce=progress and distributed.is_main_process())
     dataset = load_dataset(config.dataset, config.label_words)
     pools = split_pools(dataset, seed=config.seed)
     prompts = build_prompts(model.tokenizer, dataset, pools.train, n_prompts=min(config.n_prompts, len(pools.train)),
                             k=config.k, seed=config.seed, max_length=model.cfg.n_ctx)
     score_config = HeadScoreConfig(config.threshold, config.tau, config.rank_by, config.batch_size)
     shard = distributed.shard_batches(len(prompts), config.batch_size)
-    stats = accumulate_head_statistics(model, prompts, score_config, indices=shard,
-                                       progress=progress and distributed.is_main_process())
+    with autocast(config.precision, model):
+        stats = accumulate_head_statistics(model, prompts, score_config, indices=shard,
+                                           progress=progress and distributed.is_main_process())
     scores = HeadScores(distributed.all_reduce_head_statistics(stats).to_frame(config.rank_by))
     run_dir = config.run_dir()
     seconds = time.perf_counter() - started
@@ -86,6 +103,7 @@ def _find_heads(config: FindHeadsConfig, model, progress: bool) -> FindHeadsResu
                 world_size=distributed.get_world_size(),
                 label_words=list(dataset.label_words), label_token_ids=list(prompts.label_token_ids),
                 mean_prompt_tokens=sum(len(p.tokens) for p in prompts.prompts) / len(prompts),
+                precision_reason=choice.reason,
                 seconds=round(seconds, 1))
     atomic_write_text(run_dir / "heads.csv", scores.table[list(HEADS_COLUMNS)].to_csv(index=False, float_format="%.6g"))
     title = f"{config.model} on {dataset.name}: correct minus wrong label attention (k={config.k})"

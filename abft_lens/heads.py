@@ -1,9 +1,9 @@
 """Label attention of every head at the query's last token, the induction-head test, and the
 per-head scores that `find-heads` ranks (method.md sections 2-3).
 
-The math (gathering label attention, thresholds, the running sums) is pure tensor code; the one
-function that touches a model, ``query_attention_rows``, hooks only ``hook_pattern`` of the
-layers it is asked for, keeps only the query row, and stops the forward after the deepest one.
+The math (gathering label attention, thresholds, the running sums) is pure tensor code; the
+forward that touches a model, ``abft_lens.forward.query_attention_rows``, hooks only ``hook_pattern``
+of the layers it is asked for, keeps only the query row, and stops after the deepest one.
 """
 
 from __future__ import annotations
@@ -21,41 +21,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from abft_lens.errors import HeadSelectionError
+from abft_lens.forward import query_attention_rows
 from abft_lens.prompts import PromptBatch, PromptSet
 
 ThresholdKind = Literal["paper", "uniform"]
 RankBy = Literal["pass_rate", "label_mass", "correctness"]
 Head = tuple[int, int]
-
-
-class _QueryRowsCollected(Exception):
-    """Raised from the deepest needed hook: nothing after it is needed, not even the unembedding."""
-
-
-def query_attention_rows(
-    model, batch: PromptBatch, layers: Sequence[int]
-) -> Float[Tensor, "batch layer head key_pos"]:
-    """Attention of every head of ``layers`` from the last position. Differentiable when grad
-    is enabled. The forward stops as soon as the deepest layer's pattern is computed (the
-    bridge's ``stop_at_layer`` would still run that layer's MLP and, at the last layer, the
-    unembedding)."""
-    rows: dict[int, Tensor] = {}
-    deepest = max(layers)
-
-    def keep_query_row(pattern: Float[Tensor, "batch head query_pos key_pos"], hook) -> None:
-        layer = int(hook.name.split(".")[1])
-        # A copy, not a view: a view would keep every layer's whole pattern alive.
-        rows[layer] = pattern[:, :, -1, :].clone()
-        if layer == deepest:
-            raise _QueryRowsCollected
-
-    hooks = [(f"blocks.{layer}.attn.hook_pattern", keep_query_row) for layer in layers]
-    with model.hooks(fwd_hooks=hooks):
-        try:
-            model(batch.tokens, attention_mask=batch.attention_mask, stop_at_layer=deepest + 1)
-        except _QueryRowsCollected:
-            pass
-    return torch.stack([rows[layer] for layer in layers], dim=1)
 
 
 def gather_label_attention(

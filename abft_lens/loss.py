@@ -6,6 +6,9 @@ demonstration label tokens:
     L = A * sum_{i in I_minus} alpha_i  +  B * sum_{i in I_plus} (1 - alpha_i)
 
 Heads that are not flagged contribute 0. The "no head filter" ablation is an all-True head mask.
+
+The end-to-end baseline's loss (``e2e_loss``, method.md section 6) lives here too, so that the
+training loop and the gradient analysis use one definition.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ from typing import Literal, get_args
 
 import einops
 import torch
-from jaxtyping import Bool, Float
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 Terms = Literal["both", "reward", "punish"]
+E2ESoftmax = Literal["label", "vocab"]
 # The paper does not say how per-head losses combine; the default is recorded in the run config.
 Reduction = Literal["sum_heads_mean_prompts", "mean"]
 
@@ -190,3 +195,17 @@ class PunishWeightController:
             raise ValueError("punish_weight must be a number and history a list of numbers")
         self.punish_weight = float(punish_weight)
         self.history = [float(n) for n in history]
+
+
+def e2e_loss(
+    logits: Float[Tensor, "batch d_vocab"], label_token_ids: Int[Tensor, "n_labels"],
+    query_labels: Int[Tensor, "batch"], softmax: E2ESoftmax = "label",
+) -> Float[Tensor, ""]:
+    """Cross-entropy of the query's true label at the last position, over the label tokens
+    (``label``, the default) or the whole vocabulary (``vocab``); mean over the batch, in float32."""
+    logits = logits.float()
+    if softmax == "label":
+        return F.cross_entropy(logits.index_select(-1, label_token_ids), query_labels)
+    if softmax == "vocab":
+        return F.cross_entropy(logits, label_token_ids[query_labels])
+    raise ValueError(f"softmax must be 'label' or 'vocab', got {softmax!r}")

@@ -42,7 +42,6 @@ from typing import Literal, get_args
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from safetensors.torch import load_file, save_file
 from safetensors.torch import save as save_safetensors
@@ -52,15 +51,33 @@ from tqdm.auto import tqdm
 from abft_lens import distributed
 from abft_lens.data import load_dataset, split_pools
 from abft_lens.errors import AbftLensError, DataError, HeadSelectionError
-from abft_lens.evaluation import label_logits, predict
+from abft_lens.evaluation import predict
+from abft_lens.forward import query_logits_and_rows
 from abft_lens.heads import Head, ThresholdKind, gather_label_attention, induction_head_mask, label_attention
-from abft_lens.loss import AbftLossConfig, PunishWeightController, Reduction, Terms, abft_loss, weights_for
+from abft_lens.loss import (
+    AbftLossConfig,
+    E2ESoftmax,
+    PunishWeightController,
+    Reduction,
+    Terms,
+    abft_loss,
+    e2e_loss,
+    weights_for,
+)
 from abft_lens.models import DEFAULT_MODEL, load_model
+from abft_lens.precision import (
+    WEIGHT_DTYPES,
+    Precision,
+    WeightDtype,
+    autocast,
+    check_precision_fields,
+    keep_float32_masters,
+    resolve_config_precision,
+)
 from abft_lens.prompts import PromptBatch, PromptSet, build_prompts
 from abft_lens.runs import atomic_write_bytes, atomic_write_text, load_config, save_config
 
 Method = Literal["abft", "e2e"]
-E2ESoftmax = Literal["label", "vocab"]
 Trainable = Literal["qk", "all"]
 HEAD_MODES = ("per-prompt", "all")
 
@@ -119,8 +136,11 @@ class FinetuneConfig:
     out: str | None = None  # default: runs/finetune_<method>_<model>_<dataset>_seed<seed>
     resume: bool = False
     device: str | None = None
+    precision: Precision = "auto"  # bf16 autocast mixed precision or fp32; auto: bf16 where it is fast
+    dtype: WeightDtype = "float32"  # how the frozen weights are held; bfloat16 halves their memory
 
     def __post_init__(self) -> None:
+        check_precision_fields(self.precision, self.dtype)
         choices = {"method": Method, "e2e_softmax": E2ESoftmax, "trainable": Trainable, "terms": Terms,
                    "threshold": ThresholdKind, "reduction": Reduction}
         for name, kind in choices.items():
@@ -342,24 +362,6 @@ class StepSums:
         return row
 
 
-def _query_rows_and_logits(model, batch: PromptBatch, layers: Sequence[int], softmax: E2ESoftmax
-                           ) -> tuple[Float[Tensor, "batch n_out"], Float[Tensor, "batch layer head key_pos"]]:
-    """One full forward: the logits at the last position (label tokens or whole vocabulary) and the
-    query rows of ``layers``' attention patterns (detached: diagnostics only)."""
-    rows: dict[int, Tensor] = {}
-
-    def keep_query_row(pattern: Float[Tensor, "batch head query_pos key_pos"], hook) -> None:
-        rows[int(hook.name.split(".")[1])] = pattern[:, :, -1, :].detach()
-
-    hooks = [(f"blocks.{layer}.attn.hook_pattern", keep_query_row) for layer in layers]
-    with model.hooks(fwd_hooks=hooks):
-        if softmax == "label":
-            logits = label_logits(model, batch)
-        else:
-            logits = model(batch.tokens, attention_mask=batch.attention_mask)[:, -1, :]
-    return logits, torch.stack([rows[layer] for layer in layers], dim=1)
-
-
 class FinetuneRunner:
     """Owns the optimiser, the PID controller and the step counter of one training run; ``step``
     runs one pseudo-batch. No files: ``finetune`` adds checkpoints and metrics around it."""
@@ -378,23 +380,26 @@ class FinetuneRunner:
     def _micro_step(self, batch: PromptBatch, share: float, sums: StepSums) -> None:
         cfg = self.config
         punish, reward = weights_for(self.loss_config, self.controller.punish_weight)
+        # Only the forward runs under autocast; the rows and logits it returns are float32, so the
+        # losses and their backward start in float32 (the backward of each op runs in its forward's dtype).
         if cfg.method == "abft":
-            attention = label_attention(self.model, batch, self.plan.layers)
+            with autocast(cfg.precision, self.model):
+                attention = label_attention(self.model, batch, self.plan.layers)
             mask = head_mask_for(self.plan, attention, batch.prompt_lengths, cfg.threshold, cfg.tau)
             out = abft_loss(attention, batch.correct_mask, mask, punish, reward, cfg.reduction)
             (out.loss * share).backward()
             sums.loss += float(out.loss.detach()) * len(batch.query_labels)
         else:
-            logits, rows = _query_rows_and_logits(self.model, batch, self.plan.layers, cfg.e2e_softmax)
-            target = batch.query_labels if cfg.e2e_softmax == "label" else batch.label_token_ids[batch.query_labels]
-            ce = F.cross_entropy(logits, target)
+            with autocast(cfg.precision, self.model):
+                logits, rows = query_logits_and_rows(self.model, batch, self.plan.layers)
+            ce = e2e_loss(logits, batch.label_token_ids, batch.query_labels, cfg.e2e_softmax)
             (ce * share).backward()
             attention = gather_label_attention(rows, batch.label_positions)
             mask = head_mask_for(self.plan, attention, batch.prompt_lengths, cfg.threshold, cfg.tau)
             out = abft_loss(attention, batch.correct_mask, mask, self.loss_config.initial_punish_weight,
                             self.loss_config.reward_weight, cfg.reduction)
             n = len(batch.query_labels)
-            label_space = logits if cfg.e2e_softmax == "label" else logits[:, batch.label_token_ids]
+            label_space = logits.detach().index_select(-1, batch.label_token_ids)
             sums.loss += float(ce.detach()) * n
             sums.ce_loss += float(ce.detach()) * n
             sums.abft_loss += float(out.loss) * n
@@ -536,8 +541,9 @@ class LrSearch:
         return dataclasses.asdict(self)
 
 
-def validation_accuracy(model, prompts: PromptSet, batch_size: int) -> float:
-    result = predict(model, prompts, batch_size, progress=False)
+def validation_accuracy(model, prompts: PromptSet, batch_size: int, precision: str = "fp32") -> float:
+    with autocast(precision, model):
+        result = predict(model, prompts, batch_size, progress=False)
     return float((result.predicted == result.true).double().mean())
 
 
@@ -553,7 +559,7 @@ def select_lr(model, prompts: PromptSet, validation: PromptSet, config: Finetune
     params = trainable_parameters(model, config.trainable)
     initial = snapshot(params)
     short = dataclasses.replace(config, steps=config.lr_search_steps)
-    baseline = validation_accuracy(model, validation, config.micro_batch_size)
+    baseline = validation_accuracy(model, validation, config.micro_batch_size, config.precision)
     trials = []
     with only_these_require_grad(model, params):
         for lr in config.lr_grid:
@@ -562,7 +568,7 @@ def select_lr(model, prompts: PromptSet, validation: PromptSet, config: Finetune
             bar = tqdm(range(short.steps), desc=f"lr search {lr:g}", unit="step", disable=not progress)
             rows = [runner.step() for _ in bar]
             bar.close()
-            accuracy = validation_accuracy(model, validation, config.micro_batch_size)
+            accuracy = validation_accuracy(model, validation, config.micro_batch_size, config.precision)
             trials.append({"lr": lr, "validation_accuracy": accuracy, "final_loss": rows[-1]["loss"],
                            "first_loss": rows[0]["loss"]})
             if progress:
@@ -623,6 +629,9 @@ def finetune(model, prompts: PromptSet, config: FinetuneConfig, validation: Prom
     run_dir = config.run_dir()
     main = distributed.is_main_process()  # under torchrun, rank 0 alone writes and shows progress
     progress = progress and main
+    device = next(model.parameters()).device
+    if config.precision == "auto":
+        config, _ = resolve_config_precision(config, device, announce=progress)
     if heads is not None:
         config = _with_head_file(config, run_dir, heads)
     plan = plan_heads(config.heads, model.cfg.n_layers, model.cfg.n_heads, config.head_top)
@@ -630,7 +639,7 @@ def finetune(model, prompts: PromptSet, config: FinetuneConfig, validation: Prom
         raise DataError("No training prompts.")
     model.eval()
     params = trainable_parameters(model, config.trainable)
-    device = next(model.parameters()).device
+    keep_float32_masters(params.values())
     finished = run_dir / TRAINED_FILE
     metrics_path = run_dir / METRICS_FILE
 
@@ -761,12 +770,13 @@ def run_finetune(config: FinetuneConfig, model=None, progress: bool = True) -> F
     """The `finetune` job: load the model (or use ``model``, which must be ``config.model``), build the
     prompts, search the lr if asked, train, write the run folder."""
     with distributed.process_group():  # under torchrun: data parallel over the ranks
-        model = model if model is not None else load_model(config.model, device=config.device)
+        model = model if model is not None else load_model(config.model, device=config.device,
+                                                           dtype=WEIGHT_DTYPES[config.dtype])
         train, validation = training_prompts(model, config)
         return finetune(model, train, config, validation=validation, progress=progress)
 
 
-def load_trained_model(run_dir: str | Path, device: str | None = None):
+def load_trained_model(run_dir: str | Path, device: str | None = None, dtype: WeightDtype = "float32"):
     """The base model named in the run's config.json with the run's trained tensors applied."""
     run_dir = Path(run_dir)
     trained = run_dir / TRAINED_FILE
@@ -776,7 +786,7 @@ def load_trained_model(run_dir: str | Path, device: str | None = None):
         raise AbftLensError(f"{run_dir} has no {TRAINED_FILE}: the run has not finished. Resume it with "
                             f"`abft-lens finetune --config {run_dir / 'config.json'} --resume`.")
     config = load_config(run_dir / "config.json", FinetuneConfig)
-    model = load_model(config.model, device=device)
+    model = load_model(config.model, device=device, dtype=WEIGHT_DTYPES[dtype])
     apply_tensors(model, load_file(str(trained)))
     model.eval()
     return model

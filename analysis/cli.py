@@ -41,6 +41,8 @@ def register(app: typer.Typer) -> None:
         seed: Optional[int] = typer.Option(None, help="demonstration sampling [default: 42]"),
         device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
         out: Optional[Path] = typer.Option(None, help="output folder [default: runs/analyze-gradients_<model>_<dataset>]"),
+        precision: Optional[str] = typer.Option(None, help="fp32, bf16 (autocast mixed precision) or auto "
+                                                           "(bf16 where the hardware runs it fast) [default: fp32: the sign test's finite differences need it]"),
         config: Optional[Path] = typer.Option(None, help="an AnalyzeGradientsConfig JSON (or an output's config.json)"),
     ) -> None:
         """Split the E2E gradient on W_Q/W_K into its label-attention paths and compare it with ABFT's."""
@@ -50,7 +52,7 @@ def register(app: typer.Typer) -> None:
         chosen = tuple(int(x) for x in layers.split(",")) if layers else None
         cfg = with_overrides(base, dict(model=model, dataset=dataset, n_prompts=n_prompts, k=k, softmax=softmax,
                                 layers=chosen, sign_test=sign_test, sign_test_eps=sign_test_eps, seed=seed,
-                                device=device, out=str(out) if out else None))
+                                device=device, out=str(out) if out else None, precision=precision))
         result = run_analyze_gradients(cfg)
         s = result.summary
         typer.echo(f"\n{cfg.model} on {cfg.dataset}, {s['n_prompts']} prompts "
@@ -77,6 +79,8 @@ def register(app: typer.Typer) -> None:
         batch_size: Optional[int] = typer.Option(None, help="[default: 8]"),
         device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
         out: Optional[Path] = typer.Option(None, help="output folder [default: runs/landscape_<abft>_<e2e>]"),
+        precision: Optional[str] = typer.Option(None, help="fp32, bf16 (autocast mixed precision) or auto "
+                                                           "(bf16 where the hardware runs it fast) [default: auto]"),
         config: Optional[Path] = typer.Option(None, help="a LandscapeConfig JSON (or an output's config.json)"),
     ) -> None:
         """Accuracy on the plane base + l_E (E2E - base) + l_A (ABFT - base) of W_Q/W_K."""
@@ -85,7 +89,7 @@ def register(app: typer.Typer) -> None:
         cfg = with_overrides(load_config(config, LandscapeConfig) if config else LandscapeConfig(),
                      dict(base=base, abft=str(abft) if abft else None, e2e=str(e2e) if e2e else None, grid=grid,
                           n_test=n_test, demo_sets=demo_sets, batch_size=batch_size, device=device,
-                          out=str(out) if out else None))
+                          out=str(out) if out else None, precision=precision))
         if not cfg.abft or not cfg.e2e:
             raise typer.BadParameter("give both --abft RUN and --e2e RUN")
         s = run_landscape(cfg).summary

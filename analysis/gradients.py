@@ -56,13 +56,11 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import einops
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -74,10 +72,11 @@ from abft_lens.heads import (
     induction_head_mask,
     query_attention_rows,
 )
-from abft_lens.loss import abft_loss
+from abft_lens.forward import query_logits
+from abft_lens.loss import E2ESoftmax as Softmax
+from abft_lens.loss import abft_loss, e2e_loss
 from abft_lens.prompts import PromptBatch, PromptSet
 
-Softmax = Literal["label", "vocab"]
 PIECES = ("correct", "wrong", "rest")  # the parts of the E2E gradient; they sum to "full"
 QK = tuple[Tensor, Tensor]  # (gradient or weight of W_Q, of W_K) of one layer
 
@@ -194,16 +193,6 @@ def projection_share(part: Sequence[Tensor], whole: Sequence[Tensor]) -> float:
     return _dot(part, whole) / nw**2 if nw > 0 else float("nan")
 
 
-def e2e_loss(logits: Float[Tensor, "batch d_vocab"], batch: PromptBatch, softmax: Softmax = "label") -> Float[Tensor, ""]:
-    """Cross-entropy of the query's true label at the last position, over the label tokens
-    (``label``, the default) or the whole vocabulary (``vocab``); mean over the batch."""
-    if softmax == "label":
-        return F.cross_entropy(logits.index_select(-1, batch.label_token_ids), batch.query_labels)
-    if softmax == "vocab":
-        return F.cross_entropy(logits, batch.label_token_ids[batch.query_labels])
-    raise ValueError(f"softmax must be 'label' or 'vocab', got {softmax!r}")
-
-
 # --- one prompt ------------------------------------------------------------------------------------
 
 
@@ -243,8 +232,8 @@ def prompt_gradients(
 
     flat = params.flat()
     with torch.enable_grad(), model.hooks(fwd_hooks=[(f"blocks.{l}.attn.hook_pattern", keep) for l in range(n_layers)]):
-        logits = model(batch.tokens, attention_mask=batch.attention_mask)[:, -1, :]
-        loss = e2e_loss(logits, batch, softmax)
+        logits = query_logits(model, batch)
+        loss = e2e_loss(logits, batch.label_token_ids, batch.query_labels, softmax)
         analysed = [patterns[layer] for layer in params.layers]
         grads = torch.autograd.grad(loss, analysed + flat, retain_graph=True)
         pattern_grads, full = grads[: len(analysed)], _pairs(grads[len(analysed):], flat)

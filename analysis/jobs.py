@@ -19,6 +19,7 @@ from abft_lens.figures import figure_name
 from abft_lens.heads import ThresholdKind
 from abft_lens.models import DEFAULT_MODEL, load_model
 from abft_lens.plots import save_figure
+from abft_lens.precision import Precision, autocast, check_precision_fields, resolve_config_precision
 from abft_lens.prompts import build_prompts
 from abft_lens.runs import atomic_write_text, save_config, write_json
 from analysis import figures
@@ -54,6 +55,12 @@ class AnalyzeGradientsConfig:
     label_words: tuple[str, ...] | None = None
     device: str | None = None
     out: str | None = None  # default: runs/analyze-gradients_<model>_<dataset>
+    # fp32 by default: the sign test's finite differences (eps 1e-3 of ||W_QK||) and the decomposition's
+    # identity check are below bf16's resolution (2^-8); bf16 is there for a quick look at large models.
+    precision: Precision = "fp32"
+
+    def __post_init__(self) -> None:
+        check_precision_fields(self.precision, "float32")
 
     def run_dir(self) -> Path:
         if self.out:
@@ -104,11 +111,14 @@ def gradient_figures(layers: pd.DataFrame, heads: pd.DataFrame, sign: pd.DataFra
 def run_analyze_gradients(config: AnalyzeGradientsConfig, model=None, progress: bool = True) -> GradientAnalysis:
     started = time.perf_counter()
     model = model if model is not None else load_model(config.model, device=config.device)
+    config, choice = resolve_config_precision(config, next(model.parameters()).device, announce=progress)
     prompts = gradient_prompts(model, config)
-    analysis = analyze_gradients(model, prompts, config.gradient_config(), progress=progress)
+    with autocast(config.precision, model):
+        analysis = analyze_gradients(model, prompts, config.gradient_config(), progress=progress)
     out = config.run_dir()
     write_gradient_analysis(analysis, out, f"{Path(config.model).name} on {config.dataset}")
     save_config(out, config, gradient_config=dataclasses.asdict(analysis.config), n_prompts=len(prompts),
+                precision_reason=choice.reason,
                 label_words=list(prompts.label_words),
                 mean_prompt_tokens=sum(len(p.tokens) for p in prompts.prompts) / len(prompts),
                 seconds=round(time.perf_counter() - started, 1))
@@ -132,6 +142,10 @@ class LandscapeConfig:
     batch_size: int = 8
     device: str | None = None
     out: str | None = None  # default: runs/landscape_<abft run>_<e2e run>
+    precision: Precision = "auto"  # of the evaluations on the grid
+
+    def __post_init__(self) -> None:
+        check_precision_fields(self.precision, "float32")
 
     def run_dir(self) -> Path:
         if self.out:
@@ -150,13 +164,16 @@ def write_landscape(result: LandscapeResult, out: Path, title: str) -> list[Path
 def run_landscape(config: LandscapeConfig, model=None, progress: bool = True) -> LandscapeResult:
     started = time.perf_counter()
     model = model if model is not None else load_model(config.base, device=config.device)
-    result = weight_landscape(model, config.base, Path(config.abft), Path(config.e2e), grid=config.grid,
-                              low=config.low, high=config.high, n_test=config.n_test, demo_sets=config.demo_sets,
-                              seed=config.seed, batch_size=config.batch_size, progress=progress)
+    config, choice = resolve_config_precision(config, next(model.parameters()).device, announce=progress)
+    with autocast(config.precision, model):
+        result = weight_landscape(model, config.base, Path(config.abft), Path(config.e2e), grid=config.grid,
+                                  low=config.low, high=config.high, n_test=config.n_test,
+                                  demo_sets=config.demo_sets, seed=config.seed, batch_size=config.batch_size,
+                                  progress=progress)
     out = config.run_dir()
     title = f"{Path(config.base).name} on {result.summary['dataset']}: accuracy on the weight plane"
     write_landscape(result, out, title)
-    save_config(out, config, seconds=round(time.perf_counter() - started, 1))
+    save_config(out, config, seconds=round(time.perf_counter() - started, 1), precision_reason=choice.reason)
     return result
 
 

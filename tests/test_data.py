@@ -12,22 +12,26 @@ from abft_lens.data import (
 )
 from abft_lens.errors import DataError
 
+# method.md, Table 5: the unit `<input prefix>[x] <label prefix>[y]\n` and the label words, per data set.
+PAPER_TABLE_5 = {
+    "sst2": ("sentence: ", "sentiment: ", ("negative", "positive")),
+    "mr": ("review: ", "sentiment: ", ("negative", "positive")),
+    "fp": ("sentence: ", "sentiment: ", ("negative", "neutral", "positive")),
+    "sst5": ("sentence: ", "sentiment: ", ("poor", "bad", "neutral", "good", "great")),
+    "trec": ("question: ", "target: ", ("short", "entity", "description", "person", "location", "number")),
+    "subj": ("review: ", "subjectiveness: ", ("objective", "subjective")),
+    "tee": ("tweet: ", "emotion: ", ("anger", "joy", "positive", "sad")),
+    "teh": ("tweet: ", "hate speech: ", ("normal", "hate")),
+}
 EXPECTED_LABEL_WORDS = {
-    "sst2": ("negative", "positive"),
-    "mr": ("negative", "positive"),
-    "fp": ("negative", "neutral", "positive"),
-    "sst5": ("poor", "bad", "neutral", "good", "great"),
-    "trec": ("short", "entity", "description", "person", "location", "number"),
-    "subj": ("false", "true"),
-    "tee": ("anger", "joy", "positive", "sad"),
-    "teh": ("normal", "hate"),
+    **{name: words for name, (_, _, words) in PAPER_TABLE_5.items()},
     "agnews": ("world", "sports", "business", "science"),
     "hate_speech18": ("normal", "hate", "skip", "relation"),
 }
 
 
 @pytest.mark.parametrize("name", list(STAICC_DATASETS))
-def test_every_staicc_dataset_loads_with_the_paper_label_words(name):
+def test_every_staicc_dataset_loads_with_its_label_words(name):
     dataset = load_dataset(name)
     assert dataset.label_words == EXPECTED_LABEL_WORDS[name]
     assert len(dataset.examples) > 2000
@@ -105,3 +109,23 @@ def test_l9_templates_vary_every_slot_three_ways():
     assert len(set(templates)) == 9
     for slot in ("instruction", "input_prefix", "label_prefix", "label_affix"):
         assert len({getattr(t, slot) for t in templates}) == 3
+
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_TABLE_5))
+def test_every_paper_dataset_uses_the_papers_template_and_label_words(name):
+    input_prefix, label_prefix, words = PAPER_TABLE_5[name]
+    dataset = load_dataset(name)
+    template = dataset.template
+    assert (template.instruction, template.input_prefix, template.input_affix) == ("", input_prefix, " ")
+    assert (template.label_prefix, template.label_affix, template.query_prefix) == (label_prefix, "\n", "")
+    assert dataset.label_words == words
+
+
+def test_subj_objective_is_the_label_of_plot_descriptions():
+    """StaICC's SUBJ labels are false/true for "subjectiveness"; the paper's words replace them in that
+    order, so a plot summary (objective) keeps label 0."""
+    subj = load_dataset("subj")
+    first = subj.examples[0]
+    assert first.text.startswith("watch as the archetypal stories of life and death")
+    assert subj.label_words[first.label] == "objective"

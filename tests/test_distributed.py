@@ -183,7 +183,11 @@ def short_sst2_csv(tmp_path_factory) -> Path:
 # 4 micro-batches of 1 per pseudo-batch: 2 per rank. Every head trained (a random model flags none).
 FINETUNE = dict(n_train=8, k=2, lr=1e-2, batch_size=4, micro_batch_size=1, steps=3, heads="all",
                 checkpoint_every=1, seed=0)
-WEIGHT_TOLERANCE = 1e-5  # max |w_2 ranks - w_1 rank| after 3 Adam steps of lr 1e-2: float32 summation order
+WEIGHT_TOLERANCE = 1e-5  # |w_2 ranks - w_1 rank| after 3 Adam steps of lr 1e-2: float32 summation order
+# Adam divides each gradient element by its own running RMS (+ 1e-8), so an element whose true gradient
+# is ~0 moves by up to lr per step in the direction of its float32 rounding noise, which the two
+# summation orders draw differently. Such elements are rare; a wrong all-reduce moves nearly all.
+NOISE_DOMINATED_SHARE = 1e-3
 
 
 def finetune_args(model_dir: Path, data: Path, out: Path) -> list[str]:
@@ -214,11 +218,13 @@ def assert_same_training(two: Path, one: Path, initial: dict[str, torch.Tensor])
 
     a, b = load_file(str(two / "trained.safetensors")), load_file(str(one / "trained.safetensors"))
     assert a.keys() == b.keys() == initial.keys()
+    differ = torch.cat([((a[name] - b[name]).abs() > WEIGHT_TOLERANCE).flatten() for name in a])
     worst = max(float((a[name] - b[name]).abs().max()) for name in a)
     moved = max(float((b[name] - initial[name]).abs().max()) for name in b)
-    print(f"\n2-rank vs 1-rank: max |dw| = {worst:.3g}; training moved weights by up to {moved:.3g}")
+    print(f"\n2-rank vs 1-rank: max |dw| = {worst:.3g} ({int(differ.sum())} of {differ.numel()} elements over "
+          f"{WEIGHT_TOLERANCE:g}); training moved weights by up to {moved:.3g}")
     assert moved > 1000 * WEIGHT_TOLERANCE, "training must move the weights for the comparison to mean anything"
-    assert worst <= WEIGHT_TOLERANCE, f"2-rank weights differ from 1-rank by {worst:g}"
+    assert float(differ.double().mean()) <= NOISE_DOMINATED_SHARE, f"2-rank weights differ from 1-rank by {worst:g}"
     m2 = pd.read_json(two / "metrics.jsonl", lines=True)
     m1 = pd.read_json(one / "metrics.jsonl", lines=True)
     assert m2["step"].tolist() == m1["step"].tolist() == [1, 2, 3]

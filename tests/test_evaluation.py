@@ -15,6 +15,7 @@ from abft_lens.evaluation import (
     EvaluateConfig,
     accuracy,
     calibrate_probabilities,
+    collapsed_label,
     consistency_score,
     default_out,
     evaluate,
@@ -286,3 +287,15 @@ def test_evaluate_command_writes_metrics_json(smollm2, tmp_path, monkeypatch):
     assert len(pd.read_csv(out / "predictions.csv")) == 4
     saved = json.loads((out / "config.json").read_text())["config"]
     assert saved["n_test"] == 4 and saved["dataset"] == "sst2"
+
+
+def test_a_run_is_collapsed_when_most_predictions_are_one_label_that_is_rarely_true():
+    # SST-5 as ABFT predicted it: 'bad' 80% of the answers, 20% of the truth.
+    truth = torch.tensor([0.2, 0.2, 0.2, 0.2, 0.2], dtype=torch.float64)
+    assert collapsed_label(torch.tensor([0.05, 0.80, 0.05, 0.05, 0.05], dtype=torch.float64), truth) == 1
+    # Mostly one label, but the truth is mostly that label too: not a collapse.
+    assert collapsed_label(torch.tensor([0.85, 0.15], dtype=torch.float64),
+                           torch.tensor([0.6, 0.4], dtype=torch.float64)) is None
+    # 70% exactly is not "more than 70%".
+    assert collapsed_label(torch.tensor([0.7, 0.3], dtype=torch.float64),
+                           torch.tensor([0.5 - 1e-9, 0.5 + 1e-9], dtype=torch.float64)) is None

@@ -1,0 +1,297 @@
+"""bf16 mixed precision against float32 on the embedded model: parity, then speed and memory.
+
+Parts (each saved as it finishes under --out, so an interrupted run resumes; --parts picks some):
+
+  loss      the ABFT loss and its gradient on W_Q/W_K on one fixed batch: relative error of bf16
+  heads     find-heads on SST-2 (--n-heads-prompts): rank correlation of label_mass, top-10 heads,
+            |delta label_mass| per head (heads_delta.csv)
+  speed     side by side, alternating, in one process: an ABFT and an E2E optimiser step (32 prompts,
+            micro-batch 8), find-heads prompts/s, evaluate inputs/s; added peak RSS per step (sampled);
+            achieved GFLOP/s of the ABFT step beside a bf16 and an fp32 matmul peak measured here
+  train     ABFT and E2E at the demo's size (SST-2, 512 prompts, 32 steps of 32, lr 3e-4) in each
+            precision, each evaluated on 512 test queries x 2 demonstration sets in its own precision;
+            per-step metrics in train_<method>_<precision>/metrics.jsonl
+
+    .venv/bin/python benchmarks/bench_precision.py --out benchmarks/results/precision_smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import psutil
+import torch
+
+from abft_lens.data import load_dataset
+from abft_lens.evaluation import EvaluateConfig, evaluate
+from abft_lens.find_heads import FindHeadsConfig, find_heads
+from abft_lens.heads import induction_head_mask, label_attention
+from abft_lens.loss import abft_loss
+from abft_lens.models import load_model
+from abft_lens.precision import autocast, fast_bf16
+from abft_lens.runs import package_versions, write_json
+from abft_lens.training import (
+    FinetuneConfig,
+    FinetuneRunner,
+    apply_tensors,
+    only_these_require_grad,
+    plan_heads,
+    run_finetune,
+    snapshot,
+    trainable_parameters,
+    training_prompts,
+)
+
+PRECISIONS = ("fp32", "bf16")
+PARTS = ("loss", "heads", "speed", "train")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/precision_smollm2"))
+    parser.add_argument("--parts", default=",".join(PARTS))
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--n-heads-prompts", type=int, default=256)
+    parser.add_argument("--speed-repeats", type=int, default=2, help="alternating repeats of each timing")
+    parser.add_argument("--train-steps", type=int, default=32)
+    parser.add_argument("--n-test", type=int, default=512)
+    args = parser.parse_args(argv)
+    unknown = set(args.parts.split(",")) - set(PARTS)
+    if unknown:
+        parser.error(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
+    return args
+
+
+class PeakRss:
+    """Peak resident memory added during a block, sampled every 2 ms by a thread."""
+
+    def __init__(self) -> None:
+        self.process = psutil.Process()
+        self.peak = 0
+
+    def __enter__(self) -> PeakRss:
+        self.base = self.process.memory_info().rss
+        self.peak = self.base
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc) -> None:
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+    @property
+    def added_mb(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def matmul_gflops(dtype: torch.dtype, repeats: int = 20) -> float:
+    """The rate of a 2048x576 @ 576x1536 matmul (SmolLM2's MLP shape) in ``dtype``."""
+    a, b = torch.randn(2048, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * 2048 * 576 * 1536 * repeats / (time.perf_counter() - started) / 1e9
+
+
+def abft_step_flops(model, n_prompts: int, mean_tokens: float, deepest_layer: int) -> float:
+    """Forward + backward FLOPs of an ABFT step up to the deepest needed layer: 2 per multiply-add of
+    every projection and of QK^T / pattern @ V, times 3 (the backward is about twice the forward)."""
+    cfg = model.cfg
+    d, n_kv = cfg.d_model, getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    d_head = cfg.d_head
+    per_token_layer = 2 * (d * cfg.n_heads * d_head * 2 + d * n_kv * d_head * 2 + 3 * d * cfg.d_mlp)
+    attention = 2 * 2 * cfg.n_heads * d_head * mean_tokens / 2  # causal: half the keys on average
+    return 3 * n_prompts * mean_tokens * (deepest_layer + 1) * (per_token_layer + attention)
+
+
+def part_loss(model, out: Path) -> dict:
+    config = FinetuneConfig(n_train=8, n_val=0, lr=1e-4)
+    train, _ = training_prompts(model, config)
+    batch = train.collate(range(8))
+    params = trainable_parameters(model, "qk")
+    layers = list(range(model.cfg.n_layers))
+    results = {}
+    with only_these_require_grad(model, params):
+        for precision in PRECISIONS:
+            with autocast(precision, model):
+                attention = label_attention(model, batch, layers)
+            mask = induction_head_mask(attention, batch.prompt_lengths)
+            if precision == "fp32":
+                fixed_mask = mask  # the same heads in both, so the comparison is of the same function
+            out_loss = abft_loss(attention, batch.correct_mask, fixed_mask, 0.5, 1.0)
+            grads = torch.autograd.grad(out_loss.loss, list(params.values()))
+            results[precision] = (out_loss.loss.detach(), torch.cat([g.flatten() for g in grads]),
+                                  mask)
+    (loss32, grad32, mask32), (loss16, grad16, mask16) = results["fp32"], results["bf16"]
+    summary = {
+        "loss_fp32": float(loss32), "loss_bf16": float(loss16),
+        "loss_relative_error": float((loss16 - loss32).abs() / loss32.abs()),
+        "gradient_relative_error": float((grad16 - grad32).norm() / grad32.norm()),
+        "gradient_cosine": float(torch.nn.functional.cosine_similarity(grad16.double(), grad32.double(), dim=0)),
+        "head_mask_agreement": float((mask16 == mask32).double().mean()),
+        "flagged_heads_fp32": int(mask32.sum()), "flagged_heads_bf16": int(mask16.sum()),
+    }
+    write_json(out / "loss.json", summary)
+    return summary
+
+
+def part_heads(model, out: Path, n_prompts: int) -> dict:
+    tables = {}
+    for precision in PRECISIONS:
+        config = FindHeadsConfig(n_prompts=n_prompts, precision=precision, out=str(out / f"heads_{precision}"))
+        result = find_heads(config, model=model, progress=False)
+        tables[precision] = result.scores.table.set_index(["layer", "head"]).sort_index()
+        tables[precision + "_seconds"] = result.seconds
+    a, b = tables["fp32"], tables["bf16"]
+    delta = (b["label_mass"] - a["label_mass"]).rename("delta_label_mass").to_frame()
+    delta["label_mass_fp32"], delta["label_mass_bf16"] = a["label_mass"], b["label_mass"]
+    delta.reset_index().to_csv(out / "heads_delta.csv", index=False, float_format="%.6g")
+    top = {p: set(tables[p].sort_values("rank").head(10).index) for p in PRECISIONS}
+    summary = {
+        "n_prompts": n_prompts,
+        "label_mass_spearman": float(a["label_mass"].corr(b["label_mass"], method="spearman")),
+        "same_top10_by_pass_rate": top["fp32"] == top["bf16"], "top10_overlap": len(top["fp32"] & top["bf16"]),
+        "max_abs_delta_label_mass": float(delta["delta_label_mass"].abs().max()),
+        "mean_abs_delta_label_mass": float(delta["delta_label_mass"].abs().mean()),
+        "max_abs_delta_pass_rate": float((b["pass_rate"] - a["pass_rate"]).abs().max()),
+        "seconds_fp32": tables["fp32_seconds"], "seconds_bf16": tables["bf16_seconds"],
+    }
+    write_json(out / "heads.json", summary)
+    return summary
+
+
+def _timed_steps(model, method: str, precision: str, train, repeats: int) -> tuple[list[float], float]:
+    config = FinetuneConfig(method=method, lr=1e-4, batch_size=32, micro_batch_size=8, steps=repeats,
+                            precision=precision, n_val=0)
+    params = trainable_parameters(model, "qk")
+    initial = snapshot(params)
+    plan = plan_heads(config.heads, model.cfg.n_layers, model.cfg.n_heads)
+    runner = FinetuneRunner(model, train, config, 1e-4, plan, params)
+    seconds, peak = [], 0.0
+    with only_these_require_grad(model, params):
+        for _ in range(repeats):
+            with PeakRss() as rss:
+                row = runner.step()
+            seconds.append(row["seconds"])
+            peak = max(peak, rss.added_mb)
+    apply_tensors(model, initial)
+    return seconds, peak
+
+
+def part_speed(model, out: Path, repeats: int) -> dict:
+    train, _ = training_prompts(model, FinetuneConfig(n_train=128, n_val=0, lr=1e-4))
+    mean_tokens = float(np.mean([len(p.tokens) for p in train.prompts]))
+    rows = []
+    sst2 = load_dataset("sst2")
+    for repeat in range(repeats):
+        for precision in PRECISIONS:  # alternating, so drift in the machine's speed hits both alike
+            for method in ("abft", "e2e"):
+                seconds, peak = _timed_steps(model, method, precision, train, 1)
+                rows.append({"repeat": repeat, "precision": precision, "what": f"{method}_step_32_prompts",
+                             "seconds": seconds[0], "added_peak_rss_mb": peak})
+            config = FindHeadsConfig(n_prompts=32, precision=precision, out=str(out / "scratch_heads"))
+            with PeakRss() as rss:
+                seconds = find_heads(config, model=model, progress=False).seconds
+            rows.append({"repeat": repeat, "precision": precision, "what": "find_heads_32_prompts",
+                         "seconds": seconds, "added_peak_rss_mb": rss.added_mb})
+            started = time.perf_counter()
+            with PeakRss() as rss:
+                evaluate(model, sst2, EvaluateConfig(n_test=32, demo_sets=2, precision=precision), progress=False)
+            rows.append({"repeat": repeat, "precision": precision, "what": "evaluate_64_inputs",
+                         "seconds": time.perf_counter() - started, "added_peak_rss_mb": rss.added_mb})
+    frame = pd.DataFrame(rows)
+    frame.to_csv(out / "speed.csv", index=False, float_format="%.4g")
+    median = frame.groupby(["what", "precision"])[["seconds", "added_peak_rss_mb"]].median().unstack("precision")
+    speedup = (median["seconds"]["fp32"] / median["seconds"]["bf16"]).round(2).to_dict()
+    flops = abft_step_flops(model, 32, mean_tokens, model.cfg.n_layers - 1)
+    summary = {
+        "threads": torch.get_num_threads(), "mean_prompt_tokens": mean_tokens,
+        "median_seconds": {f"{w}/{p}": round(float(v), 3) for (w, p), v in median["seconds"].stack().items()},
+        "median_added_peak_rss_mb": {f"{w}/{p}": round(float(v), 1)
+                                     for (w, p), v in median["added_peak_rss_mb"].stack().items()},
+        "bf16_speedup": speedup,
+        "abft_over_e2e_step_time": {p: round(float(median["seconds"][p]["abft_step_32_prompts"]
+                                                   / median["seconds"][p]["e2e_step_32_prompts"]), 3)
+                                    for p in PRECISIONS},
+        "abft_over_e2e_peak_rss": {p: round(float(median["added_peak_rss_mb"][p]["abft_step_32_prompts"]
+                                                  / median["added_peak_rss_mb"][p]["e2e_step_32_prompts"]), 3)
+                                   for p in PRECISIONS},
+        "abft_step_gflop": round(flops / 1e9, 1),
+        "abft_step_gflops_achieved": {p: round(flops / 1e9 / float(median["seconds"][p]["abft_step_32_prompts"]), 1)
+                                      for p in PRECISIONS},
+        "matmul_peak_gflops": {"fp32": round(matmul_gflops(torch.float32), 1),
+                               "bf16": round(matmul_gflops(torch.bfloat16), 1)},
+    }
+    write_json(out / "speed.json", summary)
+    return summary
+
+
+def part_train(model, out: Path, steps: int, n_test: int) -> dict:
+    params = trainable_parameters(model, "qk")
+    base = snapshot(params)
+    sst2 = load_dataset("sst2")
+    table_path = out / "train.csv"
+    done = pd.read_csv(table_path) if table_path.is_file() else pd.DataFrame(columns=["method", "precision"])
+    for method in ("abft", "e2e"):
+        for precision in PRECISIONS:
+            if ((done["method"] == method) & (done["precision"] == precision)).any():
+                continue
+            run_dir = out / f"train_{method}_{precision}"
+            config = FinetuneConfig(method=method, lr=3e-4, steps=steps, micro_batch_size=16, precision=precision,
+                                    out=str(run_dir), resume=True)
+            try:
+                result = run_finetune(config, model=model, progress=True)
+                metrics = evaluate(model, sst2, EvaluateConfig(n_test=n_test, demo_sets=2, precision=precision),
+                                   progress=True).metrics
+            finally:
+                apply_tensors(model, base)
+            row = {"method": method, "precision": precision, "accuracy": metrics["accuracy"],
+                   "macro_f1": metrics["macro_f1"], "n_inputs": metrics["n_inputs"],
+                   "accuracy_se": float(np.sqrt(metrics["accuracy"] * (1 - metrics["accuracy"]) / metrics["n_inputs"])),
+                   "predicted_distribution": json.dumps(metrics["predicted_distribution"]),
+                   "collapsed_onto": metrics["collapsed_onto"], "train_seconds": result.train_seconds,
+                   "seconds_per_step": result.seconds_per_step, "eval_seconds": metrics["seconds"]}
+            done = pd.concat([done, pd.DataFrame([row])], ignore_index=True)
+            done.to_csv(table_path, index=False, float_format="%.4g")
+    return done.to_dict("records")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    fast, seen = fast_bf16("cpu")
+    write_json(args.out / "machine.json", {"fast_bf16": fast, "seen": seen, "threads": torch.get_num_threads(),
+                                           "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                                           "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+                                           "versions": package_versions()})
+    model = load_model(args.model)
+    parts = args.parts.split(",")
+    if "loss" in parts:
+        print("loss", json.dumps(part_loss(model, args.out)), flush=True)
+    if "heads" in parts:
+        print("heads", json.dumps(part_heads(model, args.out, args.n_heads_prompts)), flush=True)
+    if "speed" in parts:
+        print("speed", json.dumps(part_speed(model, args.out, args.speed_repeats)), flush=True)
+    if "train" in parts:
+        print("train", json.dumps(part_train(model, args.out, args.train_steps, args.n_test)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
