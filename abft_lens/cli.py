@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from abft_lens.errors import AbftLensError
-from abft_lens.runs import load_config, with_overrides
+from abft_lens.errors import AbftLensError, ConfigError
+from abft_lens.runs import check_out_dir, load_config, with_overrides
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Find, score and fine-tune the induction heads behind in-context learning.")
@@ -24,9 +25,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 PLUGIN_GROUP = "abft_lens.commands"
 
 
+DEBUG_ENV = "ABFT_LENS_DEBUG"
+
+
 @app.callback()
-def _commands() -> None:
-    """Keeps `find-heads` a named command even while it is the only one."""
+def _commands(
+    debug: bool = typer.Option(False, "--debug", help=f"show the traceback of an error instead of one line "
+                                                      f"(anywhere on the command line; or {DEBUG_ENV}=1)"),
+) -> None:
+    """Keeps `find-heads` a named command even while it is the only one. (``main`` takes ``--debug``
+    off the command line before typer parses it; the option is here for ``--help``.)"""
 
 
 
@@ -59,6 +67,9 @@ def find_heads_command(
                                                        "[default: auto]"),
     dtype: Optional[str] = typer.Option(None, help="how the frozen weights are held: float32 or bfloat16 (half "
                                                    "the memory; implies bf16 matmuls) [default: float32]"),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite/--no-overwrite",
+                                             help="replace the files of an existing non-empty --out folder "
+                                                  "[default: refuse it]"),
     config: Optional[Path] = typer.Option(None, help="a FindHeadsConfig JSON (or a run folder's config.json)"),
 ) -> None:
     """Rank every attention head by how much it attends to the demonstration labels."""
@@ -70,7 +81,8 @@ def find_heads_command(
     cfg = with_overrides(base, dict(model=model, dataset=dataset, k=k, n_prompts=n_prompts, threshold=threshold, tau=tau,
                             rank_by=rank_by, top=top, seed=seed, batch_size=batch_size, label_words=words,
                             device=device, device_map=device_map, n_devices=n_devices,
-                            out=str(out) if out else None, precision=precision, dtype=dtype))
+                            out=str(out) if out else None, precision=precision, dtype=dtype, overwrite=overwrite))
+    check_out_dir(cfg.run_dir(), cfg.overwrite)
     result = find_heads(cfg)
     if not is_main_process():  # under torchrun, rank 0 alone reports
         return
@@ -95,6 +107,13 @@ def _parse_lr(value: str | None) -> float | None | str:
         raise typer.BadParameter(f"--lr must be a number or 'search', got {value!r}") from None
 
 
+def _parse_lr_grid(value: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in value.split(","))
+    except ValueError:
+        raise ConfigError(f"lr_grid must be comma-separated numbers; got {value!r}.") from None
+
+
 @app.command("finetune")
 def finetune_command(
     model: Optional[str] = typer.Argument(None, help="as for find-heads [default: smollm2-135m]"),
@@ -109,7 +128,8 @@ def finetune_command(
     lr_grid: Optional[str] = typer.Option(None, help="comma-separated lrs for the search [default: 2e-5,1e-4,3e-4,1e-3]"),
     lr_search_steps: Optional[int] = typer.Option(None, help="steps of each lr trial [default: 8]"),
     batch_size: Optional[int] = typer.Option(None, help="prompts per optimiser step (pseudo-batch) [default: 32]"),
-    micro_batch_size: Optional[int] = typer.Option(None, help="prompts per forward [default: 8]"),
+    micro_batch_size: Optional[int] = typer.Option(None, help="prompts per forward [default: 8, or --batch-size "
+                                                              "where that is smaller]"),
     steps: Optional[int] = typer.Option(None, help="optimiser steps [default: 32]"),
     heads: Optional[str] = typer.Option(None, help="per-prompt (the paper's threshold on each prompt), all (no head "
                                                    "filter) or a heads.csv (a fixed set) [default: per-prompt]"),
@@ -142,7 +162,9 @@ def finetune_command(
 
     base = load_config(config, FinetuneConfig) if config else FinetuneConfig()
     words = tuple(w.strip() for w in label_words.split(",")) if label_words else None
-    grid = tuple(float(x) for x in lr_grid.split(",")) if lr_grid else None
+    grid = _parse_lr_grid(lr_grid) if lr_grid else None
+    if micro_batch_size is None and batch_size is not None and batch_size < base.micro_batch_size:
+        micro_batch_size = batch_size  # only --batch-size given: the micro-batch follows it down
     parsed_lr = _parse_lr(lr)
     if parsed_lr != "unset":
         base = dataclasses.replace(base, lr=parsed_lr)
@@ -201,21 +223,33 @@ def evaluate_command(
                                                        "[default: auto]"),
     dtype: Optional[str] = typer.Option(None, help="how the frozen weights are held: float32 or bfloat16 (half "
                                                    "the memory; implies bf16 matmuls) [default: float32]"),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite/--no-overwrite",
+                                             help="replace the files of an existing non-empty --out folder "
+                                                  "[default: refuse it]"),
     config: Optional[Path] = typer.Option(None, help="an EvaluateConfig JSON (or an evaluation's config.json)"),
 ) -> None:
     """Accuracy, macro-F1 and, on request, calibration, robustness and the unseen-label test."""
-    from abft_lens.evaluation import EvaluateConfig, headline, run_defaults, run_evaluation
+    from abft_lens.evaluation import (
+        EvaluateConfig,
+        check_not_broken_run_dir,
+        default_out,
+        headline,
+        run_defaults,
+        run_evaluation,
+    )
 
     base = load_config(config, EvaluateConfig) if config else EvaluateConfig()
     if model_or_run is not None:
         base = dataclasses.replace(base, model_or_run=model_or_run)
+    check_not_broken_run_dir(Path(base.model_or_run))
     base = with_overrides(base, run_defaults(base.model_or_run))
     words = tuple(w.strip() for w in label_words.split(",")) if label_words else None
     cfg = with_overrides(base, dict(dataset=dataset, n_test=n_test, demo_sets=demo_sets, k=k, seed=seed,
                             pool_seed=pool_seed, batch_size=batch_size, calibrate=calibrate, n_calibration=n_calibration,
                             robustness=robustness, robustness_queries=robustness_queries,
                             unseen_labels=unseen_labels, label_words=words, device=device,
-                            out=str(out) if out else None, precision=precision, dtype=dtype))
+                            out=str(out) if out else None, precision=precision, dtype=dtype, overwrite=overwrite))
+    check_out_dir(default_out(cfg), cfg.overwrite)
     result = run_evaluation(cfg)
     typer.echo(f"\n{cfg.model_or_run} on {cfg.dataset}:")
     for line in headline(result.metrics):
@@ -247,11 +281,52 @@ def _load_plugins() -> None:
         entry_point.load()(app)
 
 
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _caused_by_interrupt(error: BaseException | None) -> bool:
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _interrupted(command: str | None) -> None:
+    hint = "; rerun the same command with --resume to continue" if command == "finetune" else ""
+    typer.echo(f"interrupted{hint}", err=True)
+    sys.exit(130)
+
+
 def main(argv: list[str] | None = None) -> None:
-    _load_plugins()
+    """The `abft-lens` entry point. A problem with the input is one line ``error: ...`` on stderr and exit
+    status 2: an ``AbftLensError`` as its message, any other exception as its type and message (``--debug``
+    anywhere on the command line, or ABFT_LENS_DEBUG=1, shows the traceback instead). Ctrl-C exits 130."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+    args = [arg for arg in args if arg != "--debug"]
+    command = next((arg for arg in args if not arg.startswith("-")), None)
     try:
+        _load_plugins()
         # Standalone mode: usage errors print the usage and exit 2; other exceptions reach us.
-        app(args=argv, prog_name="abft-lens")
+        app(args=args, prog_name="abft-lens")
+    except SystemExit as stop:
+        if stop.code == 130 and _caused_by_interrupt(stop):  # typer turns Ctrl-C into exit 130, silently
+            _interrupted(command)
+        raise
+    except KeyboardInterrupt:
+        _interrupted(command)
     except AbftLensError as error:
-        typer.echo(f"error: {error}", err=True)
+        if debug:
+            raise
+        typer.echo(f"error: {_one_line(str(error))}", err=True)
+        sys.exit(2)
+    except Exception as error:  # a bug or an unforeseen input: still one line, the traceback on request
+        if debug:
+            raise
+        typer.echo(f"error: {type(error).__name__}: {_one_line(str(error))} (rerun with --debug for the "
+                   "traceback)", err=True)
         sys.exit(2)

@@ -113,13 +113,44 @@ def _from_staicc(short_name: str) -> ICLDataset:
     return ICLDataset(short_name, examples, label_words, template, template_options)
 
 
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    """One JSON object per line (blank lines skipped); a bad line is a DataError naming it."""
+    rows = []
+    with path.open(encoding="utf-8") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}, line {number}: not valid JSON ({error.msg} at column {error.colno}).") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}, line {number}: expected a JSON object with the text and label, got "
+                                f"{type(row).__name__}.")
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    """A user's CSV/JSONL/JSON file as a frame; unreadable content is a DataError naming the file."""
+    try:
+        if path.suffix == ".csv":
+            return pd.read_csv(path)
+        if path.suffix == ".jsonl":
+            return _read_jsonl(path)
+        if path.suffix == ".json":
+            return pd.read_json(path)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path} is empty: a CSV data set needs a header row and one row per example.") from None
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path} is not UTF-8 text: {error}.") from None
+    except (pd.errors.ParserError, ValueError) as error:
+        raise DataError(f"{path} cannot be read as {path.suffix[1:].upper()}: {error}") from None
+    raise DataError(f"{path}: expected a .csv or .jsonl file.")
+
+
 def _from_file(path: Path, text_column: str, label_column: str) -> ICLDataset:
-    if path.suffix == ".csv":
-        frame = pd.read_csv(path)
-    elif path.suffix in (".jsonl", ".json"):
-        frame = pd.read_json(path, lines=path.suffix == ".jsonl")
-    else:
-        raise DataError(f"{path}: expected a .csv or .jsonl file.")
+    frame = _read_table(path)
     missing = [c for c in (text_column, label_column) if c not in frame.columns]
     if missing:
         raise DataError(f"{path} has no column(s) {missing}; columns are {list(frame.columns)}.")

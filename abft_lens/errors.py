@@ -23,3 +23,8 @@ class PromptTooLongError(DataError):
 
 class HeadSelectionError(AbftLensError):
     """An empty or malformed head set."""
+
+
+class ConfigError(AbftLensError, ValueError):
+    """A config field with an invalid value (a CLI flag, a config file's field or a Python argument).
+    Also a ``ValueError``, which is what a bad argument is to Python callers."""

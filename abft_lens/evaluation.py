@@ -33,6 +33,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from abft_lens.config import check_int, validate_config
 from abft_lens.data import Example, ICLDataset, l9_templates, load_dataset, split_pools
 from abft_lens.errors import AbftLensError, DataError
 from abft_lens.forward import label_logits, query_logits_and_rows
@@ -43,7 +44,6 @@ from abft_lens.precision import (
     Precision,
     WeightDtype,
     autocast,
-    check_precision_fields,
     resolve_config_precision,
 )
 from abft_lens.prompts import PromptBatch, PromptSet, build_prompts
@@ -243,15 +243,13 @@ class EvaluateConfig:
     out: str | None = None  # default: RUN_DIR/evaluate_<dataset>/, or runs/evaluate_<model>_<dataset>
     precision: Precision = "auto"  # bf16 autocast mixed precision or fp32; auto: bf16 where it is fast
     dtype: WeightDtype = "float32"  # how the model's weights are held
+    overwrite: bool = False  # the CLI refuses an existing non-empty out folder unless this (runs.check_out_dir)
 
     def __post_init__(self) -> None:
-        check_precision_fields(self.precision, self.dtype)
-        for name in ("n_test", "demo_sets", "batch_size", "n_calibration", "robustness_queries",
-                     "robustness_demo_sets"):
-            if getattr(self, name) < 1:
-                raise DataError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        if self.k < 1:
-            raise DataError(f"k must be at least 1, got {self.k}.")
+        validate_config(self, positive=("n_test", "demo_sets", "k", "batch_size", "n_calibration",
+                                        "robustness_queries", "robustness_demo_sets"),
+                        non_negative=("seed",))
+        check_int("pool_seed", self.pool_seed, 0, allow_none=True)
 
     @property
     def pools_seed(self) -> int:
@@ -357,6 +355,7 @@ def _evaluate(model, dataset: ICLDataset, config: EvaluateConfig, progress: bool
             "calibrated_accuracy": accuracy(test.true, calibrated.argmax(-1)),
             "calibrated_macro_f1": macro_f1(test.true, calibrated.argmax(-1), n_labels),
             "calibrated_predicted_distribution": _distribution(calibrated.argmax(-1), words),
+            "calibrated_collapsed_onto": _collapsed_word(calibrated.argmax(-1), test.true, words),
             "content_free_probabilities": dict(zip(words, content_free.mean(0).tolist(), strict=True)),
             "n_calibration": config.n_calibration,
         })
@@ -467,6 +466,30 @@ def is_run_dir(path: Path) -> bool:
     return isinstance(payload, dict) and "config" in payload and has_checkpoint
 
 
+def check_not_broken_run_dir(path: Path) -> None:
+    """A folder with a fine-tuning run's files (trained.safetensors, checkpoints/) but no run config.json,
+    or with a run config.json but no trained tensors, is a damaged or unfinished run folder, not a Hugging
+    Face model directory: an error naming it, before any model loads."""
+    if not path.is_dir() or is_run_dir(path):
+        return
+    config = path / "config.json"
+    try:
+        payload = json.loads(config.read_text()) if config.is_file() else None
+    except (OSError, ValueError):
+        payload = None  # unreadable
+    if isinstance(payload, dict) and "config" in payload:
+        raise AbftLensError(f"{path} holds a job's config.json but no trained.safetensors and no checkpoint: it "
+                            "is not a finished fine-tuning run (nor a model directory). Pass a finished run "
+                            "folder, or re-run the fine-tuning.")
+    run_files = [name for name in ("trained.safetensors", "checkpoints") if (path / name).exists()]
+    if not run_files or isinstance(payload, dict):  # a model directory (a Hugging Face config.json)
+        return
+    problem = "has a config.json that cannot be read" if config.is_file() else "has no config.json"
+    raise AbftLensError(f"{path} looks like a fine-tuning run folder (it has {' and '.join(run_files)}) but "
+                        f"{problem}, so its base model and settings are unknown. Pass a complete run folder, "
+                        "or re-run the fine-tuning.")
+
+
 def _run_record(run_dir: Path) -> dict[str, object]:
     return json.loads((run_dir / "config.json").read_text()).get("config", {})
 
@@ -505,6 +528,7 @@ def default_out(config: EvaluateConfig) -> Path:
 def load_model_or_run(config: EvaluateConfig):
     """A bare model by name or path, or the fine-tuned model of a run folder."""
     source = Path(config.model_or_run)
+    check_not_broken_run_dir(source)
     if is_run_dir(source):
         try:
             from abft_lens.training import load_trained_model
@@ -520,10 +544,10 @@ def load_model_or_run(config: EvaluateConfig):
 def run_evaluation(config: EvaluateConfig, model=None, progress: bool = True) -> EvaluationResult:
     """The `evaluate` job: load the model (or use ``model``), evaluate, and write the output folder
     (config.json, metrics.json, predictions.csv and one CSV per extra condition)."""
+    dataset = load_dataset(config.dataset, config.label_words)  # before the model: a bad data file fails at once
     model = model if model is not None else load_model_or_run(config)
     device = next(model.parameters()).device
     config, choice = resolve_config_precision(config, device, announce=progress)
-    dataset = load_dataset(config.dataset, config.label_words)
     result = evaluate(model, dataset, config, progress)
     out = default_out(config)
     out.mkdir(parents=True, exist_ok=True)

@@ -70,10 +70,16 @@ def paper_table() -> pd.DataFrame:
                          for d, v in row.items()])
 
 
-def accuracy_with_paper(results: pd.DataFrame, title: str = "Accuracy per data set") -> go.Figure:
-    """Grouped bars: our methods (solid, mean over seeds with std) and the paper's GPT2-XL numbers
+def accuracy_with_paper(results: pd.DataFrame, title: str = "Accuracy per data set",
+                        metric: str = "accuracy") -> go.Figure:
+    """Grouped bars: our methods (solid, mean over seeds with the seed std as error bar; a bar whose
+    runs collapsed onto one label is marked "collapsed") and, for accuracy, the paper's GPT2-XL numbers
     (hatched, "GPT2-XL, quoted from the paper") for the same data sets."""
-    ours = results.groupby(["dataset", "method"], sort=False)["accuracy"].agg(["mean", "std"]).reset_index()
+    results = results.assign(collapsed=results["collapsed_onto"].notna() if "collapsed_onto" in results else False,
+                             seed=results["seed"] if "seed" in results else 0)
+    ours = results.groupby(["dataset", "method"], sort=False).agg(
+        mean=(metric, "mean"), std=(metric, "std"), seeds=("seed", "nunique"), collapsed=("collapsed", "sum")
+    ).reset_index()
     datasets = [d for d in PAPER_DATASET_ORDER if d in set(ours["dataset"])]
     datasets += [d for d in dict.fromkeys(ours["dataset"]) if d not in datasets]
     figure = go.Figure()
@@ -81,9 +87,16 @@ def accuracy_with_paper(results: pd.DataFrame, title: str = "Accuracy per data s
     methods += [m for m in dict.fromkeys(ours["method"]) if m not in methods]
     for method in methods:
         part = ours[ours["method"] == method].set_index("dataset").reindex(datasets)
+        marks = ["collapsed" if count and count > 0 else "" for count in part["collapsed"].fillna(0)]
         figure.add_trace(go.Bar(x=datasets, y=part["mean"], name=f"{method} (ours)",
-                                marker_color=METHOD_COLOURS.get(method),
+                                marker_color=METHOD_COLOURS.get(method), text=marks, textposition="outside",
+                                textfont={"size": 9}, customdata=part["seeds"],
+                                hovertemplate="%{x}: %{y:.3f} (%{customdata} seeds) %{text}",
                                 error_y={"type": "data", "array": part["std"].fillna(0)}))
+    if metric != "accuracy":  # the paper quotes accuracy only
+        figure.update_layout(barmode="group", template="plotly_white", title=title, yaxis_title=metric,
+                             yaxis_range=[0, 1], width=max(700, 110 * len(datasets) + 300), height=480)
+        return figure
     paper = paper_table()
     for method in PAPER_GPT2_XL:
         part = paper[paper["method"] == method].set_index("dataset").reindex(datasets)

@@ -12,12 +12,12 @@ from abft_lens import distributed
 from abft_lens.heads import HeadScoreConfig, HeadScores, RankBy, ThresholdKind, accumulate_head_statistics
 from abft_lens.models import DEFAULT_MODEL, load_model, parse_device_map
 from abft_lens.plots import head_heatmap, save_figure
+from abft_lens.config import validate_config
 from abft_lens.precision import (
     WEIGHT_DTYPES,
     Precision,
     WeightDtype,
     autocast,
-    check_precision_fields,
     resolve_config_precision,
 )
 from abft_lens.prompts import build_prompts
@@ -46,9 +46,11 @@ class FindHeadsConfig:
     out: str | None = None  # default: runs/find-heads_<model>_<dataset>
     precision: Precision = "auto"  # bf16 autocast mixed precision or fp32; auto: bf16 where it is fast
     dtype: WeightDtype = "float32"  # how the model's weights are held
+    overwrite: bool = False  # the CLI refuses an existing non-empty out folder unless this (runs.check_out_dir)
 
     def __post_init__(self) -> None:
-        check_precision_fields(self.precision, self.dtype)
+        validate_config(self, positive=("k", "n_prompts", "top", "batch_size"), non_negative=("seed",),
+                        optional_positive=("n_devices",), positive_float=("tau",))
 
     def run_dir(self) -> Path:
         if self.out:
@@ -78,13 +80,13 @@ def find_heads(config: FindHeadsConfig, model=None, progress: bool = True) -> Fi
 
 def _find_heads(config: FindHeadsConfig, model, progress: bool) -> FindHeadsResult:
     started = time.perf_counter()
+    dataset = load_dataset(config.dataset, config.label_words)  # before the model: a bad data file fails at once
     model = model if model is not None else load_model(config.model, device=config.device,
                                                        dtype=WEIGHT_DTYPES[config.dtype],
                                                        device_map=parse_device_map(config.device_map),
                                                        n_devices=config.n_devices)
     config, choice = resolve_config_precision(config, next(model.parameters()).device,
                                               announce=progress and distributed.is_main_process())
-    dataset = load_dataset(config.dataset, config.label_words)
     pools = split_pools(dataset, seed=config.seed)
     prompts = build_prompts(model.tokenizer, dataset, pools.train, n_prompts=min(config.n_prompts, len(pools.train)),
                             k=config.k, seed=config.seed, max_length=model.cfg.n_ctx)

@@ -73,7 +73,8 @@ def query_attention_rows(
 
 
 def query_logits(model, batch: PromptBatch) -> Float[Tensor, "batch d_vocab"]:
-    """Float32 logits over the vocabulary at the last position (differentiable when grad is on)."""
+    """Logits over the vocabulary at the last position, in float32 or wider (differentiable when
+    grad is on)."""
     kept: list[Tensor] = []
 
     def keep_last_position(normalized: Float[Tensor, "batch pos d_model"], hook) -> None:
@@ -85,9 +86,16 @@ def query_logits(model, batch: PromptBatch) -> Float[Tensor, "batch d_vocab"]:
             model(batch.tokens, attention_mask=batch.attention_mask)
         except _ForwardDone:
             pass
-    device_type = kept[0].device.type
-    with torch.autocast(device_type, enabled=False):
-        return model.unembed(kept[0].float())[:, 0, :].float()
+    final = kept[0][:, 0, :]
+    # At least float32 (float64 stays float64 for the finite-difference checks), whatever the
+    # autocast region or the dtype the frozen weights are held in: the unembedding is one small
+    # matmul at one position, and the loss on its output is where bf16 rounding would hurt most.
+    weights_dtype = model.W_U.dtype
+    compute = torch.promote_types(final.dtype, torch.promote_types(weights_dtype, torch.float32))
+    with torch.autocast(final.device.type, enabled=False):
+        if weights_dtype == compute:
+            return model.unembed(final.to(compute))
+        return final.to(compute) @ model.W_U.to(compute) + model.b_U.to(compute)
 
 
 def label_logits(model, batch: PromptBatch) -> Float[Tensor, "batch n_labels"]:

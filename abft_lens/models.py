@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -188,7 +189,10 @@ def dequantised_gguf_dir(gguf: Path, cache_dir: Path | None = None) -> Path:
     fingerprint = _source_fingerprint(gguf)
     entry = cache_dir / "models" / gguf.stem
     if not _cache_is_valid(entry, fingerprint):
-        _build_cache_entry(gguf, entry, fingerprint)
+        try:
+            _build_cache_entry(gguf, entry, fingerprint)
+        except (ValueError, KeyError, EOFError, struct.error) as error:  # a damaged or unsupported file
+            raise ModelLoadError(f"Cannot read the GGUF file {gguf}: {type(error).__name__}: {error}") from error
     return entry
 
 
@@ -261,6 +265,11 @@ def load_model(
         if path.suffix == ".gguf":
             if not path.is_file():
                 raise ModelLoadError(f"No GGUF file at {path}.")
+            with path.open("rb") as file:
+                magic = file.read(4)
+            if magic != b"GGUF":
+                raise ModelLoadError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes, "
+                                     f"but {magic!r}); pass a .gguf model file or a Hugging Face model directory.")
             model = _boot(str(path), dequantised_gguf_dir(path.resolve(), cache_dir), device, dtype, **placement)
         elif path.is_dir():
             model = _boot(str(path), path, device, dtype, **placement)

@@ -132,7 +132,7 @@ def label_token_ids(
             shown = [tokenizer.decode([piece]) for piece in pieces]
             raise LabelTokenError(
                 f"Label word {word!r} is not a single token: it tokenises as {shown} (ids {pieces}). "
-                "Choose one-token label words (--label-words) or opt into first-token scoring."
+                "Choose label words that are one token each with --label-words (comma-separated)."
             )
         ids.append(pieces[0])
     if len(set(ids)) != len(ids):

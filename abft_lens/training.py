@@ -37,20 +37,22 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Bool, Float
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from abft_lens import distributed
+from abft_lens.config import validate_config
 from abft_lens.data import load_dataset, split_pools
-from abft_lens.errors import AbftLensError, DataError, HeadSelectionError
+from abft_lens.errors import AbftLensError, ConfigError, DataError, HeadSelectionError
 from abft_lens.evaluation import predict
 from abft_lens.forward import query_logits_and_rows
 from abft_lens.heads import Head, ThresholdKind, gather_label_attention, induction_head_mask, label_attention
@@ -70,7 +72,6 @@ from abft_lens.precision import (
     Precision,
     WeightDtype,
     autocast,
-    check_precision_fields,
     keep_float32_masters,
     resolve_config_precision,
 )
@@ -117,7 +118,7 @@ class FinetuneConfig:
     lr_grid: tuple[float, ...] = (2e-5, 1e-4, 3e-4, 1e-3)
     lr_search_steps: int = 8  # optimiser steps of each trial run of the lr search
     batch_size: int = 32  # prompts per optimiser step (pseudo-batch, by gradient accumulation)
-    micro_batch_size: int = 8  # prompts per forward
+    micro_batch_size: int = 8  # prompts per forward; the CLI lowers it to --batch-size when only that is given
     steps: int = 32
     heads: str = "per-prompt"  # "per-prompt" (the paper), "all" (no head filter) or a heads.csv path
     head_top: int | None = 20  # with a heads.csv: its first head_top rows (None: every row)
@@ -140,27 +141,18 @@ class FinetuneConfig:
     dtype: WeightDtype = "float32"  # how the frozen weights are held; bfloat16 halves their memory
 
     def __post_init__(self) -> None:
-        check_precision_fields(self.precision, self.dtype)
-        choices = {"method": Method, "e2e_softmax": E2ESoftmax, "trainable": Trainable, "terms": Terms,
-                   "threshold": ThresholdKind, "reduction": Reduction}
-        for name, kind in choices.items():
-            if getattr(self, name) not in get_args(kind):
-                raise ValueError(f"{name} must be one of {get_args(kind)}, got {getattr(self, name)!r}")
-        for name in ("n_train", "k", "batch_size", "micro_batch_size", "steps", "checkpoint_every",
-                     "lr_search_steps"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.n_val < 0:
-            raise ValueError(f"n_val must be >= 0, got {self.n_val}")
+        validate_config(self, positive=("n_train", "k", "batch_size", "micro_batch_size", "steps",
+                                        "checkpoint_every", "lr_search_steps"),
+                        non_negative=("n_val", "seed", "pool_seed"), optional_positive=("head_top",),
+                        positive_float=("tau",))
         if self.micro_batch_size > self.batch_size:
-            raise ValueError(f"micro_batch_size ({self.micro_batch_size}) exceeds batch_size ({self.batch_size})")
+            raise ConfigError(f"micro_batch_size ({self.micro_batch_size}) exceeds batch_size ({self.batch_size}): "
+                              "a pseudo-batch is made of whole micro-batches.")
         for lr in ([self.lr] if self.lr is not None else list(self.lr_grid)):
-            if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-                raise ValueError(f"learning rates must be positive numbers, got {lr!r}")
+            if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0):
+                raise ConfigError(f"learning rates must be positive numbers; got lr {lr!r}.")
         if self.lr is None and not self.lr_grid:
-            raise ValueError("lr is None (search) but lr_grid is empty")
-        if self.head_top is not None and self.head_top < 1:
-            raise ValueError(f"head_top must be at least 1, got {self.head_top}")
+            raise ConfigError("lr is None (search) but lr_grid is empty.")
         self.lr_grid = tuple(float(lr) for lr in self.lr_grid)
         if self.label_words is not None:
             self.label_words = tuple(self.label_words)
@@ -496,8 +488,24 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return steps[-1][1] if steps else None
 
 
+def read_trained_tensors(path: str | Path, remedy: str | None = None) -> dict[str, Tensor]:
+    """The tensors of a ``trained.safetensors`` (a finished run's or a checkpoint's). A file that cannot
+    be read (truncated by a full disk, damaged) is an ``AbftLensError`` naming it and what to do."""
+    path = Path(path)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        remedy = remedy or (f"delete it and re-run the fine-tuning with `abft-lens finetune --config "
+                            f"{path.parent / 'config.json'} --resume` (it continues from the last checkpoint if one "
+                            "is left, else starts over)")
+        raise AbftLensError(f"Cannot read the trained tensors in {path}: {error}. The file is truncated or "
+                            f"damaged; {remedy}.") from error
+
+
 def restore_checkpoint(checkpoint: Path, runner: FinetuneRunner) -> None:
-    apply_tensors(runner.model, load_file(str(checkpoint / TRAINED_FILE)))
+    apply_tensors(runner.model, read_trained_tensors(
+        checkpoint / TRAINED_FILE, remedy=f"delete the checkpoint folder {checkpoint} and re-run with --resume "
+                                          "(with no checkpoint left, the run starts over)"))
     runner.load_state_dict(torch.load(checkpoint / "state.pt", weights_only=True))
 
 
@@ -667,7 +675,7 @@ def finetune(model, prompts: PromptSet, config: FinetuneConfig, validation: Prom
     runner = FinetuneRunner(model, prompts, config, lr, plan, params)
     resumed_from = None
     if finished.exists():  # a finished run: load its result instead of training again
-        apply_tensors(model, load_file(str(finished)))
+        apply_tensors(model, read_trained_tensors(finished))
         resumed_from = config.steps
     else:
         checkpoint = latest_checkpoint(run_dir) if config.resume else None
@@ -786,7 +794,8 @@ def load_trained_model(run_dir: str | Path, device: str | None = None, dtype: We
         raise AbftLensError(f"{run_dir} has no {TRAINED_FILE}: the run has not finished. Resume it with "
                             f"`abft-lens finetune --config {run_dir / 'config.json'} --resume`.")
     config = load_config(run_dir / "config.json", FinetuneConfig)
+    tensors = read_trained_tensors(trained)  # before the model loads: a damaged file fails at once
     model = load_model(config.model, device=device, dtype=WEIGHT_DTYPES[dtype])
-    apply_tensors(model, load_file(str(trained)))
+    apply_tensors(model, tensors)
     model.eval()
     return model

@@ -14,12 +14,14 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 
+from abft_lens.config import check_int, validate_config
 from abft_lens.data import load_dataset, split_pools
+from abft_lens.errors import ConfigError
 from abft_lens.figures import figure_name
 from abft_lens.heads import ThresholdKind
 from abft_lens.models import DEFAULT_MODEL, load_model
 from abft_lens.plots import save_figure
-from abft_lens.precision import Precision, autocast, check_precision_fields, resolve_config_precision
+from abft_lens.precision import Precision, autocast, resolve_config_precision
 from abft_lens.prompts import build_prompts
 from abft_lens.runs import atomic_write_text, save_config, write_json
 from analysis import figures
@@ -60,7 +62,10 @@ class AnalyzeGradientsConfig:
     precision: Precision = "fp32"
 
     def __post_init__(self) -> None:
-        check_precision_fields(self.precision, "float32")
+        validate_config(self, positive=("n_prompts", "k"), non_negative=("seed", "pool_seed"),
+                        positive_float=("tau", "sign_test_eps"))
+        for layer in self.layers or ():
+            check_int("layers", layer, 0)
 
     def run_dir(self) -> Path:
         if self.out:
@@ -145,7 +150,10 @@ class LandscapeConfig:
     precision: Precision = "auto"  # of the evaluations on the grid
 
     def __post_init__(self) -> None:
-        check_precision_fields(self.precision, "float32")
+        validate_config(self, positive=("n_test", "demo_sets", "batch_size"), non_negative=("seed",))
+        check_int("grid", self.grid, 2)
+        if not self.low < self.high:
+            raise ConfigError(f"low must be below high; got low {self.low!r}, high {self.high!r}.")
 
     def run_dir(self) -> Path:
         if self.out:

@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from abft_lens.data import load_dataset, split_pools
 from abft_lens.errors import AbftLensError
 from abft_lens.evaluation import predict
 from abft_lens.prompts import PromptSet, build_prompts
+from abft_lens.training import read_trained_tensors
 
 TRAINED_FILE = "trained.safetensors"
 Point = tuple[float, float]  # (l_E, l_A)
@@ -63,7 +63,7 @@ def read_run(run_dir: Path) -> tuple[dict[str, object], dict[str, torch.Tensor]]
         raise AbftLensError(f"{run_dir} is not a fine-tuning run folder (no config.json).")
     if not trained.is_file():
         raise AbftLensError(f"{run_dir} has no {TRAINED_FILE}: the run has not finished.")
-    return json.loads(config_path.read_text()).get("config", {}), load_file(str(trained))
+    return json.loads(config_path.read_text()).get("config", {}), read_trained_tensors(trained)
 
 
 def interpolate(base: dict[str, torch.Tensor], delta_e2e: dict[str, torch.Tensor], delta_abft: dict[str, torch.Tensor],

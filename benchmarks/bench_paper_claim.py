@@ -57,7 +57,8 @@ METHODS = ("vanilla", "calibration", "abft", "e2e")
 COLUMNS = ["dataset", "method", "seed", "accuracy", "macro_f1", "consistency", "unseen_label_accuracy",
            "train_seconds", "peak_memory_mb", "trainable_params", "model", "lr", "n_train", "steps",
            "zero_shot_accuracy", "induction_heads_per_prompt", "induction_correct_mass", "induction_wrong_mass",
-           "eval_seconds", "piece_seconds", "run_dir", "device"]
+           "eval_seconds", "piece_seconds", "run_dir", "device", "precision", "n_inputs", "collapsed_onto",
+           "predicted_distribution", "label_words"]
 OOD_COLUMNS = ["trained_on", "dataset", "method", "seed", "accuracy", "macro_f1", "n_inputs"]
 TINY = dict(datasets=["sst2"], n_train=8, steps=2, batch_size=4, micro_batch_size=4, n_val=8, k=2, n_test=8,
             demo_sets=1, n_calibration=8, robustness_queries=2, robustness_demo_sets=2, abft_lr="1e-3",
@@ -96,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ood-datasets", nargs="+", default=list(PAPER_DATASETS),
                         help="the data sets of the out-of-domain evaluation (each model skips its own)")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="of every piece, training and evaluation (recorded per row)")
     parser.add_argument("--in-process", action="store_true",
                         help="run every piece in this process with one loaded model (the trained W_Q/W_K are "
                              "reset between pieces): saves a model load per piece, for GPUs; peak memory is "
@@ -123,14 +126,20 @@ def eval_config(args: argparse.Namespace, dataset: str, seed: int, calibrate: bo
                           pool_seed=args.pool_seed, batch_size=args.eval_batch_size, calibrate=calibrate,
                           n_calibration=args.n_calibration, robustness=True,
                           robustness_queries=args.robustness_queries,
-                          robustness_demo_sets=args.robustness_demo_sets, unseen_labels=True, out=str(out))
+                          robustness_demo_sets=args.robustness_demo_sets, unseen_labels=True, out=str(out),
+                          precision=args.precision)
 
 
 def _row(args, dataset: str, method: str, seed: int, metrics: dict, **extra) -> dict[str, object]:
     keys = ("accuracy", "macro_f1", "consistency", "unseen_label_accuracy", "zero_shot_accuracy",
             "induction_heads_per_prompt", "induction_correct_mass", "induction_wrong_mass")
+    calibrated = method == "calibration"
+    distribution = metrics["calibrated_predicted_distribution" if calibrated else "predicted_distribution"]
     row = {"dataset": dataset, "method": method, "seed": seed, "model": args.model, "device": device_name(args.device),
-           **{key: metrics.get(key) for key in keys}, "eval_seconds": metrics.get("seconds")}
+           **{key: metrics.get(key) for key in keys}, "eval_seconds": metrics.get("seconds"),
+           "n_inputs": metrics.get("n_inputs"), "predicted_distribution": json.dumps(distribution),
+           "collapsed_onto": metrics.get("calibrated_collapsed_onto" if calibrated else "collapsed_onto"),
+           "label_words": ",".join(metrics["predicted_distribution"])}
     return {**row, **extra}
 
 
@@ -157,7 +166,8 @@ def run_piece(args: argparse.Namespace, dataset: str, piece: str, seed: int, mod
         out = runs / f"{dataset}_base_seed{seed}"
         result = run_evaluation(eval_config(args, dataset, seed, calibrate=True, out=out), model=model)
         metrics, peak = result.metrics, peak_memory_mb(device)
-        common = dict(train_seconds=0.0, peak_memory_mb=peak, trainable_params=0, run_dir=str(out))
+        common = dict(train_seconds=0.0, peak_memory_mb=peak, trainable_params=0, run_dir=str(out),
+                      precision=json.loads((out / "config.json").read_text())["config"]["precision"])
         calibrated = {**metrics, "accuracy": metrics["calibrated_accuracy"], "macro_f1": metrics["calibrated_macro_f1"],
                       "consistency": None, "unseen_label_accuracy": None}
         if args.ood:
@@ -172,15 +182,17 @@ def run_piece(args: argparse.Namespace, dataset: str, piece: str, seed: int, mod
     config = FinetuneConfig(model=args.model, dataset=dataset, method=piece, n_train=args.n_train, n_val=args.n_val,
                             k=args.k, lr=None if lr_arg == "search" else float(lr_arg), batch_size=args.batch_size,
                             micro_batch_size=args.micro_batch_size, steps=args.steps, seed=seed,
-                            pool_seed=args.pool_seed, out=str(run_dir), resume=True, device=args.device, **search)
+                            pool_seed=args.pool_seed, out=str(run_dir), resume=True, device=args.device,
+                            precision=args.precision, **search)
     trained = run_finetune(config, model=model)
+    extra = {"precision": json.loads((run_dir / "config.json").read_text())["config"]["precision"]}
     evaluation = run_evaluation(eval_config(args, dataset, seed, calibrate=False, out=run_dir / f"evaluate_{dataset}"),
                                 model=model)
     if args.ood:
         record_out_of_domain(args, model, [d for d in args.ood_datasets if d != dataset], dataset, piece, seed)
     return [_row(args, dataset, piece, seed, evaluation.metrics, train_seconds=trained.train_seconds,
                  peak_memory_mb=trained.peak_memory_mb, trainable_params=trained.trainable_params, lr=trained.lr,
-                 n_train=args.n_train, steps=args.steps, run_dir=str(run_dir))]
+                 n_train=args.n_train, steps=args.steps, run_dir=str(run_dir), **extra)]
 
 
 def record_out_of_domain(args: argparse.Namespace, model, datasets: list[str], trained_on: str, method: str,
@@ -259,22 +271,112 @@ def append_results(path: Path, rows: list[dict[str, object]]) -> pd.DataFrame:
     return append_rows(path, rows, COLUMNS, ("dataset", "method", "seed"))
 
 
+def with_prediction_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows written before the predicted-label columns existed get them from their run folders'
+    metrics.json (the evaluation's predicted and true distributions); their precision is fp32 (the
+    only one there was)."""
+    from abft_lens.evaluation import collapsed_label
+
+    frame = frame.reindex(columns=list(dict.fromkeys([*frame.columns, *COLUMNS]))).copy()
+    for column in ("predicted_distribution", "collapsed_onto", "label_words", "precision"):
+        frame[column] = frame[column].astype(object)
+    for index, row in frame[frame["predicted_distribution"].isna()].iterrows():
+        run_dir = Path(str(row["run_dir"]))
+        path = run_dir / "metrics.json" if row["method"] in ("vanilla", "calibration") \
+            else run_dir / f"evaluate_{row['dataset']}" / "metrics.json"
+        if not path.is_file():
+            continue
+        metrics = json.loads(path.read_text())
+        key = "calibrated_predicted_distribution" if row["method"] == "calibration" else "predicted_distribution"
+        predicted, true = metrics[key], metrics["true_distribution"]
+        words = list(predicted)
+        top = collapsed_label(*(torch_tensor([d[w] for w in words]) for d in (predicted, true)))
+        frame.loc[index, ["predicted_distribution", "collapsed_onto", "n_inputs", "label_words"]] = [
+            json.dumps(predicted), None if top is None else words[top], metrics["n_inputs"], ",".join(words)]
+    frame["precision"] = frame["precision"].fillna("fp32")
+    return frame
+
+
+def torch_tensor(values: list[float]):
+    import torch
+
+    return torch.tensor(values, dtype=torch.float64)
+
+
 def _both(wide: pd.DataFrame, first: str, second: str) -> pd.DataFrame | None:
     """The rows of a table with one column per method where both methods have a value; None when
     either never ran. Every ABFT-versus-other comparison of the summary is paired this way."""
     return wide[[first, second]].dropna() if {first, second} <= set(wide.columns) else None
 
 
+METRICS = ("accuracy", "macro_f1")
+
+
+def seed_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per (dataset, method): mean and standard deviation over seeds of accuracy and macro-F1, the
+    number of seeds, the binomial standard error of one run's accuracy, and how many seeds collapsed."""
+    frame = frame.assign(collapsed=frame.get("collapsed_onto", pd.Series(index=frame.index, dtype=object)).notna())
+    grouped = frame.groupby(["dataset", "method"])
+    table = grouped[list(METRICS)].agg(["mean", "std"])
+    table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
+    table["seeds"] = grouped["seed"].nunique()
+    table["collapsed_seeds"] = grouped["collapsed"].sum().astype(int)
+    n_inputs = grouped["n_inputs"].mean() if "n_inputs" in frame else pd.Series(float("nan"), index=table.index)
+    mean = table["accuracy_mean"]
+    table["accuracy_se"] = (mean * (1 - mean) / n_inputs) ** 0.5
+    return table.reset_index()
+
+
+def compare(table: pd.DataFrame, first: str, second: str, metric: str) -> pd.DataFrame:
+    """``first`` minus ``second`` per data set on ``metric``, and whether the difference is beyond the
+    spread: larger than the sum of the two seed standard deviations with 2+ seeds, else larger than two
+    binomial standard errors of the difference (one seed; accuracy's SE stands in for macro-F1's)."""
+    wide = table.pivot(index="dataset", columns="method")
+    if first not in table["method"].values or second not in table["method"].values:
+        return pd.DataFrame()
+    both = pd.DataFrame({
+        "difference": wide[(f"{metric}_mean", first)] - wide[(f"{metric}_mean", second)],
+        "spread": wide[(f"{metric}_std", first)].fillna(0) + wide[(f"{metric}_std", second)].fillna(0),
+        "se": (wide[("accuracy_se", first)] ** 2 + wide[("accuracy_se", second)] ** 2) ** 0.5,
+        "seeds": wide[("seeds", first)].combine(wide[("seeds", second)], min),
+    }).dropna(subset=["difference"])
+    margin = both["spread"].where(both["seeds"] >= 2, 2 * both["se"])
+    both["beyond_spread"] = both["difference"].abs() > margin
+    both["verdict"] = [("ahead" if d > 0 else "behind") if beyond else "within the spread"
+                       for d, beyond in zip(both["difference"], both["beyond_spread"], strict=True)]
+    return both.reset_index()
+
+
 def summarise(frame: pd.DataFrame, ood: pd.DataFrame | None = None) -> dict[str, object]:
-    """Mean accuracy per method, ABFT wins over vanilla, ABFT minus E2E, the training-time ratio, mean
-    consistency per method and, given the out-of-domain table, the mean out-of-domain harm per method (over
-    every run, and over the training sets where both ABFT and E2E have one)."""
-    mean = frame.groupby("method")["accuracy"].mean().to_dict()
+    """Mean accuracy and macro-F1 per method, ABFT's wins over vanilla and E2E on both metrics (a win
+    counts only beyond the seed spread or the standard error, and never for a collapsed run), ABFT minus
+    E2E, the training-time ratio, mean consistency per method, collapsed runs and, given the
+    out-of-domain table, the mean out-of-domain harm per method (over every run, and over the training
+    sets where both ABFT and E2E have one)."""
+    table = seed_table(frame)
+    summary: dict[str, object] = {
+        "mean_accuracy": frame.groupby("method")["accuracy"].mean().to_dict(),
+        "mean_macro_f1": frame.groupby("method")["macro_f1"].mean().to_dict(),
+        "pieces": len(frame), "seeds": sorted(int(seed) for seed in frame["seed"].unique()),
+        "collapsed_runs": {method: int(count) for method, count in
+                           frame.assign(c=frame.get("collapsed_onto", pd.Series(index=frame.index, dtype=object))
+                                        .notna()).groupby("method")["c"].sum().items()},
+    }
+    collapsed = set(zip(table.loc[table["collapsed_seeds"] > 0, "dataset"],
+                        table.loc[table["collapsed_seeds"] > 0, "method"]))
+    for other in ("vanilla", "calibration", "e2e"):
+        for metric in METRICS:
+            versus = compare(table, "abft", other, metric)
+            if versus.empty:
+                continue
+            wins = [d for d, v in zip(versus["dataset"], versus["verdict"], strict=True)
+                    if v == "ahead" and (d, "abft") not in collapsed]
+            summary[f"abft_minus_{other}_{metric}"] = float(versus["difference"].mean())
+            summary[f"abft_wins_over_{other}_{metric}"] = f"{len(wins)} of {len(versus)}"
+            summary[f"abft_vs_{other}_{metric}"] = dict(zip(versus["dataset"], versus["verdict"], strict=True))
+    if "abft_minus_vanilla_accuracy" in summary:
+        summary["abft_minus_vanilla"] = summary["abft_minus_vanilla_accuracy"]
     pivot = frame.pivot_table(index=["dataset", "seed"], columns="method", values="accuracy")
-    summary: dict[str, object] = {"mean_accuracy": mean, "pieces": len(frame)}
-    if (both := _both(pivot, "abft", "vanilla")) is not None:
-        summary["abft_minus_vanilla"] = float((both["abft"] - both["vanilla"]).mean())
-        summary["abft_wins_over_vanilla"] = f"{int((both['abft'] > both['vanilla']).sum())} of {len(both)}"
     if (both := _both(pivot, "abft", "e2e")) is not None:
         summary["abft_minus_e2e"] = float((both["abft"] - both["e2e"]).mean())
         # Pieces both methods finished on the same kind of device: timings compare only there.
@@ -282,7 +384,8 @@ def summarise(frame: pd.DataFrame, ood: pd.DataFrame | None = None) -> dict[str,
             index=["dataset", "seed", "device"], columns="method", values="train_seconds")
         paired = _both(seconds, "abft", "e2e").sum()
         summary["abft_over_e2e_train_time"] = float(paired["abft"] / paired["e2e"])
-    summary["mean_consistency"] = frame.groupby("method")["consistency"].mean().dropna().to_dict()
+    if "consistency" in frame:
+        summary["mean_consistency"] = frame.groupby("method")["consistency"].mean().dropna().to_dict()
     if ood is not None and len(ood):
         from abft_lens.evaluation import out_of_domain_harm
 
@@ -332,11 +435,15 @@ def main(argv: list[str] | None = None, model=None) -> None:
         child += given
         subprocess.run(child, check=True)
 
-    frame = read_results(results)
+    frame = with_prediction_columns(read_results(results))
     frame = frame[frame["method"].isin(args.methods) & frame["dataset"].isin(args.datasets) & frame["seed"].isin(args.seeds)]
-    save_figure(accuracy_with_paper(frame, f"{args.model}: ICL accuracy, k = {args.k}"), args.out / "results")
+    seeds = f"mean and std over seeds {', '.join(str(s) for s in sorted(frame['seed'].unique()))}"
+    save_figure(accuracy_with_paper(frame, f"{args.model}: ICL accuracy, k = {args.k} ({seeds})"), args.out / "results")
+    save_figure(accuracy_with_paper(frame, f"{args.model}: ICL macro-F1, k = {args.k} ({seeds})", metric="macro_f1"),
+                args.out / "results_macro_f1")
     ood_path = args.out / "ood.csv"
     summary = summarise(frame, pd.read_csv(ood_path) if ood_path.is_file() else None)
+    atomic_write_text(args.out / "seed_table.csv", seed_table(frame).to_csv(index=False, float_format="%.4g"))
     wall = float(frame.loc[frame["method"] != "calibration", "piece_seconds"].sum())  # base rows share one piece
     write_json(args.out / "summary.json", {"command": command, **summary, "total_piece_seconds": round(wall, 1),
                                            "this_session_seconds": round(time.perf_counter() - started, 1),

@@ -56,15 +56,16 @@ def test_out_of_domain_harm_is_vanilla_minus_fine_tuned_on_the_same_data_set_and
 def test_summary_counts_wins_differences_and_harm(bench):
     rows = [("sst2", "vanilla", 0.6, 0.0), ("sst2", "abft", 0.8, 10.0), ("sst2", "e2e", 0.9, 20.0),
             ("mr", "vanilla", 0.6, 0.0), ("mr", "abft", 0.5, 10.0), ("mr", "e2e", 0.7, 20.0)]
-    frame = pd.DataFrame([dict(dataset=d, method=m, seed=42, accuracy=a, train_seconds=t, consistency=0.8, device="cpu")
-                          for d, m, a, t in rows])
+    frame = pd.DataFrame([dict(dataset=d, method=m, seed=42, accuracy=a, macro_f1=a - 0.1, train_seconds=t,
+                               consistency=0.8, device="cpu", n_inputs=1024) for d, m, a, t in rows])
     ood = pd.DataFrame([dict(trained_on="none", dataset="mr", method="vanilla", seed=42, accuracy=0.6),
                         dict(trained_on="none", dataset="sst2", method="vanilla", seed=42, accuracy=0.7),
                         dict(trained_on="sst2", dataset="mr", method="abft", seed=42, accuracy=0.5),
                         dict(trained_on="mr", dataset="sst2", method="abft", seed=42, accuracy=0.4),
                         dict(trained_on="mr", dataset="sst2", method="e2e", seed=42, accuracy=0.8)])
     summary = bench.summarise(frame, ood)
-    assert summary["abft_wins_over_vanilla"] == "1 of 2"
+    assert summary["abft_wins_over_vanilla_accuracy"] == summary["abft_wins_over_vanilla_macro_f1"] == "1 of 2"
+    assert summary["mean_macro_f1"]["abft"] == pytest.approx(0.55)
     assert summary["abft_minus_vanilla"] == pytest.approx(0.05)
     assert summary["abft_minus_e2e"] == pytest.approx(-0.15)
     assert summary["abft_over_e2e_train_time"] == pytest.approx(0.5)
@@ -108,3 +109,30 @@ def test_tiny_benchmark_runs_every_piece_in_process_and_leaves_the_model_as_it_w
     mtime = (out / "results.csv").stat().st_mtime_ns
     bench.main(argv, model=smollm2)
     assert (out / "results.csv").stat().st_mtime_ns == mtime
+
+
+def _seed_rows(values: dict[tuple[str, str], list[float]], collapsed: set[tuple[str, str, int]] = frozenset()):
+    return pd.DataFrame([dict(dataset=d, method=m, seed=42 + i, accuracy=a, macro_f1=a, n_inputs=1024,
+                              collapsed_onto="bad" if (d, m, 42 + i) in collapsed else None)
+                         for (d, m), accs in values.items() for i, a in enumerate(accs)])
+
+
+def test_seed_table_gives_mean_and_spread_and_a_claim_needs_more_than_the_spread(bench):
+    frame = _seed_rows({("sst2", "vanilla"): [0.60, 0.62, 0.64], ("sst2", "abft"): [0.80, 0.82, 0.84],
+                        ("mr", "vanilla"): [0.60, 0.70, 0.80], ("mr", "abft"): [0.70, 0.75, 0.80]})
+    table = bench.seed_table(frame).set_index(["dataset", "method"])
+    assert table.loc[("sst2", "abft"), "accuracy_mean"] == pytest.approx(0.82)
+    assert table.loc[("sst2", "abft"), "accuracy_std"] == pytest.approx(0.02)
+    assert table.loc[("sst2", "abft"), "seeds"] == 3
+    versus = bench.compare(bench.seed_table(frame), "abft", "vanilla", "accuracy").set_index("dataset")
+    assert versus.loc["sst2", "verdict"] == "ahead"  # +0.20, spread 0.04
+    assert versus.loc["mr", "verdict"] == "within the spread"  # +0.05, spread 0.15
+    assert bench.summarise(frame)["abft_wins_over_vanilla_accuracy"] == "1 of 2"
+
+
+def test_a_collapsed_run_is_never_counted_as_a_win(bench):
+    frame = _seed_rows({("sst5", "vanilla"): [0.30], ("sst5", "abft"): [0.45]}, collapsed={("sst5", "abft", 42)})
+    summary = bench.summarise(frame)
+    assert summary["abft_vs_vanilla_accuracy"] == {"sst5": "ahead"}
+    assert summary["abft_wins_over_vanilla_accuracy"] == "0 of 1"
+    assert summary["collapsed_runs"] == {"abft": 1, "vanilla": 0}

@@ -113,9 +113,11 @@ def test_device_map_places_the_model_and_excludes_device(tiny_gpt2_dir):
 # --- two ranks under torchrun --------------------------------------------------------------------------
 
 def test_two_rank_find_heads_equals_one_rank_on_tiny_gpt2(tiny_gpt2_dir, tmp_path):
-    args = dict(n_prompts=10, batch_size=3, seed=5)  # 4 batches, the last one short: 2 + 2 per rank
+    # fp32 in every distributed test: the tolerances are float32's (bf16 parity is test_precision's).
+    args = dict(n_prompts=10, batch_size=3, seed=5, precision="fp32")  # 4 batches, the last one short
     result = torchrun("-m", "abft_lens", "find-heads", str(tiny_gpt2_dir), "--n-prompts", "10",
-                      "--batch-size", "3", "--seed", "5", "--top", "3", "--out", str(tmp_path / "two"))
+                      "--batch-size", "3", "--seed", "5", "--precision", "fp32", "--top", "3",
+                      "--out", str(tmp_path / "two"))
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.count("Top 3 heads") == 1, "only rank 0 prints"
     config = json.loads((tmp_path / "two" / "config.json").read_text())
@@ -127,10 +129,10 @@ def test_two_rank_find_heads_equals_one_rank_on_tiny_gpt2(tiny_gpt2_dir, tmp_pat
 @pytest.mark.slow
 def test_two_rank_find_heads_equals_one_rank_on_the_embedded_model(smollm2, tmp_path):
     result = torchrun("-m", "abft_lens", "find-heads", "smollm2-135m", "--n-prompts", "6", "--batch-size", "2",
-                      "--seed", "3", "--out", str(tmp_path / "two"))
+                      "--seed", "3", "--precision", "fp32", "--out", str(tmp_path / "two"))
     assert result.returncode == 0, result.stderr[-4000:]
-    find_heads(FindHeadsConfig(n_prompts=6, batch_size=2, seed=3, out=str(tmp_path / "one")), model=smollm2,
-               progress=False)
+    find_heads(FindHeadsConfig(n_prompts=6, batch_size=2, seed=3, precision="fp32", out=str(tmp_path / "one")),
+               model=smollm2, progress=False)
     assert_same_heads(tmp_path / "two" / "heads.csv", tmp_path / "one" / "heads.csv")
     table = pd.read_csv(tmp_path / "two" / "heads.csv")
     assert table["label_mass"].iloc[0] > 5 * table["uniform_mass"].iloc[0], "real label-attending heads"
@@ -182,7 +184,7 @@ def short_sst2_csv(tmp_path_factory) -> Path:
 
 # 4 micro-batches of 1 per pseudo-batch: 2 per rank. Every head trained (a random model flags none).
 FINETUNE = dict(n_train=8, k=2, lr=1e-2, batch_size=4, micro_batch_size=1, steps=3, heads="all",
-                checkpoint_every=1, seed=0)
+                checkpoint_every=1, seed=0, precision="fp32")
 WEIGHT_TOLERANCE = 1e-5  # |w_2 ranks - w_1 rank| after 3 Adam steps of lr 1e-2: float32 summation order
 # Adam divides each gradient element by its own running RMS (+ 1e-8), so an element whose true gradient
 # is ~0 moves by up to lr per step in the direction of its float32 rounding noise, which the two

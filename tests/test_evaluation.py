@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from abft_lens.data import Example, load_dataset, split_pools
-from abft_lens.errors import DataError
+from abft_lens.errors import ConfigError, DataError
 from abft_lens.evaluation import (
     EvaluateConfig,
     accuracy,
@@ -116,9 +116,9 @@ def test_no_induction_heads_gives_nan_masses_not_an_error():
 
 
 def test_config_rejects_impossible_sizes():
-    with pytest.raises(DataError):
+    with pytest.raises(ConfigError, match="n_test"):
         EvaluateConfig(n_test=0)
-    with pytest.raises(DataError):
+    with pytest.raises(ConfigError, match="k must be"):
         EvaluateConfig(k=0)
 
 

@@ -56,6 +56,16 @@ def test_accuracy_figure_labels_the_paper_numbers_as_quoted():
     assert "abft (GPT2-XL, quoted from the paper)" in names
 
 
+def test_accuracy_figure_marks_collapsed_runs_and_draws_macro_f1_with_seed_error_bars():
+    results = pd.DataFrame([dict(dataset="sst5", method="abft", seed=s, accuracy=0.4, macro_f1=f,
+                                 collapsed_onto="bad" if s == 42 else None) for s, f in ((42, 0.1), (43, 0.3))])
+    accuracy = accuracy_with_paper(results).data[0]
+    assert accuracy.text[0] == "collapsed"
+    f1 = accuracy_with_paper(results, metric="macro_f1")
+    assert [trace.name for trace in f1.data] == ["abft (ours)"]  # the paper quotes accuracy only
+    assert f1.data[0].y[0] == pytest.approx(0.2) and f1.data[0].error_y.array[0] == pytest.approx(0.1414, abs=1e-4)
+
+
 def test_figures_are_drawn_from_saved_folders_as_html(tmp_path):
     _saved_folders(tmp_path / "runs")
     report = make_figures([tmp_path / "runs"], tmp_path / "figures", png=False)
