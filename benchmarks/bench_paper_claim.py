@@ -90,6 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-calibration", type=int, default=512)
     parser.add_argument("--robustness-queries", type=int, default=64)
     parser.add_argument("--robustness-demo-sets", type=int, default=8)
+    parser.add_argument("--robustness-seeds", nargs="+", type=int, default=[42],
+                        help="seeds whose evaluations include robustness (9 templates x demo sets): its cost is "
+                             "a third of a base piece, and one seed says how robust a method is")
     parser.add_argument("--eval-batch-size", type=int, default=8)
     parser.add_argument("--ood", action="store_true",
                         help="also evaluate each fine-tuned model on the other data sets (out-of-domain harm, "
@@ -124,7 +127,7 @@ def eval_config(args: argparse.Namespace, dataset: str, seed: int, calibrate: bo
 
     return EvaluateConfig(dataset=dataset, n_test=args.n_test, demo_sets=args.demo_sets, k=args.k, seed=seed,
                           pool_seed=args.pool_seed, batch_size=args.eval_batch_size, calibrate=calibrate,
-                          n_calibration=args.n_calibration, robustness=True,
+                          n_calibration=args.n_calibration, robustness=seed in args.robustness_seeds,
                           robustness_queries=args.robustness_queries,
                           robustness_demo_sets=args.robustness_demo_sets, unseen_labels=True, out=str(out),
                           precision=args.precision)

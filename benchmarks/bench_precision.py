@@ -36,6 +36,7 @@ from abft_lens.find_heads import FindHeadsConfig, find_heads
 from abft_lens.heads import induction_head_mask, label_attention
 from abft_lens.loss import abft_loss
 from abft_lens.models import load_model
+from abft_lens.plots import save_figure
 from abft_lens.precision import autocast, fast_bf16
 from abft_lens.runs import package_versions, write_json
 from abft_lens.training import (
@@ -343,6 +344,39 @@ def part_train(model, out: Path, steps: int, n_test: int) -> dict:
     return done.to_dict("records")
 
 
+def train_parity_figure(out: Path):
+    """Per optimiser step, fp32 and bf16 together: the flagged-head count and the correct and wrong
+    label mass of the flagged heads (ABFT), and the loss (ABFT and E2E)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    figure = make_subplots(rows=1, cols=3, subplot_titles=("ABFT: flagged heads per prompt",
+                                                           "ABFT: label mass of flagged heads", "loss"))
+    colours = {"fp32": "#1f77b4", "bf16": "#d62728"}
+    for precision in PRECISIONS:
+        colour = colours[precision]
+        for method in ("abft", "e2e"):
+            path = out / f"train_{method}_{precision}" / "metrics.jsonl"
+            if not path.is_file():
+                continue
+            metrics = pd.read_json(path, lines=True)
+            dash = "solid" if method == "abft" else "dot"
+            figure.add_trace(go.Scatter(x=metrics["step"], y=metrics["loss"], name=f"{method} loss, {precision}",
+                                        line={"color": colour, "dash": dash}), row=1, col=3)
+            if method != "abft":
+                continue
+            figure.add_trace(go.Scatter(x=metrics["step"], y=metrics["flagged_heads"], name=f"flagged, {precision}",
+                                        line={"color": colour}), row=1, col=1)
+            for column, mass_dash in (("correct_mass", "solid"), ("wrong_mass", "dash")):
+                figure.add_trace(go.Scatter(x=metrics["step"], y=metrics[column],
+                                            name=f"{column.split('_')[0]} mass, {precision}",
+                                            line={"color": colour, "dash": mass_dash}), row=1, col=2)
+    figure.update_xaxes(title_text="optimiser step")
+    figure.update_layout(template="plotly_white", width=1300, height=420,
+                         title="bf16 against fp32 during training (SST-2, 32 steps of 32, lr 3e-4)")
+    return figure
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -366,6 +400,7 @@ def main(argv: list[str] | None = None) -> None:
         print("speed", json.dumps(part_speed(model, args.out, args.speed_repeats)), flush=True)
     if "train" in parts:
         print("train", json.dumps(part_train(model, args.out, args.train_steps, args.n_test)), flush=True)
+        save_figure(train_parity_figure(args.out), args.out / "train_parity", png=True)
 
 
 if __name__ == "__main__":
