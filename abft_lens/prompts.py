@@ -20,7 +20,7 @@ from torch import Tensor
 from abft_lens.data import Example, ICLDataset, Template
 from abft_lens.errors import DataError, LabelTokenError, PromptTooLongError
 
-DemoSampling = Literal["random", "unseen_label"]
+DemoSampling = Literal["random", "unseen_label", "every_label"]
 
 
 @dataclass(frozen=True)
@@ -195,7 +195,17 @@ def _sample_demos(
         candidates = candidates[candidates != query_index]
     if len(candidates) < k:
         raise DataError(f"Cannot draw {k} demonstrations from a pool of {len(candidates)} candidates.")
-    return [pool[i] for i in rng.choice(candidates, size=k, replace=False)]
+    if mode != "every_label":
+        return [pool[i] for i in rng.choice(candidates, size=k, replace=False)]
+    # One demonstration of every label first (so the prompt shows the whole label mapping), the rest
+    # at random, in a random order: what a test of following the in-prompt mapping needs.
+    if k < len(by_label):
+        raise DataError(f"demo sampling 'every_label' needs k >= the {len(by_label)} labels; got k = {k}.")
+    first = [int(rng.choice(idx[idx != query_index] if query_index is not None else idx))
+             for _, idx in sorted(by_label.items())]
+    rest = rng.choice(np.setdiff1d(candidates, first), size=k - len(first), replace=False)
+    chosen = rng.permutation(np.concatenate([first, rest]).astype(int))
+    return [pool[i] for i in chosen]
 
 
 def build_prompts(
@@ -218,7 +228,8 @@ def build_prompts(
     Queries are the first ``n_prompts`` of ``queries`` (all by default), each used ``repeats``
     times with fresh demonstrations. Demonstrations come from ``demo_pool`` or, when it is None,
     from ``queries`` itself without the query (training prompts). ``demo_sampling="unseen_label"``
-    draws only demonstrations whose label differs from the query's (the paper's bias test).
+    draws only demonstrations whose label differs from the query's (the paper's bias test);
+    ``"every_label"`` shows every label at least once (k >= the number of labels; the ICL tests).
     """
     if k < 0:
         raise DataError(f"k must be at least 0 (0-shot), got {k}.")
