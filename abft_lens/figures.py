@@ -72,14 +72,20 @@ def paper_table() -> pd.DataFrame:
 
 def accuracy_with_paper(results: pd.DataFrame, title: str = "Accuracy per data set",
                         metric: str = "accuracy") -> go.Figure:
-    """Grouped bars: our methods (solid, mean over seeds with the seed std as error bar; a bar whose
+    """Grouped bars: our methods (solid, mean over seeds with the seed std as error bar, or for one seed
+    the accuracy's binomial standard error where ``n_inputs`` is known; a bar whose
     runs collapsed onto one label is marked "collapsed") and, for accuracy, the paper's GPT2-XL numbers
     (hatched, "GPT2-XL, quoted from the paper") for the same data sets."""
     results = results.assign(collapsed=results["collapsed_onto"].notna() if "collapsed_onto" in results else False,
                              seed=results["seed"] if "seed" in results else 0)
+    results = results.assign(n_inputs=results["n_inputs"] if "n_inputs" in results else float("nan"))
     ours = results.groupby(["dataset", "method"], sort=False).agg(
-        mean=(metric, "mean"), std=(metric, "std"), seeds=("seed", "nunique"), collapsed=("collapsed", "sum")
+        mean=(metric, "mean"), std=(metric, "std"), seeds=("seed", "nunique"), collapsed=("collapsed", "sum"),
+        n_inputs=("n_inputs", "mean"),
     ).reset_index()
+    if metric == "accuracy":  # one seed: the binomial standard error of the accuracy instead of a seed std
+        binomial = (ours["mean"] * (1 - ours["mean"]) / ours["n_inputs"]) ** 0.5
+        ours["std"] = ours["std"].where(ours["seeds"] > 1, binomial)
     datasets = [d for d in PAPER_DATASET_ORDER if d in set(ours["dataset"])]
     datasets += [d for d in dict.fromkeys(ours["dataset"]) if d not in datasets]
     figure = go.Figure()

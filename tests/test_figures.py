@@ -119,3 +119,9 @@ def test_robustness_and_out_of_domain_figures_come_from_the_benchmark_tables(tmp
     assert {"accuracy_bench.html", "robustness_bench.html", "ood_bench.html"} <= set(written)
     robustness = written["robustness_bench.html"].read_text()
     assert '"name":"abft"' in robustness and '"name":"calibration"' not in robustness  # no forwards of its own
+
+
+def test_one_seed_accuracy_bars_carry_the_binomial_standard_error():
+    results = pd.DataFrame([dict(dataset="sst2", method="abft", seed=42, accuracy=0.8, n_inputs=1024)])
+    bar = accuracy_with_paper(results).data[0]
+    assert bar.error_y.array[0] == pytest.approx((0.8 * 0.2 / 1024) ** 0.5)
