@@ -22,9 +22,9 @@ The command-line jobs (`abft-lens analyze-gradients | landscape | dynamics`) are
 and write the same tables as CSV, the figures as HTML and their config as JSON.
 """
 
-from analysis import figures
-from analysis.dynamics import read_metrics
-from analysis.gradients import (
+from . import figures
+from .dynamics import read_metrics
+from .gradients import (
     GradientAnalysis,
     GradientConfig,
     QKParameters,
@@ -34,7 +34,7 @@ from analysis.gradients import (
     split_pattern_gradient,
     wilson_interval,
 )
-from analysis.landscape import LandscapeResult, weight_landscape
+from .landscape import LandscapeResult, weight_landscape
 
 __all__ = [
     "GradientAnalysis", "GradientConfig", "LandscapeResult", "QKParameters", "analyze_gradients", "figures",
