@@ -1,6 +1,10 @@
 """Analyses of the claim that the end-to-end ICL objective contains the ABFT objective
 (method.md section 7). A separate package: it imports `abft_lens`, never the other way round.
 
+Installed as ``abft_lens_analysis`` (pyproject.toml maps it to this folder): a top-level ``analysis`` in
+site-packages could collide with another distribution's. From a checkout's root it is also importable
+as ``analysis`` (the examples below); its modules import each other relatively, so both names work.
+
 In a notebook::
 
     from abft_lens import load_model, load_dataset, split_pools, build_prompts
