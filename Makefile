@@ -6,13 +6,18 @@ export ABFT_LENS_CACHE_DIR ?= $(CURDIR)/.cache
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: env demo test test-fast bench clean
+.PHONY: env system-deps demo test test-fast bench clean
 
 env: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml scripts/setup-env.sh
 	VENV=$(VENV) bash scripts/setup-env.sh
 	touch $@
+
+# System packages (apt-get, as root): Debian's chromium for static PNG figures. Never run by `make env`
+# or `make test`; .ci/run calls it first. Without it, PNG tests skip and figures are HTML only.
+system-deps:
+	bash scripts/system-deps.sh
 
 # The main job on the embedded model: rank the induction heads, fine-tune W_Q/W_K with ABFT at the
 # paper's size (512 prompts, 32 steps of 32; 8 of the demo's 10 min on 2 CPU cores) with the lr that the

@@ -21,7 +21,6 @@ out, png)`` draws what it finds under ``roots`` into ``out`` and returns the fil
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -32,6 +31,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from abft_lens.plots import head_heatmap, method_comparison, save_figure
+from abft_lens.runs import METRICS_FILE, read_metrics
 
 FigureSource = Callable[[Sequence[Path], Path, bool], list[Path]]
 _SOURCES: list[tuple[str, FigureSource]] = []
@@ -236,14 +236,8 @@ def _make_figures(roots: Sequence[Path], out: Path, png: bool) -> FiguresReport:
             _save(report, accuracy_with_paper(results, title=f"Accuracy per data set: {name} (k = 4)"),
                   out / f"accuracy_{name}", png)
             _robustness_figures(report, results, path.parent / "ood.csv", name, out, png)
-        for path in sorted(root.rglob("metrics.jsonl")):
-            rows = []
-            for line in path.read_text().splitlines():
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:
-                    continue
-            metrics = pd.DataFrame(rows)
+        for path in sorted(root.rglob(METRICS_FILE)):
+            metrics = pd.DataFrame(read_metrics(path))
             if metrics.empty or not {"step", "correct_mass", "wrong_mass"} <= set(metrics.columns):
                 continue
             name = figure_name(path.parent, root)

@@ -1,8 +1,10 @@
 """The `find-heads` job: score every head of a model on probe prompts, rank, select, and write a
-run folder (config.json, heads.csv, heatmap.html)."""
+run folder (config.json, run.log, heads.csv, heatmap.html)."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,9 @@ from abft_lens.precision import (
     resolve_config_precision,
 )
 from abft_lens.prompts import build_prompts
-from abft_lens.runs import atomic_write_text, save_config
+from abft_lens.runs import atomic_write_text, run_log, save_config
+
+log = logging.getLogger("abft_lens.find_heads")
 
 HEADS_COLUMNS = ("rank", "layer", "head", "label_mass", "label_mass_se", "correctness", "correctness_se",
                  "pass_rate", "uniform_mass", "mean_threshold", "n_prompts")
@@ -74,7 +78,11 @@ def find_heads(config: FindHeadsConfig, model=None, progress: bool = True) -> Fi
     Under ``torchrun`` (``WORLD_SIZE`` > 1) each rank scores its share of the probe prompts (whole
     batches, see ``distributed.shard_batches``), the per-head sums are all-reduced, and rank 0 alone
     writes the run folder; every rank returns the same scores."""
-    with distributed.process_group():
+    with distributed.process_group(), contextlib.ExitStack() as stack:
+        if distributed.is_main_process():  # rank 0 alone writes the run folder, its log included
+            stack.enter_context(run_log(config.run_dir(), "find-heads"))
+        log.info("find-heads %s on %s: %d prompts, k=%d, threshold %s, ranked by %s", config.model,
+                 config.dataset, config.n_prompts, config.k, config.threshold, config.rank_by)
         return _find_heads(config, model, progress)
 
 
@@ -98,6 +106,8 @@ def _find_heads(config: FindHeadsConfig, model, progress: bool) -> FindHeadsResu
     scores = HeadScores(distributed.all_reduce_head_statistics(stats).to_frame(config.rank_by))
     run_dir = config.run_dir()
     seconds = time.perf_counter() - started
+    log.info("scored %d prompts in %.1f s (precision %s: %s)", len(prompts), seconds, config.precision,
+             choice.reason)
     if not distributed.is_main_process():
         return FindHeadsResult(scores, run_dir, seconds)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -112,4 +122,7 @@ def _find_heads(config: FindHeadsConfig, model, progress: bool) -> FindHeadsResu
     save_figure(head_heatmap(scores.table, "correctness", title), run_dir / "heatmap")
     save_figure(head_heatmap(scores.table, "label_mass", f"{config.model} on {dataset.name}: label attention mass"),
                 run_dir / "heatmap_label_mass")
+    top = scores.table.iloc[0]
+    log.info("top head L%dH%d (%s %.3f); wrote %s", top["layer"], top["head"], config.rank_by, top[config.rank_by],
+             run_dir)
     return FindHeadsResult(scores, run_dir, seconds)

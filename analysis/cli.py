@@ -16,7 +16,7 @@ from abft_lens.runs import load_config, with_overrides
 
 def redraw_figures(roots, out, png):
     """`abft-lens figures` source: the analysis' figures from its saved folders (``analysis.jobs``)."""
-    from analysis.jobs import redraw_figures as redraw  # imported when drawing: keeps the CLI quick to start
+    from .jobs import redraw_figures as redraw  # imported when drawing: keeps the CLI quick to start
 
     return redraw(roots, out, png)
 
@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
         config: Optional[Path] = typer.Option(None, help="an AnalyzeGradientsConfig JSON (or an output's config.json)"),
     ) -> None:
         """Split the E2E gradient on W_Q/W_K into its label-attention paths and compare it with ABFT's."""
-        from analysis.jobs import AnalyzeGradientsConfig, run_analyze_gradients
+        from .jobs import AnalyzeGradientsConfig, run_analyze_gradients
 
         base = load_config(config, AnalyzeGradientsConfig) if config else AnalyzeGradientsConfig()
         chosen = tuple(int(x) for x in layers.split(",")) if layers else None
@@ -84,7 +84,7 @@ def register(app: typer.Typer) -> None:
         config: Optional[Path] = typer.Option(None, help="a LandscapeConfig JSON (or an output's config.json)"),
     ) -> None:
         """Accuracy on the plane base + l_E (E2E - base) + l_A (ABFT - base) of W_Q/W_K."""
-        from analysis.jobs import LandscapeConfig, run_landscape
+        from .jobs import LandscapeConfig, run_landscape
 
         cfg = with_overrides(load_config(config, LandscapeConfig) if config else LandscapeConfig(),
                      dict(base=base, abft=str(abft) if abft else None, e2e=str(e2e) if e2e else None, grid=grid,
@@ -107,7 +107,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("runs/dynamics"), help="output folder"),
     ) -> None:
         """Plot the induction heads' correct and wrong label mass per training step of several runs."""
-        from analysis.jobs import DynamicsConfig, run_dynamics
+        from .jobs import DynamicsConfig, run_dynamics
 
         metrics = run_dynamics(DynamicsConfig(tuple(str(r) for r in runs), str(out)))
         for method, group in metrics.groupby("method"):

@@ -1,27 +1,18 @@
 """Training dynamics: the per-step metrics that `abft_lens.training` writes to each run's
 metrics.jsonl (for ABFT and E2E alike: ``correct_mass`` and ``wrong_mass``, the mean label mass
 of the heads flagged on each prompt of the step's pseudo-batch, measured in that step's forward,
-i.e. before its update), gathered into one table."""
+i.e. before its update), gathered into one table. The files are read through ``abft_lens.runs``."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from abft_lens.errors import AbftLensError
-
-METRICS_FILE = "metrics.jsonl"
-
-
-def run_record(run_dir: Path) -> dict[str, object]:
-    """The run's config fields (config.json's ``"config"``)."""
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise AbftLensError(f"{run_dir} is not a fine-tuning run folder (no config.json).")
-    return json.loads(path.read_text()).get("config", {})
+from abft_lens.runs import METRICS_FILE, run_record
+from abft_lens.runs import read_metrics as read_metrics_lines
 
 
 def read_metrics(run_dirs: Sequence[Path]) -> pd.DataFrame:
@@ -32,13 +23,7 @@ def read_metrics(run_dirs: Sequence[Path]) -> pd.DataFrame:
         path = Path(run_dir) / METRICS_FILE
         if not path.is_file():
             raise AbftLensError(f"{run_dir} has no {METRICS_FILE}.")
-        rows = []
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:  # a line cut short by a killed run
-                continue
-        frame = pd.DataFrame(rows)
+        frame = pd.DataFrame(read_metrics_lines(path))
         for column in ("step", "correct_mass", "wrong_mass"):
             if column not in frame:
                 raise AbftLensError(f"{path} has no '{column}' field; is it a metrics file of abft_lens.training?")

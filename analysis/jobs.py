@@ -24,10 +24,10 @@ from abft_lens.plots import save_figure
 from abft_lens.precision import Precision, autocast, resolve_config_precision
 from abft_lens.prompts import build_prompts
 from abft_lens.runs import atomic_write_text, save_config, write_json
-from analysis import figures
-from analysis.dynamics import read_metrics
-from analysis.gradients import GradientAnalysis, GradientConfig, Softmax, analyze_gradients
-from analysis.landscape import LandscapeResult, landscape_marks, weight_landscape
+from . import figures
+from .dynamics import read_metrics
+from .gradients import GradientAnalysis, GradientConfig, Softmax, analyze_gradients
+from .landscape import LandscapeResult, landscape_marks, weight_landscape
 
 
 def _csv(path: Path, frame: pd.DataFrame) -> None:

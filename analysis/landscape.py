@@ -16,7 +16,6 @@ error of one accuracy so that a barrier can be told from test-set noise.
 from __future__ import annotations
 
 import heapq
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -31,9 +30,8 @@ from abft_lens.data import load_dataset, split_pools
 from abft_lens.errors import AbftLensError
 from abft_lens.evaluation import predict
 from abft_lens.prompts import PromptSet, build_prompts
-from abft_lens.training import read_trained_tensors
+from abft_lens.runs import read_finished_run
 
-TRAINED_FILE = "trained.safetensors"
 Point = tuple[float, float]  # (l_E, l_A)
 
 
@@ -58,12 +56,7 @@ def landscape_marks(summary: dict[str, object]) -> dict[str, Point]:
 
 def read_run(run_dir: Path) -> tuple[dict[str, object], dict[str, torch.Tensor]]:
     """A fine-tuning run's config fields and its trained tensors (by parameter name)."""
-    config_path, trained = Path(run_dir) / "config.json", Path(run_dir) / TRAINED_FILE
-    if not config_path.is_file():
-        raise AbftLensError(f"{run_dir} is not a fine-tuning run folder (no config.json).")
-    if not trained.is_file():
-        raise AbftLensError(f"{run_dir} has no {TRAINED_FILE}: the run has not finished.")
-    return json.loads(config_path.read_text()).get("config", {}), read_trained_tensors(trained)
+    return read_finished_run(run_dir)
 
 
 def interpolate(base: dict[str, torch.Tensor], delta_e2e: dict[str, torch.Tensor], delta_abft: dict[str, torch.Tensor],

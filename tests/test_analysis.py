@@ -7,7 +7,9 @@ at a tiny size (one short prompt, k = 2, three layers)."""
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
+import inspect
 import json
 from pathlib import Path
 
@@ -258,13 +260,37 @@ def test_dynamics_reads_both_methods_and_draws_correct_and_wrong_curves(tiny_run
 
 def test_commands_reach_the_cli_through_the_entry_point_and_abft_lens_never_imports_analysis():
     points = [ep for ep in importlib.metadata.entry_points(group="abft_lens.commands") if ep.name == "analysis"]
-    assert points and points[0].value == "analysis.cli:register"
+    assert points, "no `analysis` entry point in group abft_lens.commands: is the package installed?"
+    register = points[0].load()
+    # The installed name lags pyproject.toml until the environment is reinstalled; either way the entry
+    # point loads this repository's analysis/cli.py (an editable install) or a copy of it.
+    assert Path(inspect.getsourcefile(register)).parts[-2:] in {("analysis", "cli.py"), ("abft_lens_analysis", "cli.py")}
     app = typer.Typer()
-    points[0].load()(app)
+    register(app)
     assert {c.name for c in app.registered_commands} == {"analyze-gradients", "landscape", "dynamics"}
-    for source in (REPO / "abft_lens").glob("*.py"):
+    for source in (REPO / "abft_lens").rglob("*.py"):
         text = source.read_text()
         assert "import analysis" not in text and "from analysis" not in text, source
+
+
+def test_analysis_installs_under_a_name_that_cannot_collide():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    setuptools = project["tool"]["setuptools"]
+    assert setuptools["package-dir"] == {"abft_lens_analysis": "analysis"}
+    assert all(name.split(".")[0] in ("abft_lens", "abft_lens_analysis") for name in setuptools["packages"])
+    assert project["project"]["entry-points"]["abft_lens.commands"] == {"analysis": "abft_lens_analysis.cli:register"}
+    # Every package under analysis/ is listed (setuptools would leave an unlisted one out of the wheel).
+    listed = {name.replace("abft_lens_analysis", "analysis") for name in setuptools["packages"]}
+    found = {".".join(init.parent.relative_to(REPO).parts) for init in (REPO / "analysis").rglob("__init__.py")}
+    found |= {".".join(init.parent.relative_to(REPO).parts) for init in (REPO / "abft_lens").rglob("__init__.py")}
+    assert found <= listed, f"packages missing from pyproject's [tool.setuptools] packages: {sorted(found - listed)}"
+    # Inside analysis/ only relative imports name the package, so it works under its installed name.
+    for source in (REPO / "analysis").rglob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            assert not any(name.split(".")[0] == "analysis" for name in names), f"{source}: import {names}"
 
 
 def test_landscape_and_dynamics_commands_write_csv_figures_and_config(tiny_gpt2_dir, tiny_runs, tmp_path):

@@ -43,7 +43,11 @@ def torchrun(*args: str, nproc: int = 2, env: dict[str, str] | None = None,
     """``python -m torch.distributed.run --nproc-per-node N ARGS`` on localhost with a free port."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *args]
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    # A script run by path puts its own folder first on sys.path, not the repository: name the repository so
+    # that the code under test is imported, not whatever copy the environment has installed.
+    python_path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": python_path,
+                **(env or {})}
     full_env.pop("WORLD_SIZE", None)
     return subprocess.run(command, capture_output=True, text=True, env=full_env, cwd=REPO, timeout=timeout)
 
@@ -244,7 +248,7 @@ def test_two_rank_finetune_equals_one_rank_with_the_same_global_batch(tiny_gpt2_
 
 KILLED_AFTER_STEP_2 = """
 import sys
-import abft_lens.training as training
+import abft_lens.training.job as training  # the module whose _train looks write_checkpoint up
 
 write_checkpoint = training.write_checkpoint
 

@@ -272,10 +272,11 @@ def test_the_model_has_label_attending_induction_heads_on_test_prompts(sst2_eval
 def test_evaluate_command_writes_metrics_json(smollm2, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from abft_lens import cli, evaluation
+    from abft_lens import cli
+    from abft_lens.evaluation import job
 
     # In process, with the session's model: the command's own parsing, job and files are real.
-    monkeypatch.setattr(evaluation, "load_model_or_run", lambda config: smollm2)
+    monkeypatch.setattr(job, "load_model_or_run", lambda config: smollm2)  # where run_evaluation looks it up
     out = tmp_path / "eval"
     result = CliRunner().invoke(cli.app, ["evaluate", "smollm2-135m", "--dataset", "sst2", "--n-test", "4",
                                           "--demo-sets", "1", "--out", str(out)])

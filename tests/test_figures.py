@@ -94,7 +94,8 @@ def test_registered_figure_sources_run_and_their_failures_are_reported(tmp_path)
     assert any("test-bad" in reason and "broken" in reason for reason in report.skipped)
 
 
-@pytest.mark.skipif(not _png_available(), reason="PNG export needs kaleido and a Chrome/Chromium")
+@pytest.mark.skipif(not _png_available(), reason="PNG export needs kaleido (the `figures` extra) and a "
+                    "Chrome/Chromium browser; `make system-deps` installs Debian's chromium (as root)")
 def test_png_export_writes_real_images(tmp_path):
     _saved_folders(tmp_path / "runs")
     report = make_figures([tmp_path / "runs"], tmp_path / "figures", png=True)

@@ -11,7 +11,8 @@ import torch
 
 from abft_lens.errors import ModelLoadError
 from abft_lens.models import (
-    EMBEDDED_MODELS, _cache_is_valid, _source_fingerprint, default_cache_dir, dequantised_gguf_dir, load_model,
+    EMBEDDED_MODELS, _cache_is_valid, _source_fingerprint, cache_problem, default_cache_dir, dequantised_gguf_dir,
+    load_model,
 )
 
 
@@ -68,17 +69,23 @@ def test_cache_entry_is_validated_and_a_corrupt_one_is_rebuilt(smollm2, tmp_path
         handle.seek(0)
         handle.write(b" " if first != b" " else b"\n")
     assert not _cache_is_valid(copy, fingerprint)
+    assert cache_problem(copy, fingerprint) == "config.json does not match its SHA-256 digest"
     assert not _cache_is_valid(copy, {**fingerprint, "gguf_bytes": 1})
+    assert cache_problem(tmp_path / "nowhere", fingerprint) == "not built yet"
 
 
 @pytest.mark.slow
-def test_corrupt_cache_is_rebuilt_on_load(smollm2, tmp_path):
+def test_corrupt_cache_is_rebuilt_on_load_and_says_so(smollm2, tmp_path, capsys):
     gguf = EMBEDDED_MODELS["smollm2-135m"].gguf(default_cache_dir())
     entry = dequantised_gguf_dir(gguf)
     copy = tmp_path / "models" / entry.name
     shutil.copytree(entry, copy)
     (copy / "model.safetensors").write_bytes(b"truncated")
+    capsys.readouterr()
     rebuilt = dequantised_gguf_dir(gguf, cache_dir=tmp_path)
+    err = capsys.readouterr().err
+    assert f"Rebuilt the model cache {copy}" in err and "model.safetensors is missing or has the wrong size" in err
+    assert f"de-quantising {gguf.name}" in err, "the rebuild shows its progress"
     assert rebuilt == copy and _cache_is_valid(rebuilt, _source_fingerprint(gguf))
     files = json.loads((rebuilt / "abft_lens_manifest.json").read_text())["files"]
     assert files["model.safetensors"]["bytes"] > 500_000_000

@@ -16,7 +16,8 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 
 
 def _strip_outputs_missing(notebook) -> list[int]:
@@ -38,6 +39,9 @@ def test_notebook_executes_top_to_bottom(path, tmp_path):
     notebook = nbformat.read(path, as_version=4)
     env_before = dict(os.environ)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the kernel inherits the environment
+    # The kernel runs in tmp_path: name the repository, so that it imports the code under test (abft_lens and
+    # the repository's analysis/), not whatever copy the environment has installed.
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env_before.get("PYTHONPATH", "")) if p)
     try:
         client = nbclient.NotebookClient(notebook, timeout=1800, kernel_name="python3",
                                          resources={"metadata": {"path": str(tmp_path)}})

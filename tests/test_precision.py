@@ -130,7 +130,7 @@ def test_bf16_abft_loss_and_gradient_are_close_to_fp32(tiny_gpt2, tiny_batch):
 def test_bf16_finetune_keeps_float32_masters_over_bf16_frozen_weights(tiny_gpt2_dir, sst2, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    import abft_lens.training as training
+    import abft_lens.training.job as training  # the module whose _train looks write_checkpoint up
     from abft_lens.models import load_model
     from abft_lens.training import FinetuneConfig, run_finetune, trainable_parameters
 

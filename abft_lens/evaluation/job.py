@@ -1,25 +1,10 @@
-"""Predictions and evaluation metrics for ICL classification (method.md section 6).
-
-``evaluate(model, dataset, config)`` measures, on held-out queries with demonstrations from a
-separate pool:
-
-- accuracy (argmax over the label tokens' logits at the query's last position) and macro-F1 on
-  ``n_test`` queries x ``demo_sets`` demonstration sets, and the predicted-label distribution;
-- contextual calibration (label probabilities divided by their mean over content-free queries,
-  renormalised);
-- robustness as prediction consistency over the 9 templates of an L9 orthogonal array and over
-  8 demonstration sets;
-- the unseen-label test (every demonstration carries a label other than the query's), beside
-  random demonstrations and 0-shot;
-- the label attention of the induction heads on the test prompts (collected in the same forward).
-
-The metric math (macro-F1, consistency, calibration, induction-head masses) is pure tensor code;
-``predict`` is the one loop that runs the model.
-"""
+"""The `evaluate` job: its typed config, the evaluation of one model on one data set (test accuracy,
+calibration, robustness, unseen labels), out-of-domain tables, and the output folder. A fine-tuning
+run folder is read through ``abft_lens.runs``."""
 
 from __future__ import annotations
 
-import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -29,15 +14,23 @@ import einops
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from abft_lens.config import check_int, validate_config
 from abft_lens.data import Example, ICLDataset, l9_templates, load_dataset, split_pools
-from abft_lens.errors import AbftLensError, DataError
-from abft_lens.forward import label_logits, query_logits_and_rows
-from abft_lens.heads import correct_and_wrong_mass, gather_label_attention, induction_head_mask
+from abft_lens.errors import DataError
+from abft_lens.evaluation.metrics import (
+    COLLAPSE_SHARE,
+    accuracy,
+    calibrate_probabilities,
+    collapsed_label,
+    consistency_score,
+    label_distribution,
+    macro_f1,
+    summarise_induction,
+)
+from abft_lens.evaluation.prediction import Predictions, content_free_probabilities, predict
 from abft_lens.models import DEFAULT_MODEL
 from abft_lens.precision import (
     WEIGHT_DTYPES,
@@ -46,174 +39,19 @@ from abft_lens.precision import (
     autocast,
     resolve_config_precision,
 )
-from abft_lens.prompts import PromptBatch, PromptSet, build_prompts
-from abft_lens.runs import atomic_write_text, save_config, write_json
+from abft_lens.prompts import build_prompts
+from abft_lens.runs import (
+    atomic_write_text,
+    check_not_broken_run_dir,
+    is_run_dir,
+    load_trained_model,
+    run_log,
+    run_record,
+    save_config,
+    write_json,
+)
 
-
-# --- pure metric functions ------------------------------------------------------------------------
-
-
-def accuracy(true: Int[Tensor, "n"], predicted: Int[Tensor, "n"]) -> float:
-    if true.numel() == 0:
-        raise ValueError("accuracy of zero predictions is undefined")
-    return float((true == predicted).double().mean())
-
-
-def macro_f1(true: Int[Tensor, "n"], predicted: Int[Tensor, "n"], n_labels: int) -> float:
-    """Mean over all ``n_labels`` classes of F1 = 2 TP / (2 TP + FP + FN); a class with no true and
-    no predicted example scores 0 (StaICC's convention: the average is over the whole label space)."""
-    if true.numel() == 0:
-        raise ValueError("macro-F1 of zero predictions is undefined")
-    scores = []
-    for label in range(n_labels):
-        is_true, is_predicted = true == label, predicted == label
-        tp = int((is_true & is_predicted).sum())
-        fp = int((~is_true & is_predicted).sum())
-        fn = int((is_true & ~is_predicted).sum())
-        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
-    return float(np.mean(scores))
-
-
-def label_distribution(labels: Int[Tensor, "n"], n_labels: int) -> Float[Tensor, "n_labels"]:
-    """Fraction of ``labels`` equal to each class."""
-    return torch.bincount(labels, minlength=n_labels).double() / max(labels.numel(), 1)
-
-
-COLLAPSE_SHARE = 0.7  # a run has collapsed when more than this share of predictions is one label ...
-COLLAPSE_TRUE_SHARE = 0.5  # ... whose true share is under this
-
-
-def collapsed_label(predicted: Float[Tensor, "n_labels"], true: Float[Tensor, "n_labels"]) -> int | None:
-    """The label the predictions have collapsed onto, if any: more than 70% of the predictions on one
-    label whose true share is under 50% (a model that says one word most of the time; its accuracy can
-    still rise where that label is common). ``predicted``/``true`` are label distributions."""
-    top = int(predicted.argmax())
-    if float(predicted[top]) > COLLAPSE_SHARE and float(true[top]) < COLLAPSE_TRUE_SHARE:
-        return top
-    return None
-
-
-def consistency_score(predictions: Int[Tensor, "query variant"]) -> float:
-    """The paper's robustness: per query, the size of the largest group of identical predictions
-    over its variants (templates or demonstration sets) divided by the number of variants, averaged
-    over queries. 1 = always the same prediction; 1 / n_labels = as spread as possible."""
-    if predictions.ndim != 2 or predictions.shape[1] == 0:
-        raise ValueError(f"expected predictions shaped [query, variant], got {tuple(predictions.shape)}")
-    n_labels = int(predictions.max()) + 1
-    counts = torch.nn.functional.one_hot(predictions, n_labels).sum(dim=1)  # [query, label]
-    largest_group = counts.max(dim=-1).values
-    return float((largest_group.double() / predictions.shape[1]).mean())
-
-
-def calibrate_probabilities(
-    probabilities: Float[Tensor, "batch n_labels"], content_free: Float[Tensor, "n_cf n_labels"]
-) -> Float[Tensor, "batch n_labels"]:
-    """Contextual calibration: divide each label's probability by its mean over the content-free
-    queries and renormalise (Zhao et al. 2021, the paper's calibration baseline)."""
-    bias = einops.reduce(content_free, "n_cf n_labels -> n_labels", "mean")
-    if bool((bias <= 0).any()):
-        raise ValueError(f"content-free label probabilities must be positive, got {bias.tolist()}")
-    scaled = probabilities / bias
-    return scaled / einops.reduce(scaled, "batch n_labels -> batch 1", "sum")
-
-
-def induction_label_mass(
-    label_attention: Float[Tensor, "batch layer head k"],
-    correct_mask: Bool[Tensor, "batch k"],
-    prompt_lengths: Int[Tensor, "batch"],
-) -> dict[str, Float[Tensor, ""]]:
-    """Sums over the (prompt, head) pairs that pass the paper's induction threshold: their number,
-    their attention on correct labels (S_plus) and on wrong labels (S_minus). Sums, not means, so
-    batches add up exactly; ``summarise_induction`` turns them into means."""
-    flagged = induction_head_mask(label_attention, prompt_lengths).double()
-    plus, minus = correct_and_wrong_mass(label_attention.double(), correct_mask)
-    return {"prompts": torch.tensor(float(label_attention.shape[0]), dtype=torch.float64),
-            "flagged": flagged.sum(), "correct_mass": (plus * flagged).sum(),
-            "wrong_mass": (minus * flagged).sum()}
-
-
-def summarise_induction(sums: dict[str, Tensor]) -> dict[str, float]:
-    flagged = float(sums["flagged"])
-    return {
-        "induction_heads_per_prompt": flagged / float(sums["prompts"]),
-        "induction_correct_mass": float(sums["correct_mass"]) / flagged if flagged else float("nan"),
-        "induction_wrong_mass": float(sums["wrong_mass"]) / flagged if flagged else float("nan"),
-    }
-
-
-# --- running the model ------------------------------------------------------------------------------
-
-
-@dataclass
-class Predictions:
-    """Label-space logits of every prompt of a set, in the set's order."""
-
-    logits: Float[Tensor, "prompt n_labels"]
-    true: Int[Tensor, "prompt"]
-    induction_sums: dict[str, Tensor] | None
-    seconds: float
-
-    @property
-    def predicted(self) -> Int[Tensor, "prompt"]:
-        return self.logits.argmax(-1)
-
-    @property
-    def probabilities(self) -> Float[Tensor, "prompt n_labels"]:
-        return self.logits.softmax(-1)
-
-
-def _logits_and_label_attention(
-    model, batch: PromptBatch
-) -> tuple[Float[Tensor, "batch n_labels"], Float[Tensor, "batch layer head k"]]:
-    """One forward: the label logits and every head's attention from the last position to the
-    demonstration labels."""
-    logits, rows = query_logits_and_rows(model, batch, range(model.cfg.n_layers))
-    return logits.index_select(-1, batch.label_token_ids), gather_label_attention(rows, batch.label_positions)
-
-
-def predict(model, prompts: PromptSet, batch_size: int = 8, attention: bool = False,
-            progress: bool = True, desc: str = "evaluating") -> Predictions:
-    """Label logits of every prompt (no gradients); with ``attention``, also the induction heads'
-    label-attention sums (``induction_label_mass``) from the same forward."""
-    device = next(model.parameters()).device
-    attention = attention and prompts.k > 0
-    logits, true = [], []
-    sums: dict[str, Tensor] | None = None
-    started = time.perf_counter()
-    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress)
-    with torch.inference_mode():
-        for batch in prompts.batches(batch_size):
-            batch = batch.to(device)
-            if attention:
-                batch_logits, label_attention = _logits_and_label_attention(model, batch)
-                batch_sums = induction_label_mass(label_attention.cpu(), batch.correct_mask.cpu(),
-                                                  batch.prompt_lengths.cpu())
-                sums = batch_sums if sums is None else {key: sums[key] + batch_sums[key] for key in sums}
-            else:
-                batch_logits = label_logits(model, batch)
-            logits.append(batch_logits.float().cpu())
-            true.append(batch.query_labels.cpu())
-            bar.update(len(batch.query_labels))
-    bar.close()
-    return Predictions(torch.cat(logits), torch.cat(true), sums, time.perf_counter() - started)
-
-
-def content_free_probabilities(
-    model, dataset: ICLDataset, demo_pool: Sequence[Example], n: int = 512, k: int = 4, seed: int = 42,
-    inputs: Sequence[str] = ("",), batch_size: int = 8, progress: bool = True,
-) -> Float[Tensor, "n n_labels"]:
-    """Label-space probabilities of ``n`` content-free queries (the strings ``inputs`` in turn; StaICC
-    uses the empty string, Zhao et al. "N/A", "" and "[MASK]"), each after k real demonstrations
-    drawn afresh from ``demo_pool``."""
-    if n < 1 or not inputs:
-        raise DataError("Calibration needs at least one content-free query and one content-free input.")
-    queries = [Example(inputs[i % len(inputs)], 0) for i in range(n)]  # the label is never read
-    prompts = build_prompts(model.tokenizer, dataset, queries, k=k, seed=seed, demo_pool=demo_pool,
-                            max_length=model.cfg.n_ctx)
-    return predict(model, prompts, batch_size, progress=progress, desc="calibrating").probabilities
-
-
-# --- the evaluation job -------------------------------------------------------------------------------
+log = logging.getLogger("abft_lens.evaluate")
 
 
 @dataclass
@@ -449,49 +287,7 @@ def out_of_domain_harm(table: pd.DataFrame) -> pd.DataFrame:
     return tuned
 
 
-# --- run folders -----------------------------------------------------------------------------------
-
-
-def is_run_dir(path: Path) -> bool:
-    """A fine-tuning run folder: a ``config.json`` written by ``runs.save_config`` (fields under
-    ``"config"``; a Hugging Face model directory's config.json has none) and a checkpoint."""
-    config = path / "config.json"
-    if not (path.is_dir() and config.is_file()):
-        return False
-    try:
-        payload = json.loads(config.read_text())
-    except ValueError:
-        return False
-    has_checkpoint = any(path.glob("*.safetensors")) or any(path.glob("checkpoint*"))
-    return isinstance(payload, dict) and "config" in payload and has_checkpoint
-
-
-def check_not_broken_run_dir(path: Path) -> None:
-    """A folder with a fine-tuning run's files (trained.safetensors, checkpoints/) but no run config.json,
-    or with a run config.json but no trained tensors, is a damaged or unfinished run folder, not a Hugging
-    Face model directory: an error naming it, before any model loads."""
-    if not path.is_dir() or is_run_dir(path):
-        return
-    config = path / "config.json"
-    try:
-        payload = json.loads(config.read_text()) if config.is_file() else None
-    except (OSError, ValueError):
-        payload = None  # unreadable
-    if isinstance(payload, dict) and "config" in payload:
-        raise AbftLensError(f"{path} holds a job's config.json but no trained.safetensors and no checkpoint: it "
-                            "is not a finished fine-tuning run (nor a model directory). Pass a finished run "
-                            "folder, or re-run the fine-tuning.")
-    run_files = [name for name in ("trained.safetensors", "checkpoints") if (path / name).exists()]
-    if not run_files or isinstance(payload, dict):  # a model directory (a Hugging Face config.json)
-        return
-    problem = "has a config.json that cannot be read" if config.is_file() else "has no config.json"
-    raise AbftLensError(f"{path} looks like a fine-tuning run folder (it has {' and '.join(run_files)}) but "
-                        f"{problem}, so its base model and settings are unknown. Pass a complete run folder, "
-                        "or re-run the fine-tuning.")
-
-
-def _run_record(run_dir: Path) -> dict[str, object]:
-    return json.loads((run_dir / "config.json").read_text()).get("config", {})
+# --- the job and its output folder -------------------------------------------------------------------
 
 
 def run_defaults(model_or_run: str) -> dict[str, object]:
@@ -501,7 +297,7 @@ def run_defaults(model_or_run: str) -> dict[str, object]:
     source = Path(model_or_run)
     if not is_run_dir(source):
         return {}
-    record = _run_record(source)
+    record = run_record(source)
     defaults: dict[str, object] = {}
     if isinstance(record.get("dataset"), str):
         defaults["dataset"] = record["dataset"]
@@ -530,11 +326,6 @@ def load_model_or_run(config: EvaluateConfig):
     source = Path(config.model_or_run)
     check_not_broken_run_dir(source)
     if is_run_dir(source):
-        try:
-            from abft_lens.training import load_trained_model
-        except ImportError as error:
-            raise AbftLensError(f"{source} is a run folder, but abft_lens.training cannot be imported "
-                                f"to load it: {error}") from error
         return load_trained_model(source, device=config.device, dtype=config.dtype)
     from abft_lens.models import load_model
 
@@ -545,17 +336,23 @@ def run_evaluation(config: EvaluateConfig, model=None, progress: bool = True) ->
     """The `evaluate` job: load the model (or use ``model``), evaluate, and write the output folder
     (config.json, metrics.json, predictions.csv and one CSV per extra condition)."""
     dataset = load_dataset(config.dataset, config.label_words)  # before the model: a bad data file fails at once
-    model = model if model is not None else load_model_or_run(config)
-    device = next(model.parameters()).device
-    config, choice = resolve_config_precision(config, device, announce=progress)
-    result = evaluate(model, dataset, config, progress)
     out = default_out(config)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(out, config, pools_seed=config.pools_seed, precision_reason=choice.reason)
-    write_json(out / "metrics.json", {"model_or_run": config.model_or_run, **result.metrics})
-    atomic_write_text(out / "predictions.csv", result.predictions.to_csv(index=False, float_format="%.6g"))
-    for name, table in result.tables.items():
-        atomic_write_text(out / f"predictions_{name}.csv", table.to_csv(index=False, float_format="%.6g"))
+    with run_log(out, "evaluate"):
+        log.info("evaluate %s on %s: %d test queries x %d demonstration sets, k=%d", config.model_or_run,
+                 dataset.name, config.n_test, config.demo_sets, config.k)
+        model = model if model is not None else load_model_or_run(config)
+        device = next(model.parameters()).device
+        config, choice = resolve_config_precision(config, device, announce=progress)
+        log.info("precision %s (%s)", config.precision, choice.reason)
+        result = evaluate(model, dataset, config, progress)
+        save_config(out, config, pools_seed=config.pools_seed, precision_reason=choice.reason)
+        write_json(out / "metrics.json", {"model_or_run": config.model_or_run, **result.metrics})
+        atomic_write_text(out / "predictions.csv", result.predictions.to_csv(index=False, float_format="%.6g"))
+        for name, table in result.tables.items():
+            atomic_write_text(out / f"predictions_{name}.csv", table.to_csv(index=False, float_format="%.6g"))
+        for line in headline(result.metrics):
+            log.info("%s", line)
+        log.info("wrote %s", out)
     result.run_dir = out
     return result
 

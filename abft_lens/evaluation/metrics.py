@@ -1,0 +1,100 @@
+"""The evaluation's metric math, pure tensor code: accuracy, macro-F1, label distributions and
+collapse, prediction consistency, contextual calibration, and the induction heads' label masses."""
+
+from __future__ import annotations
+
+import einops
+import numpy as np
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from abft_lens.heads import correct_and_wrong_mass, induction_head_mask
+
+
+def accuracy(true: Int[Tensor, "n"], predicted: Int[Tensor, "n"]) -> float:
+    if true.numel() == 0:
+        raise ValueError("accuracy of zero predictions is undefined")
+    return float((true == predicted).double().mean())
+
+
+def macro_f1(true: Int[Tensor, "n"], predicted: Int[Tensor, "n"], n_labels: int) -> float:
+    """Mean over all ``n_labels`` classes of F1 = 2 TP / (2 TP + FP + FN); a class with no true and
+    no predicted example scores 0 (StaICC's convention: the average is over the whole label space)."""
+    if true.numel() == 0:
+        raise ValueError("macro-F1 of zero predictions is undefined")
+    scores = []
+    for label in range(n_labels):
+        is_true, is_predicted = true == label, predicted == label
+        tp = int((is_true & is_predicted).sum())
+        fp = int((~is_true & is_predicted).sum())
+        fn = int((is_true & ~is_predicted).sum())
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return float(np.mean(scores))
+
+
+def label_distribution(labels: Int[Tensor, "n"], n_labels: int) -> Float[Tensor, "n_labels"]:
+    """Fraction of ``labels`` equal to each class."""
+    return torch.bincount(labels, minlength=n_labels).double() / max(labels.numel(), 1)
+
+
+COLLAPSE_SHARE = 0.7  # a run has collapsed when more than this share of predictions is one label ...
+COLLAPSE_TRUE_SHARE = 0.5  # ... whose true share is under this
+
+
+def collapsed_label(predicted: Float[Tensor, "n_labels"], true: Float[Tensor, "n_labels"]) -> int | None:
+    """The label the predictions have collapsed onto, if any: more than 70% of the predictions on one
+    label whose true share is under 50% (a model that says one word most of the time; its accuracy can
+    still rise where that label is common). ``predicted``/``true`` are label distributions."""
+    top = int(predicted.argmax())
+    if float(predicted[top]) > COLLAPSE_SHARE and float(true[top]) < COLLAPSE_TRUE_SHARE:
+        return top
+    return None
+
+
+def consistency_score(predictions: Int[Tensor, "query variant"]) -> float:
+    """The paper's robustness: per query, the size of the largest group of identical predictions
+    over its variants (templates or demonstration sets) divided by the number of variants, averaged
+    over queries. 1 = always the same prediction; 1 / n_labels = as spread as possible."""
+    if predictions.ndim != 2 or predictions.shape[1] == 0:
+        raise ValueError(f"expected predictions shaped [query, variant], got {tuple(predictions.shape)}")
+    n_labels = int(predictions.max()) + 1
+    counts = torch.nn.functional.one_hot(predictions, n_labels).sum(dim=1)  # [query, label]
+    largest_group = counts.max(dim=-1).values
+    return float((largest_group.double() / predictions.shape[1]).mean())
+
+
+def calibrate_probabilities(
+    probabilities: Float[Tensor, "batch n_labels"], content_free: Float[Tensor, "n_cf n_labels"]
+) -> Float[Tensor, "batch n_labels"]:
+    """Contextual calibration: divide each label's probability by its mean over the content-free
+    queries and renormalise (Zhao et al. 2021, the paper's calibration baseline)."""
+    bias = einops.reduce(content_free, "n_cf n_labels -> n_labels", "mean")
+    if bool((bias <= 0).any()):
+        raise ValueError(f"content-free label probabilities must be positive, got {bias.tolist()}")
+    scaled = probabilities / bias
+    return scaled / einops.reduce(scaled, "batch n_labels -> batch 1", "sum")
+
+
+def induction_label_mass(
+    label_attention: Float[Tensor, "batch layer head k"],
+    correct_mask: Bool[Tensor, "batch k"],
+    prompt_lengths: Int[Tensor, "batch"],
+) -> dict[str, Float[Tensor, ""]]:
+    """Sums over the (prompt, head) pairs that pass the paper's induction threshold: their number,
+    their attention on correct labels (S_plus) and on wrong labels (S_minus). Sums, not means, so
+    batches add up exactly; ``summarise_induction`` turns them into means."""
+    flagged = induction_head_mask(label_attention, prompt_lengths).double()
+    plus, minus = correct_and_wrong_mass(label_attention.double(), correct_mask)
+    return {"prompts": torch.tensor(float(label_attention.shape[0]), dtype=torch.float64),
+            "flagged": flagged.sum(), "correct_mass": (plus * flagged).sum(),
+            "wrong_mass": (minus * flagged).sum()}
+
+
+def summarise_induction(sums: dict[str, Tensor]) -> dict[str, float]:
+    flagged = float(sums["flagged"])
+    return {
+        "induction_heads_per_prompt": flagged / float(sums["prompts"]),
+        "induction_correct_mass": float(sums["correct_mass"]) / flagged if flagged else float("nan"),
+        "induction_wrong_mass": float(sums["wrong_mass"]) / flagged if flagged else float("nan"),
+    }

@@ -1,0 +1,90 @@
+"""Running the model for predictions: ``predict`` is the one loop that runs a model over a prompt set
+(label logits at the query's last position, and optionally the induction heads' label attention from
+the same forward); ``content_free_probabilities`` feeds the calibration."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from abft_lens.data import Example, ICLDataset
+from abft_lens.errors import DataError
+from abft_lens.evaluation.metrics import induction_label_mass
+from abft_lens.forward import label_logits, query_logits_and_rows
+from abft_lens.heads import gather_label_attention
+from abft_lens.prompts import PromptBatch, PromptSet, build_prompts
+
+
+@dataclass
+class Predictions:
+    """Label-space logits of every prompt of a set, in the set's order."""
+
+    logits: Float[Tensor, "prompt n_labels"]
+    true: Int[Tensor, "prompt"]
+    induction_sums: dict[str, Tensor] | None
+    seconds: float
+
+    @property
+    def predicted(self) -> Int[Tensor, "prompt"]:
+        return self.logits.argmax(-1)
+
+    @property
+    def probabilities(self) -> Float[Tensor, "prompt n_labels"]:
+        return self.logits.softmax(-1)
+
+
+def _logits_and_label_attention(
+    model, batch: PromptBatch
+) -> tuple[Float[Tensor, "batch n_labels"], Float[Tensor, "batch layer head k"]]:
+    """One forward: the label logits and every head's attention from the last position to the
+    demonstration labels."""
+    logits, rows = query_logits_and_rows(model, batch, range(model.cfg.n_layers))
+    return logits.index_select(-1, batch.label_token_ids), gather_label_attention(rows, batch.label_positions)
+
+
+def predict(model, prompts: PromptSet, batch_size: int = 8, attention: bool = False,
+            progress: bool = True, desc: str = "evaluating") -> Predictions:
+    """Label logits of every prompt (no gradients); with ``attention``, also the induction heads'
+    label-attention sums (``induction_label_mass``) from the same forward."""
+    device = next(model.parameters()).device
+    attention = attention and prompts.k > 0
+    logits, true = [], []
+    sums: dict[str, Tensor] | None = None
+    started = time.perf_counter()
+    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress)
+    with torch.inference_mode():
+        for batch in prompts.batches(batch_size):
+            batch = batch.to(device)
+            if attention:
+                batch_logits, label_attention = _logits_and_label_attention(model, batch)
+                batch_sums = induction_label_mass(label_attention.cpu(), batch.correct_mask.cpu(),
+                                                  batch.prompt_lengths.cpu())
+                sums = batch_sums if sums is None else {key: sums[key] + batch_sums[key] for key in sums}
+            else:
+                batch_logits = label_logits(model, batch)
+            logits.append(batch_logits.float().cpu())
+            true.append(batch.query_labels.cpu())
+            bar.update(len(batch.query_labels))
+    bar.close()
+    return Predictions(torch.cat(logits), torch.cat(true), sums, time.perf_counter() - started)
+
+
+def content_free_probabilities(
+    model, dataset: ICLDataset, demo_pool: Sequence[Example], n: int = 512, k: int = 4, seed: int = 42,
+    inputs: Sequence[str] = ("",), batch_size: int = 8, progress: bool = True,
+) -> Float[Tensor, "n n_labels"]:
+    """Label-space probabilities of ``n`` content-free queries (the strings ``inputs`` in turn; StaICC
+    uses the empty string, Zhao et al. "N/A", "" and "[MASK]"), each after k real demonstrations
+    drawn afresh from ``demo_pool``."""
+    if n < 1 or not inputs:
+        raise DataError("Calibration needs at least one content-free query and one content-free input.")
+    queries = [Example(inputs[i % len(inputs)], 0) for i in range(n)]  # the label is never read
+    prompts = build_prompts(model.tokenizer, dataset, queries, k=k, seed=seed, demo_pool=demo_pool,
+                            max_length=model.cfg.n_ctx)
+    return predict(model, prompts, batch_size, progress=progress, desc="calibrating").probabilities

@@ -1,0 +1,101 @@
+"""The typed config of one fine-tuning run (``FinetuneConfig``), validated before any work, and the
+design choices every run saves beside it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from abft_lens.config import validate_config
+from abft_lens.errors import ConfigError
+from abft_lens.heads import ThresholdKind
+from abft_lens.loss import AbftLossConfig, E2ESoftmax, Reduction, Terms
+from abft_lens.models import DEFAULT_MODEL
+from abft_lens.precision import Precision, WeightDtype
+
+Method = Literal["abft", "e2e"]
+Trainable = Literal["qk", "all"]
+HEAD_MODES = ("per-prompt", "all")
+
+# Choices the paper leaves open, saved with every run.
+DESIGN_CHOICES = {
+    "trained_tensors": "weights of the q and k projections only (no biases); for GPT-2, views of c_attn's Q/K slices",
+    "model_mode": "eval (no dropout) during fine-tuning",
+    "pseudo_batch": "gradient of the mean over the pseudo-batch: each micro-batch's loss is weighted by its share "
+                    "(exact for reduction sum_heads_mean_prompts; for 'mean' a prompt-weighted mean of micro-batch means)",
+    "data_order": "a fresh seeded permutation of the training prompts per epoch; a pseudo-batch may span two",
+    "validation_split": "the last n_val examples of the training pool are validation queries (never training "
+                        "queries); training queries and all demonstrations come from the rest",
+    "pid_input": "mean number of flagged heads per prompt over the step's pseudo-batch",
+}
+
+
+
+@dataclass
+class FinetuneConfig:
+    """One fine-tuning run. The CLI (`abft-lens finetune`) and the Python API share it; it is saved
+    in the run folder's ``config.json``."""
+
+    model: str = DEFAULT_MODEL
+    dataset: str = "sst2"
+    method: Method = "abft"
+    n_train: int = 512  # training prompts (queries from the training pool)
+    n_val: int = 128  # validation queries carved from the end of the training pool (lr search)
+    k: int = 4
+    lr: float | None = None  # None: chosen from lr_grid by validation accuracy (select_lr)
+    lr_grid: tuple[float, ...] = (2e-5, 1e-4, 3e-4, 1e-3)
+    lr_search_steps: int = 8  # optimiser steps of each trial run of the lr search
+    batch_size: int = 32  # prompts per optimiser step (pseudo-batch, by gradient accumulation)
+    micro_batch_size: int = 8  # prompts per forward; the CLI lowers it to --batch-size when only that is given
+    steps: int = 32
+    heads: str = "per-prompt"  # "per-prompt" (the paper), "all" (no head filter) or a heads.csv path
+    head_top: int | None = 20  # with a heads.csv: its first head_top rows (None: every row)
+    threshold: ThresholdKind = "paper"
+    tau: float = 2.0  # for threshold "uniform"
+    pid: bool = True
+    terms: Terms = "both"
+    initial_punish_weight: float = 0.5
+    reduction: Reduction = "sum_heads_mean_prompts"
+    e2e_softmax: E2ESoftmax = "label"  # E2E cross-entropy over the label tokens or the whole vocabulary
+    trainable: Trainable = "qk"  # "all": every parameter (full fine-tuning, for the cost comparison)
+    checkpoint_every: int = 4  # steps between checkpoints
+    seed: int = 42  # prompts (demonstrations), data order, torch RNG
+    pool_seed: int = 42  # the train/demo/test split, fixed across seeds so the test pool stays the same
+    label_words: tuple[str, ...] | None = None
+    out: str | None = None  # default: runs/finetune_<method>_<model>_<dataset>_seed<seed>
+    resume: bool = False
+    device: str | None = None
+    precision: Precision = "auto"  # bf16 autocast mixed precision or fp32; auto: bf16 where it is fast
+    dtype: WeightDtype = "float32"  # how the frozen weights are held; bfloat16 halves their memory
+
+    def __post_init__(self) -> None:
+        validate_config(self, positive=("n_train", "k", "batch_size", "micro_batch_size", "steps",
+                                        "checkpoint_every", "lr_search_steps"),
+                        non_negative=("n_val", "seed", "pool_seed"), optional_positive=("head_top",),
+                        positive_float=("tau",))
+        if self.micro_batch_size > self.batch_size:
+            raise ConfigError(f"micro_batch_size ({self.micro_batch_size}) exceeds batch_size ({self.batch_size}): "
+                              "a pseudo-batch is made of whole micro-batches.")
+        for lr in ([self.lr] if self.lr is not None else list(self.lr_grid)):
+            if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0):
+                raise ConfigError(f"learning rates must be positive numbers; got lr {lr!r}.")
+        if self.lr is None and not self.lr_grid:
+            raise ConfigError("lr is None (search) but lr_grid is empty.")
+        self.lr_grid = tuple(float(lr) for lr in self.lr_grid)
+        if self.label_words is not None:
+            self.label_words = tuple(self.label_words)
+
+    def run_dir(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        return Path("runs") / f"finetune_{self.method}_{Path(self.model).name}_{Path(self.dataset).stem}_seed{self.seed}"
+
+    def loss_config(self) -> AbftLossConfig:
+        return AbftLossConfig(terms=self.terms, initial_punish_weight=self.initial_punish_weight, pid=self.pid,
+                              reduction=self.reduction)
+
+
+# Fields that may differ between a run and its resumption.
+_RESUME_FREE = ("resume", "device", "out")

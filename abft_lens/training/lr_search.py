@@ -1,0 +1,74 @@
+"""The learning-rate search: a short run at each lr of the grid, scored by validation accuracy on
+queries from the training pool (never the test pool)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from abft_lens.errors import DataError
+from abft_lens.evaluation.prediction import predict
+from abft_lens.precision import autocast
+from abft_lens.prompts import PromptSet
+from abft_lens.training.config import FinetuneConfig
+from abft_lens.training.head_plan import HeadPlan, plan_heads
+from abft_lens.training.parameters import apply_tensors, only_these_require_grad, snapshot, trainable_parameters
+from abft_lens.training.runner import FinetuneRunner
+
+
+@dataclass
+class LrSearch:
+    """Validation accuracy after a short run (``steps``) at each lr; ``chosen`` is the best (ties:
+    the smaller lr). ``baseline_accuracy`` is the untrained model's."""
+
+    steps: int
+    n_validation: int
+    baseline_accuracy: float
+    trials: list[dict[str, float]]
+    chosen: float
+    seconds: float
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+def validation_accuracy(model, prompts: PromptSet, batch_size: int, precision: str = "fp32") -> float:
+    with autocast(precision, model):
+        result = predict(model, prompts, batch_size, progress=False)
+    return float((result.predicted == result.true).double().mean())
+
+
+def select_lr(model, prompts: PromptSet, validation: PromptSet, config: FinetuneConfig,
+              plan: HeadPlan | None = None, progress: bool = True) -> LrSearch:
+    """Train ``config.lr_search_steps`` steps at each lr of ``config.lr_grid`` from the current weights,
+    score label-space accuracy on ``validation`` (queries never used for training), restore the
+    weights. Validation prompts must come from the training pool, never from the test pool."""
+    if len(validation) == 0:
+        raise DataError("The lr search needs validation prompts (n_val > 0).")
+    started = time.perf_counter()
+    plan = plan or plan_heads(config.heads, model.cfg.n_layers, model.cfg.n_heads, config.head_top)
+    params = trainable_parameters(model, config.trainable)
+    initial = snapshot(params)
+    short = dataclasses.replace(config, steps=config.lr_search_steps)
+    baseline = validation_accuracy(model, validation, config.micro_batch_size, config.precision)
+    trials = []
+    with only_these_require_grad(model, params):
+        for lr in config.lr_grid:
+            torch.manual_seed(config.seed)
+            runner = FinetuneRunner(model, prompts, short, lr, plan, params)
+            bar = tqdm(range(short.steps), desc=f"lr search {lr:g}", unit="step", disable=not progress)
+            rows = [runner.step() for _ in bar]
+            bar.close()
+            accuracy = validation_accuracy(model, validation, config.micro_batch_size, config.precision)
+            trials.append({"lr": lr, "validation_accuracy": accuracy, "final_loss": rows[-1]["loss"],
+                           "first_loss": rows[0]["loss"]})
+            if progress:
+                tqdm.write(f"lr {lr:g}: validation accuracy {accuracy:.3f} (untrained {baseline:.3f}), "
+                           f"loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}")
+            apply_tensors(model, initial)
+    best = max(trials, key=lambda trial: (trial["validation_accuracy"], -trial["lr"]))
+    return LrSearch(short.steps, len(validation), baseline, trials, best["lr"], time.perf_counter() - started)
