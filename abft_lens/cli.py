@@ -214,6 +214,9 @@ def evaluate_command(
     robustness_queries: Optional[int] = typer.Option(None, help="test queries for --robustness [default: 64]"),
     unseen_labels: Optional[bool] = typer.Option(None, "--unseen-labels/--no-unseen-labels",
                                                  help="unseen-label and 0-shot accuracy [default: off]"),
+    icl_tests: Optional[bool] = typer.Option(None, "--icl-tests/--no-icl-tests",
+                                             help="flipped and symbol labels, every label shown: does the model "
+                                                  "follow the prompt's mapping or its memory? [default: off]"),
     label_words: Optional[str] = typer.Option(None, help="comma-separated label words replacing the data set's"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
     out: Optional[Path] = typer.Option(None, help="output folder [default: RUN_DIR/evaluate_<dataset>, or "
@@ -247,7 +250,7 @@ def evaluate_command(
     cfg = with_overrides(base, dict(dataset=dataset, n_test=n_test, demo_sets=demo_sets, k=k, seed=seed,
                             pool_seed=pool_seed, batch_size=batch_size, calibrate=calibrate, n_calibration=n_calibration,
                             robustness=robustness, robustness_queries=robustness_queries,
-                            unseen_labels=unseen_labels, label_words=words, device=device,
+                            unseen_labels=unseen_labels, icl_tests=icl_tests, label_words=words, device=device,
                             out=str(out) if out else None, precision=precision, dtype=dtype, overwrite=overwrite))
     check_out_dir(default_out(cfg), cfg.overwrite)
     result = run_evaluation(cfg)

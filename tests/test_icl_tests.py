@@ -80,3 +80,18 @@ def test_memorised_share_counts_answers_that_keep_the_usual_meaning():
     assert memorised_share([2, 0, 1], [0, 0, 0], sigma) == pytest.approx(1 / 3)
     assert memorised_share([0, 1, 2], [0, 1, 2], sigma) == 0.0  # all follow the prompt
     assert memorised_share([2, 0, 1], [0, 1, 2], sigma) == 1.0  # all memorised
+
+
+def test_evaluate_with_icl_tests_scores_both_against_the_prompt_mapping(tiny_gpt2, tmp_path):
+    """Plumbing on the tiny random model: with two labels, an answer that does not follow the flipped
+    mapping gives the word's usual meaning, so the memorised share is exactly 1 - accuracy."""
+    from abft_lens.evaluation import EvaluateConfig, evaluate
+
+    sst2 = load_dataset("sst2")
+    result = evaluate(tiny_gpt2, sst2, EvaluateConfig(n_test=6, demo_sets=1, k=2, icl_tests=True, attention=False,
+                                                      precision="fp32"), progress=False)
+    m = result.metrics
+    assert m["flipped_k"] == 2 and m["flipped_label_words"] == list(reversed(sst2.label_words))
+    assert m["flipped_memorised_share"] == pytest.approx(1 - m["flipped_accuracy"])
+    assert 0 <= m["symbols_accuracy"] <= 1 and m["symbols_label_words"] == ["A", "B"]
+    assert set(result.tables) >= {"icl_flipped", "icl_symbols"} and len(result.tables["icl_flipped"]) == 6

@@ -20,6 +20,7 @@ from torch import Tensor
 from abft_lens.config import check_int, validate_config
 from abft_lens.data import Example, ICLDataset, l9_templates, load_dataset, split_pools
 from abft_lens.errors import DataError
+from abft_lens.icl_tests import icl_test_dataset, icl_test_k, memorised_share
 from abft_lens.evaluation.metrics import (
     COLLAPSE_SHARE,
     accuracy,
@@ -75,6 +76,7 @@ class EvaluateConfig:
     robustness_queries: int = 64  # a subset of the test queries: each costs 9 + demo-set forwards
     robustness_demo_sets: int = 8
     unseen_labels: bool = False  # also runs 0-shot
+    icl_tests: bool = False  # flipped and symbol labels (abft_lens.icl_tests): following the prompt's mapping
     attention: bool = True  # the induction heads' correct/wrong label mass on the test prompts
     label_words: tuple[str, ...] | None = None
     device: str | None = None
@@ -217,6 +219,13 @@ def _evaluate(model, dataset: ICLDataset, config: EvaluateConfig, progress: bool
         tables["unseen_label"] = predictions_frame(unseen, words, len(queries))
         tables["zero_shot"] = predictions_frame(zero, words, len(queries))
 
+    if config.icl_tests:
+        for test_name in ("flipped", "symbols"):
+            result, frame = _icl_test(model, test_name, dataset, queries, pools.demo, config, progress)
+            n_forwards += len(frame)
+            metrics.update(result)
+            tables[f"icl_{test_name}"] = frame
+
     if config.robustness:
         robustness, frame = _robustness(model, dataset, pools.demo, queries[: config.robustness_queries],
                                         config, progress)
@@ -228,6 +237,31 @@ def _evaluate(model, dataset: ICLDataset, config: EvaluateConfig, progress: bool
     metrics.update({"n_forwards": n_forwards, "seconds": round(seconds, 2),
                     "seconds_per_prompt": test.seconds / len(prompts)})
     return EvaluationResult(metrics, predictions_frame(test, words, len(queries), calibrated), config, tables)
+
+
+def _icl_test(model, test_name: str, dataset: ICLDataset, queries: Sequence[Example],
+              demo_pool: Sequence[Example], config: EvaluateConfig, progress: bool
+              ) -> tuple[dict[str, object], pd.DataFrame]:
+    """One ICL test (``abft_lens.icl_tests``): the same queries with the label words flipped by a
+    derangement, or replaced by symbols, every label shown (k >= the number of labels), scored
+    against the in-prompt mapping; for ``flipped``, the share of answers that keep the words' usual
+    meaning instead."""
+    tested, sigma = icl_test_dataset(test_name, dataset, model.tokenizer, seed=config.seed)
+    k = icl_test_k(len(dataset.label_words), config.k)
+    prompts = build_prompts(model.tokenizer, tested, queries, k=k, seed=config.seed + 3, repeats=config.demo_sets,
+                            demo_pool=demo_pool, demo_sampling="every_label", max_length=model.cfg.n_ctx)
+    found = predict(model, prompts, config.batch_size, progress=progress, desc=f"ICL test: {test_name}")
+    n_labels = len(tested.label_words)
+    result: dict[str, object] = {
+        f"{test_name}_k": k,
+        f"{test_name}_label_words": list(tested.label_words),
+        f"{test_name}_accuracy": accuracy(found.true, found.predicted),
+        f"{test_name}_macro_f1": macro_f1(found.true, found.predicted, n_labels),
+        f"{test_name}_predicted_distribution": _distribution(found.predicted, tested.label_words),
+    }
+    if sigma is not None:
+        result["flipped_memorised_share"] = memorised_share(found.predicted.numpy(), found.true.numpy(), sigma)
+    return result, predictions_frame(found, tested.label_words, len(queries))
 
 
 def _robustness(model, dataset: ICLDataset, demo_pool: Sequence[Example], queries: Sequence[Example],
@@ -379,6 +413,11 @@ def headline(metrics: dict[str, object]) -> list[str]:
     if "unseen_label_accuracy" in m:
         lines.append(f"unseen-label accuracy {m['unseen_label_accuracy']:.3f} vs random demonstrations "
                      f"{m['random_demo_accuracy']:.3f} and 0-shot {m['zero_shot_accuracy']:.3f}")
+    if "flipped_accuracy" in m:
+        lines.append(f"ICL tests (k={m['flipped_k']}, every label shown): flipped labels accuracy "
+                     f"{m['flipped_accuracy']:.3f} macro-F1 {m['flipped_macro_f1']:.3f}, answers keeping the "
+                     f"usual meaning {m['flipped_memorised_share']:.2f}; symbol labels accuracy "
+                     f"{m['symbols_accuracy']:.3f} macro-F1 {m['symbols_macro_f1']:.3f}")
     if "induction_heads_per_prompt" in m:
         lines.append(f"induction heads: {m['induction_heads_per_prompt']:.1f} per prompt, label mass "
                      f"correct {m['induction_correct_mass']:.3f} / wrong {m['induction_wrong_mass']:.3f}")
