@@ -11,19 +11,17 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 EXTRAS=${EXTRAS:-dev,gemma,figures}
 
-#   uv: the one on PATH; without it, stop and say how to get it (nothing is pip-installed into the
-#   system Python). UV=/path/to/uv names another.
-#   System packages (Debian's chromium for PNG export) are not installed here: see `make system-deps`.
+#   uv: the one on PATH; without it, uv is installed *inside* the new venv (python -m venv, then that
+#   venv's pip), and the set-up says so: nothing is pip-installed into the system Python.
+#   UV=/path/to/uv names another. System packages (Debian's chromium for PNG export) are not
+#   installed here: see `make system-deps`.
 UV=${UV:-uv}
 if ! command -v "$UV" >/dev/null 2>&1; then
-  cat >&2 <<'MSG'
-error: the set-up needs uv (https://docs.astral.sh/uv/), which is not on PATH. Install it with one of
-  curl -LsSf https://astral.sh/uv/install.sh | sh      (a user-local binary in ~/.local/bin)
-  pipx install uv
-  python3 -m pip install --user uv
-then run `make env` (or `make test`) again; or point UV=/path/to/uv at an existing one.
-MSG
-  exit 1
+  echo "setup-env: uv is not on PATH; installing it inside $VENV (python -m venv + pip install uv)." \
+       "To use your own: https://docs.astral.sh/uv/ or UV=/path/to/uv" >&2
+  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q uv
+  UV="$VENV/bin/uv"
 fi
 [ -x "$VENV/bin/python" ] || "$UV" venv -q "$VENV" --python "$PYTHON"
 export VIRTUAL_ENV="$VENV"
