@@ -10,13 +10,30 @@ The core API reads like the method::
     heads = scores.select(top=20)
 """
 
-from abft_lens.data import ICLDataset, Template, load_dataset, split_pools
-from abft_lens.errors import AbftLensError
-from abft_lens.heads import HeadScoreConfig, HeadScores, score_heads
-from abft_lens.models import load_model
-from abft_lens.prompts import ICLPrompt, PromptSet, build_prompts
+from __future__ import annotations
 
-__all__ = [
-    "AbftLensError", "HeadScoreConfig", "HeadScores", "ICLDataset", "ICLPrompt", "PromptSet", "Template",
-    "build_prompts", "load_dataset", "load_model", "score_heads", "split_pools",
-]
+import importlib
+from typing import TYPE_CHECKING
+
+# Names are imported on first use (PEP 562), so that `import abft_lens.cli` and the config checks do
+# not pay for torch and transformer-lens: a bad command line fails at once, before any model work.
+_EXPORTS = {
+    "ICLDataset": "abft_lens.data", "Template": "abft_lens.data", "load_dataset": "abft_lens.data",
+    "split_pools": "abft_lens.data", "AbftLensError": "abft_lens.errors", "HeadScoreConfig": "abft_lens.heads",
+    "HeadScores": "abft_lens.heads", "score_heads": "abft_lens.heads", "load_model": "abft_lens.models",
+    "ICLPrompt": "abft_lens.prompts", "PromptSet": "abft_lens.prompts", "build_prompts": "abft_lens.prompts",
+}
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from abft_lens.data import ICLDataset, Template, load_dataset, split_pools
+    from abft_lens.errors import AbftLensError
+    from abft_lens.heads import HeadScoreConfig, HeadScores, score_heads
+    from abft_lens.models import load_model
+    from abft_lens.prompts import ICLPrompt, PromptSet, build_prompts
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'abft_lens' has no attribute {name!r}")

@@ -16,6 +16,7 @@ from typing import Optional
 
 import typer
 
+from abft_lens.choices import Precision, RankBy, ThresholdKind, WeightDtype, checked
 from abft_lens.errors import AbftLensError, ConfigError
 from abft_lens.runs import check_out_dir, load_config, with_overrides
 
@@ -50,9 +51,9 @@ def find_heads_command(
                                                      "hate_speech18, or a CSV/JSONL file [default: sst2]"),
     k: Optional[int] = typer.Option(None, help="demonstrations per prompt [default: 4]"),
     n_prompts: Optional[int] = typer.Option(None, help="probe prompts [default: 256]"),
-    threshold: Optional[str] = typer.Option(None, help="paper: k/(k+ln n_t); uniform: tau*k/n_t [default: paper]"),
+    threshold: Optional[str] = typer.Option(None, callback=checked("threshold", ThresholdKind), help="paper: k/(k+ln n_t); uniform: tau*k/n_t [default: paper]"),
     tau: Optional[float] = typer.Option(None, help="multiple of uniform attention for --threshold uniform"),
-    rank_by: Optional[str] = typer.Option(None, help="pass_rate, label_mass or correctness [default: pass_rate]"),
+    rank_by: Optional[str] = typer.Option(None, callback=checked("rank_by", RankBy), help="pass_rate, label_mass or correctness [default: pass_rate]"),
     top: Optional[int] = typer.Option(None, help="heads to print [default: 20]"),
     seed: Optional[int] = typer.Option(None, help="[default: 42]"),
     batch_size: Optional[int] = typer.Option(None, help="[default: 8]"),
@@ -62,10 +63,10 @@ def find_heads_command(
                                                         "balanced, cpu, or a JSON map; excludes --device"),
     n_devices: Optional[int] = typer.Option(None, help="split the model over this many GPUs; excludes --device"),
     out: Optional[Path] = typer.Option(None, help="run folder [default: runs/find-heads_<model>_<dataset>]"),
-    precision: Optional[str] = typer.Option(None, help="auto (bf16 where the CPU has AMX/avx512_bf16 or the GPU "
+    precision: Optional[str] = typer.Option(None, callback=checked("precision", Precision), help="auto (bf16 where the CPU has AMX/avx512_bf16 or the GPU "
                                                        "bf16, else fp32), fp32, or bf16 (autocast mixed precision) "
                                                        "[default: auto]"),
-    dtype: Optional[str] = typer.Option(None, help="how the frozen weights are held: float32 or bfloat16 (half "
+    dtype: Optional[str] = typer.Option(None, callback=checked("dtype", WeightDtype), help="how the frozen weights are held: float32 or bfloat16 (half "
                                                    "the memory; implies bf16 matmuls) [default: float32]"),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite/--no-overwrite",
                                              help="replace the files of an existing non-empty --out folder "
@@ -134,7 +135,7 @@ def finetune_command(
     heads: Optional[str] = typer.Option(None, help="per-prompt (the paper's threshold on each prompt), all (no head "
                                                    "filter) or a heads.csv (a fixed set) [default: per-prompt]"),
     head_top: Optional[int] = typer.Option(None, help="with a heads.csv: its first N rows [default: 20]"),
-    threshold: Optional[str] = typer.Option(None, help="paper: k/(k+ln n_t); uniform: tau*k/n_t [default: paper]"),
+    threshold: Optional[str] = typer.Option(None, callback=checked("threshold", ThresholdKind), help="paper: k/(k+ln n_t); uniform: tau*k/n_t [default: paper]"),
     tau: Optional[float] = typer.Option(None, help="multiple of uniform attention for --threshold uniform"),
     pid: Optional[bool] = typer.Option(None, "--pid/--no-pid", help="adapt A by the PID controller [default: on]"),
     terms: Optional[str] = typer.Option(None, help="both, reward (A = 0) or punish (B = 0) [default: both]"),
@@ -150,10 +151,10 @@ def finetune_command(
                                                   "_seed<seed>]"),
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume",
                                           help="continue a killed run from its last checkpoint"),
-    precision: Optional[str] = typer.Option(None, help="auto (bf16 where the CPU has AMX/avx512_bf16 or the GPU "
+    precision: Optional[str] = typer.Option(None, callback=checked("precision", Precision), help="auto (bf16 where the CPU has AMX/avx512_bf16 or the GPU "
                                                        "bf16, else fp32), fp32, or bf16 (autocast mixed precision) "
                                                        "[default: auto]"),
-    dtype: Optional[str] = typer.Option(None, help="how the frozen weights are held: float32 or bfloat16 (half "
+    dtype: Optional[str] = typer.Option(None, callback=checked("dtype", WeightDtype), help="how the frozen weights are held: float32 or bfloat16 (half "
                                                    "the memory; implies bf16 matmuls) [default: float32]"),
     config: Optional[Path] = typer.Option(None, help="a FinetuneConfig JSON (or a run folder's config.json)"),
 ) -> None:
@@ -221,10 +222,10 @@ def evaluate_command(
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
     out: Optional[Path] = typer.Option(None, help="output folder [default: RUN_DIR/evaluate_<dataset>, or "
                                                   "runs/evaluate_<model>_<dataset> for a bare model]"),
-    precision: Optional[str] = typer.Option(None, help="auto (bf16 where the CPU has AMX/avx512_bf16 or the GPU "
+    precision: Optional[str] = typer.Option(None, callback=checked("precision", Precision), help="auto (bf16 where the CPU has AMX/avx512_bf16 or the GPU "
                                                        "bf16, else fp32), fp32, or bf16 (autocast mixed precision) "
                                                        "[default: auto]"),
-    dtype: Optional[str] = typer.Option(None, help="how the frozen weights are held: float32 or bfloat16 (half "
+    dtype: Optional[str] = typer.Option(None, callback=checked("dtype", WeightDtype), help="how the frozen weights are held: float32 or bfloat16 (half "
                                                    "the memory; implies bf16 matmuls) [default: float32]"),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite/--no-overwrite",
                                              help="replace the files of an existing non-empty --out folder "

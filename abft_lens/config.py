@@ -23,6 +23,7 @@ import typing
 from collections.abc import Iterable
 from typing import Any, Literal, Union, get_args, get_origin
 
+from abft_lens.choices import check_choice
 from abft_lens.errors import ConfigError
 
 
@@ -51,13 +52,6 @@ def _literal_fields(config_type: type) -> dict[str, tuple[Any, ...]]:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
-    choices = tuple(choices)
-    if value not in choices:
-        shown = ", ".join("None" if choice is None else str(choice) for choice in choices)
-        raise ConfigError(f"{name} must be one of {shown}; got {value!r}.")
 
 
 def check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import einops
 import numpy as np
@@ -20,12 +19,11 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from abft_lens.choices import RankBy, ThresholdKind
 from abft_lens.errors import HeadSelectionError
 from abft_lens.forward import query_attention_rows
 from abft_lens.prompts import PromptBatch, PromptSet
 
-ThresholdKind = Literal["paper", "uniform"]
-RankBy = Literal["pass_rate", "label_mass", "correctness"]
 Head = tuple[int, int]
 
 

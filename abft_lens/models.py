@@ -26,10 +26,13 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
-from transformer_lens.model_bridge import TransformerBridge
+
+if TYPE_CHECKING:  # transformer-lens is imported when a model loads, not with this module (a fast CLI)
+    from transformer_lens.model_bridge import TransformerBridge
 
 from abft_lens.errors import ModelLoadError
 
@@ -249,6 +252,8 @@ def _boot(hf_name: str, hf_dir: Path | None, device: str | None, dtype: torch.dt
     """``device_map`` / ``n_devices`` spread the model over several GPUs or offload it to CPU/disk
     (accelerate dispatch, through the bridge); they exclude ``device``."""
     if hf_dir is None:
+        from transformer_lens.model_bridge import TransformerBridge
+
         return TransformerBridge.boot_transformers(hf_name, device=device, dtype=dtype, device_map=device_map,
                                                    n_devices=n_devices)
     from transformer_lens.utilities.multi_gpu import resolve_device_map
@@ -265,6 +270,8 @@ def _boot(hf_name: str, hf_dir: Path | None, device: str | None, dtype: torch.dt
     hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, attn_implementation="eager", **placement)
     if device is not None and device_map is None:
         hf_model = hf_model.to(device)
+    from transformer_lens.model_bridge import TransformerBridge
+
     return TransformerBridge.boot_transformers(
         hf_name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
     )

@@ -25,15 +25,14 @@ import os
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-Precision = Literal["auto", "fp32", "bf16"]
-ResolvedPrecision = Literal["fp32", "bf16"]
-WeightDtype = Literal["float32", "bfloat16"]
+from abft_lens.choices import Precision, ResolvedPrecision, WeightDtype
+
 
 WEIGHT_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -26,21 +26,30 @@ The command-line jobs (`abft-lens analyze-gradients | landscape | dynamics`) are
 and write the same tables as CSV, the figures as HTML and their config as JSON.
 """
 
-from . import figures
-from .dynamics import read_metrics
-from .gradients import (
-    GradientAnalysis,
-    GradientConfig,
-    QKParameters,
-    analyze_gradients,
-    prompt_gradients,
-    sign_test,
-    split_pattern_gradient,
-    wilson_interval,
-)
-from .landscape import LandscapeResult, weight_landscape
+import importlib
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "GradientAnalysis", "GradientConfig", "LandscapeResult", "QKParameters", "analyze_gradients", "figures",
-    "prompt_gradients", "read_metrics", "sign_test", "split_pattern_gradient", "weight_landscape", "wilson_interval",
-]
+# Imported on first use (PEP 562): the CLI registers this package's commands at start-up, and a
+# mistyped flag of any command must fail before torch is imported.
+_EXPORTS = {
+    "figures": None, "read_metrics": ".dynamics", "GradientAnalysis": ".gradients", "GradientConfig": ".gradients",
+    "QKParameters": ".gradients", "analyze_gradients": ".gradients", "prompt_gradients": ".gradients",
+    "sign_test": ".gradients", "split_pattern_gradient": ".gradients", "wilson_interval": ".gradients",
+    "LandscapeResult": ".landscape", "weight_landscape": ".landscape",
+}
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from . import figures
+    from .dynamics import read_metrics
+    from .gradients import (GradientAnalysis, GradientConfig, QKParameters, analyze_gradients, prompt_gradients,
+                            sign_test, split_pattern_gradient, wilson_interval)
+    from .landscape import LandscapeResult, weight_landscape
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _EXPORTS[name] is None:
+        return importlib.import_module(f".{name}", __name__)
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)

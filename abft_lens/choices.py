@@ -1,0 +1,35 @@
+"""The enumerated settings of the jobs, as ``Literal`` types, in a module that imports nothing heavy:
+the config dataclasses annotate their fields with them (``config.validate_config`` reads the choices
+from the annotation), and the CLI checks a flag against them before torch or a model is loaded."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Literal, get_args
+
+from abft_lens.errors import ConfigError
+
+ThresholdKind = Literal["paper", "uniform"]
+RankBy = Literal["pass_rate", "label_mass", "correctness"]
+Precision = Literal["auto", "fp32", "bf16"]
+ResolvedPrecision = Literal["fp32", "bf16"]
+WeightDtype = Literal["float32", "bfloat16"]
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        shown = ", ".join("None" if choice is None else str(choice) for choice in choices)
+        raise ConfigError(f"{name} must be one of {shown}; got {value!r}.")
+
+
+def checked(field: str, choices):
+    """A typer option callback: the value, if given, must be one of the ``Literal``'s; otherwise the same
+    one-line ``ConfigError`` the config would raise, but while the command line is parsed (before the
+    job's modules, torch and the model are imported)."""
+    def callback(value):
+        if value is not None:
+            check_choice(field, value, get_args(choices))
+        return value
+
+    return callback
