@@ -20,7 +20,7 @@ system-deps:
 	bash scripts/system-deps.sh
 
 # The main job on the embedded model: rank the induction heads, fine-tune W_Q/W_K with ABFT at the
-# paper's size (512 prompts, 32 steps of 32; 8 of the demo's 10 min on 2 CPU cores) with the lr that the
+# paper's size (512 prompts, 32 steps of 32; 5 of the demo's 8 min on 2 CPU cores in bf16) with the lr that the
 # benchmark's validation search chose for SST-2, and compare vanilla ICL with ABFT on held-out
 # prompts (64 queries x 2 demonstration sets).
 DEMO := runs/demo

@@ -22,7 +22,7 @@ out, png)`` draws what it finds under ``roots`` into ``out`` and returns the fil
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +30,10 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 
+from abft_lens.figure_sources import _SOURCES, FigureSource, figure_sources, register_figure_source  # noqa: F401
 from abft_lens.plots import head_heatmap, method_comparison, save_figure
 from abft_lens.runs import METRICS_FILE, read_metrics
 
-FigureSource = Callable[[Sequence[Path], Path, bool], list[Path]]
-_SOURCES: list[tuple[str, FigureSource]] = []
 
 # Run folders, and the results committed with the repository (benchmarks, analysis).
 DEFAULT_ROOTS = (Path("runs"), Path("benchmarks/results"), Path("analysis/results"))
@@ -52,16 +51,6 @@ PAPER_DATASET_ORDER = ("sst2", "mr", "fp", "sst5", "trec", "subj", "tee", "teh")
 SCORE_COLUMNS = ("layer", "head", "label_mass", "correctness", "pass_rate", "n_prompts")
 ROBUSTNESS_METRICS = ("consistency", "unseen_label_accuracy", "zero_shot_accuracy")
 METHOD_COLOURS = {"vanilla": "#9D9D9D", "calibration": "#72B7B2", "abft": "#F58518", "e2e": "#4C78A8"}
-
-
-def register_figure_source(name: str, source: FigureSource) -> None:
-    """Add a figure source (see the module doc); registering the same name again replaces it."""
-    global _SOURCES
-    _SOURCES = [(n, s) for n, s in _SOURCES if n != name] + [(name, source)]
-
-
-def figure_sources() -> list[tuple[str, FigureSource]]:
-    return list(_SOURCES)
 
 
 def paper_table() -> pd.DataFrame:

@@ -22,7 +22,7 @@ def redraw_figures(roots, out, png):
 
 
 def register(app: typer.Typer) -> None:
-    from abft_lens.figures import register_figure_source
+    from abft_lens.figure_sources import register_figure_source
 
     register_figure_source("analysis", redraw_figures)
 
