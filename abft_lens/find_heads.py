@@ -1,5 +1,5 @@
 """The `find-heads` job: score every head of a model on probe prompts, rank, select, and write a
-run folder (config.json, heads.csv, heatmap.html)."""
+run folder (config.json, heads.csv, heatmap.html, attention_examples.json, report.html)."""
 
 from __future__ import annotations
 
@@ -112,4 +112,8 @@ def _find_heads(config: FindHeadsConfig, model, progress: bool) -> FindHeadsResu
     save_figure(head_heatmap(scores.table, "correctness", title), run_dir / "heatmap")
     save_figure(head_heatmap(scores.table, "label_mass", f"{config.model} on {dataset.name}: label attention mass"),
                 run_dir / "heatmap_label_mass")
+    from abft_lens.report import write_job_report  # the attention views need the model, which is here
+
+    with autocast(config.precision, model):
+        write_job_report(run_dir, models={"model": model})
     return FindHeadsResult(scores, run_dir, seconds)
