@@ -280,9 +280,10 @@ def attention_figure(example: AttentionExample, width: int = 12, head: int = 0) 
                         "args": [{"visible": visible}, {"title.text": _head_title(example, i)}]})
     n_rows = len(text)
     figure.update_layout(
-        title={"text": _head_title(example, head), "x": 0.01, "xanchor": "left", "y": 0.98, "yanchor": "top"},
-        template="plotly_white", height=170 + 34 * n_rows, width=90 + (78 if len(models) == 1 else 56) * width * len(models),
-        margin={"t": 110, "l": 20, "r": 20, "b": 20},
+        title={"text": _head_title(example, head), "x": 0.01, "xanchor": "left", "yref": "container", "y": 1,
+               "yanchor": "top", "pad": {"t": 14}},
+        template="plotly_white", height=180 + 34 * n_rows, width=90 + (78 if len(models) == 1 else 48) * width * len(models),
+        margin={"t": 120, "l": 20, "r": 20, "b": 20},
         legend={"orientation": "h", "y": -0.02, "yanchor": "top", "x": 0},
         updatemenus=[{"buttons": buttons, "direction": "down", "showactive": True, "active": head,
                       "x": 1.0, "xanchor": "right", "y": 1.0, "yanchor": "bottom", "pad": {"b": 30}}],
