@@ -31,6 +31,8 @@ demo: env
 	$(VENV)/bin/abft-lens evaluate smollm2-135m --dataset sst2 --n-test 64 --out $(DEMO)/vanilla
 	$(VENV)/bin/abft-lens evaluate $(DEMO)/abft --n-test 64 --out $(DEMO)/abft/evaluate
 	$(PY) scripts/compare_metrics.py vanilla=$(DEMO)/vanilla abft=$(DEMO)/abft/evaluate
+	$(VENV)/bin/abft-lens report --index $(DEMO)
+	@echo "Reports (open offline in a browser):"; find $(DEMO) -name report.html | sort | sed 's/^/  /'
 
 test: env
 	$(PY) -m pytest -q --durations=25

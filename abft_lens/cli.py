@@ -94,6 +94,8 @@ def find_heads_command(
     typer.echo(f"\nUniform attention would put {row['uniform_mass']:.3f} on the labels; "
                f"the paper's threshold averages {row['mean_threshold']:.3f}.")
     typer.echo(f"Run folder: {result.run_dir} ({result.seconds:.0f} s)")
+    if (result.run_dir / "report.html").is_file():
+        typer.echo(f"Report: {result.run_dir / 'report.html'}")
 
 
 def _parse_lr(value: str | None) -> float | None | str:
@@ -194,6 +196,7 @@ def finetune_command(
                f"{first['correct_mass']:.3f} -> {last['correct_mass']:.3f}, wrong {first['wrong_mass']:.3f} -> "
                f"{last['wrong_mass']:.3f}")
     typer.echo(f"Run folder: {result.run_dir} (evaluate it with `abft-lens evaluate {result.run_dir}`)")
+    _report_after_job(result.run_dir, device=cfg.device)
 
 
 @app.command("evaluate")
@@ -259,6 +262,7 @@ def evaluate_command(
     for line in headline(result.metrics):
         typer.echo("  " + line)
     typer.echo(f"Output folder: {result.run_dir}")
+    _report_after_job(result.run_dir, device=cfg.device)
 
 
 @app.command("figures")
@@ -278,6 +282,143 @@ def figures_command(
     for reason in report.skipped:
         typer.echo(f"skipped: {reason}", err=True)
     typer.echo(f"{len(report.written)} files in {out}")
+
+
+def _report_after_job(run_dir: Path, models=None, device: str | None = None) -> None:
+    """The run folder's report.html, written at the end of a job (see abft_lens.report)."""
+    from abft_lens.distributed import is_main_process
+    from abft_lens.report import write_job_report
+
+    if is_main_process():
+        path = write_job_report(Path(run_dir), models=models, device=device)
+        if path is not None:
+            typer.echo(f"Report: {path}")
+
+
+def _check_html_out(out: Path, overwrite: bool) -> None:
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise ConfigError(f"out: {out} should end in .html (the view is a self-contained HTML page).")
+    if out.is_dir():
+        raise ConfigError(f"out: {out} is a folder; name a file, e.g. {out / 'attention.html'}.")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"out: {out} already exists; pass --overwrite to replace it, or choose another file (--out).")
+    check_out_dir(out.parent if str(out.parent) else Path("."), overwrite=True)
+
+
+@app.command("show-attention")
+def show_attention_command(
+    model_or_run: str = typer.Argument("smollm2-135m", help="a model (as for find-heads), a fine-tuning run folder "
+                                                            "(base and fine-tuned side by side) or a find-heads folder"),
+    dataset: Optional[str] = typer.Option(None, help="as for find-heads [default: the run's data set, else sst2]"),
+    prompt: int = typer.Option(0, help="which held-out prompt: test-pool query N with demonstrations from the "
+                                       "demo pool, as `evaluate` builds them"),
+    heads: str = typer.Option("top:8", help="top:N (a find-heads folder's ranking, a run's fixed head set, else the "
+                                            "N heads with the largest label mass on this prompt) or L20H5,L18H6"),
+    pattern: Optional[str] = typer.Option(None, help="also draw the full pattern (every query position) of this "
+                                                     "head, e.g. L20H5"),
+    k: Optional[int] = typer.Option(None, help="demonstrations per prompt [default: the run's, else 4]"),
+    seed: Optional[int] = typer.Option(None, help="demonstration sampling [default: the run's, else 42]"),
+    pool_seed: Optional[int] = typer.Option(None, help="pool split [default: the run's, else --seed]"),
+    threshold: str = typer.Option("paper", help="paper: k/(k+ln n_t); uniform: tau*k/n_t"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
+    out: Path = typer.Option(Path("attention.html"), help="the HTML file to write (plotly.js inside it)"),
+    overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", help="replace an existing --out file"),
+) -> None:
+    """Draw one prompt's tokens coloured by the query's attention, per head (a menu switches heads)."""
+    from abft_lens.attention_view import check_heads_exist, parse_heads
+    from abft_lens.report import read_record, run_kind
+
+    _check_html_out(out, overwrite)
+    wanted = parse_heads(heads)
+    shown = parse_heads(pattern) if pattern else None
+    if shown is not None and (not isinstance(shown, list) or len(shown) != 1):
+        raise ConfigError(f"pattern: name one head, e.g. L20H5; got {pattern!r}.")
+    if prompt < 0:
+        raise ConfigError(f"prompt: must be 0 or more, got {prompt}.")
+    if threshold not in ("paper", "uniform"):
+        raise ConfigError(f"threshold: paper or uniform, got {threshold!r}.")
+    source = Path(model_or_run)
+    kind = run_kind(source) if source.is_dir() else ""
+    record = read_record(source).get("config", {}) if kind else {}
+    if kind == "evaluate":
+        raise ConfigError(f"{source} is an evaluation folder; pass the model or fine-tuning run it evaluated "
+                          f"({record.get('model_or_run')}).")
+    if kind == "finetune" and not (source / "trained.safetensors").is_file():
+        raise ConfigError(f"{source} is a fine-tuning run that has not finished (no trained.safetensors).")
+    if isinstance(wanted, int) and (source / "heads.csv").is_file() and kind in ("find-heads", "finetune"):
+        import pandas as pd
+
+        ranking = pd.read_csv(source / "heads.csv").head(wanted)
+        wanted = [(int(layer), int(head)) for layer, head in zip(ranking["layer"], ranking["head"], strict=True)]
+    data_name = dataset or record.get("dataset", "sst2")
+    from abft_lens.data import load_dataset, split_pools
+
+    data = load_dataset(data_name, tuple(record["label_words"]) if record.get("label_words") else None)
+    seed = seed if seed is not None else int(record.get("seed", 42))
+    pools_seed = pool_seed if pool_seed is not None else int(record.get("pool_seed", seed))
+    n_test = len(split_pools(data, seed=pools_seed).test)
+    if prompt >= n_test:
+        raise ConfigError(f"prompt: {prompt} is past the test pool of {data.name} ({n_test} queries, 0 to {n_test - 1}).")
+
+    from abft_lens.attention_view import attention_figure, capture_example, pattern_view
+    from abft_lens.models import load_model
+    from abft_lens.report import example_prompts
+    from abft_lens.runs import atomic_write_text
+
+    if kind == "finetune":
+        from abft_lens.training import load_trained_model
+
+        models = {"base": load_model(record["model"], device=device),
+                  "fine-tuned": load_trained_model(source, device=device)}
+    else:
+        models = {"model": load_model(record.get("model", model_or_run), device=device)}
+    first = next(iter(models.values()))
+    if shown is not None:
+        check_heads_exist(shown, first.cfg.n_layers, first.cfg.n_heads)
+    prompts = example_prompts(first, data_name, record.get("label_words"), pools_seed,
+                              k if k is not None else int(record.get("k", 4)), seed, n=prompt + 1)
+    example = capture_example(models, prompts, wanted, prompt, threshold,
+                              title=f"{data.name} test prompt {prompt}")
+    figures = [attention_figure(example)]
+    if shown is not None:
+        figures += [pattern_view(model, prompts, shown[0], prompt).update_layout(title=f"{name}: full pattern of "
+                                                                                     f"L{shown[0][0]}H{shown[0][1]}")
+                    for name, model in models.items()]
+    parts = [f.to_html(full_html=False, include_plotlyjs=(i == 0), div_id=f"figure-{i + 1}")
+             for i, f in enumerate(figures)]
+    atomic_write_text(out, "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>attention view</title></head>"
+                           f"<body>{''.join(parts)}</body></html>\n")
+    typer.echo(f"Attention view ({len(example.heads)} heads: "
+               f"{', '.join(f'L{l}H{h}' for l, h in example.heads)}): {out}")
+
+
+@app.command("report")
+def report_command(
+    run_dir: Optional[Path] = typer.Argument(None, help="a run folder (find-heads, finetune, evaluate, benchmark)"),
+    index: Optional[Path] = typer.Option(None, help="instead: write DIR/index.html over every run folder under DIR "
+                                                    "(building the reports that are missing)"),
+    attention: bool = typer.Option(False, "--attention/--no-attention",
+                                   help="recompute the attention views first (loads the run's models)"),
+    rebuild: bool = typer.Option(False, "--rebuild/--no-rebuild", help="with --index: rebuild every report"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (for --attention)"),
+) -> None:
+    """Rebuild a run folder's report.html from its saved files, or write an index page over many runs."""
+    from abft_lens.report import build_index, build_report, compute_attention_examples, run_kind
+
+    if (run_dir is None) == (index is None):
+        raise ConfigError("report: give a RUN_DIR, or --index DIR (not both).")
+    target = run_dir if run_dir is not None else index
+    if not target.is_dir():
+        raise ConfigError(f"report: {target} is not a folder.")
+    if run_dir is not None:
+        if not run_kind(run_dir):
+            raise ConfigError(f"report: {run_dir} is not a run folder (no metrics.jsonl, metrics.json, heads.csv "
+                              "with a config.json, or results.csv).")
+        if attention:
+            compute_attention_examples(run_dir, device=device)
+        typer.echo(f"Report: {build_report(run_dir)}")
+        return
+    typer.echo(f"Index: {build_index(index, rebuild=rebuild)}")
 
 
 def _load_plugins() -> None:

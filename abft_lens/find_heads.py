@@ -1,5 +1,5 @@
 """The `find-heads` job: score every head of a model on probe prompts, rank, select, and write a
-run folder (config.json, run.log, heads.csv, heatmap.html)."""
+run folder (config.json, run.log, heads.csv, heatmap.html, attention_examples.json, report.html)."""
 
 from __future__ import annotations
 
@@ -122,6 +122,10 @@ def _find_heads(config: FindHeadsConfig, model, progress: bool) -> FindHeadsResu
     save_figure(head_heatmap(scores.table, "correctness", title), run_dir / "heatmap")
     save_figure(head_heatmap(scores.table, "label_mass", f"{config.model} on {dataset.name}: label attention mass"),
                 run_dir / "heatmap_label_mass")
+    from abft_lens.report import write_job_report  # the attention views need the model, which is here
+
+    with autocast(config.precision, model):
+        write_job_report(run_dir, models={"model": model})
     top = scores.table.iloc[0]
     log.info("top head L%dH%d (%s %.3f); wrote %s", top["layer"], top["head"], config.rank_by, top[config.rank_by],
              run_dir)

@@ -131,3 +131,21 @@ def query_logits_and_rows(
     with keeping_query_rows(model, layers, detach=detach_rows) as rows:
         logits = query_logits(model, batch)
     return logits, _stacked(rows, layers)
+
+
+def full_attention_pattern(model, batch: PromptBatch, layer: int) -> Float[Tensor, "batch head query_pos key_pos"]:
+    """The whole pattern (every query position) of one layer, a detached float32 copy; the forward
+    stops right after it. For looking at one prompt, not for training (it is query_pos times larger
+    than the query rows)."""
+    kept: list[Tensor] = []
+
+    def keep_pattern(pattern: Float[Tensor, "batch head query_pos key_pos"], hook) -> None:
+        kept.append(pattern.detach().to(torch.float32, copy=True))
+        raise _ForwardDone
+
+    with model.hooks(fwd_hooks=[(pattern_hook_name(layer), keep_pattern)]):
+        try:
+            model(batch.tokens, attention_mask=batch.attention_mask, stop_at_layer=layer + 1)
+        except _ForwardDone:
+            pass
+    return kept[0]

@@ -97,3 +97,13 @@ def method_comparison(
                          height=260 * len(shown) + 120, width=max(600, 45 * len(groups) * len(methods)),
                          legend_title_text=method)
     return figure
+
+
+def __getattr__(name: str):
+    """``plots.attention_view`` and ``plots.pattern_view`` (abft_lens.attention_view), imported on first use:
+    they need torch, which the table figures above do not."""
+    if name in ("attention_view", "pattern_view", "attention_figure"):
+        from abft_lens import attention_view as module
+
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
