@@ -25,7 +25,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from abft_lens.runs import atomic_write_text, write_json
+from abft_lens.runs import atomic_write_text, read_metrics, write_json
 
 REPORT_FILE = "report.html"
 INDEX_FILE = "index.html"
@@ -89,13 +89,7 @@ def run_kind(run_dir: Path) -> str:
 
 
 def read_metrics_lines(path: Path) -> pd.DataFrame:
-    rows = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return pd.DataFrame(rows)
+    return pd.DataFrame(read_metrics(path))
 
 
 def standard_errors(metrics: Mapping[str, object], predictions: pd.DataFrame | None = None,
