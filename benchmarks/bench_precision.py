@@ -245,9 +245,14 @@ def saved_activation_mb(model, method: str, precision: str, train, micro_batch: 
     return saved.mb
 
 
-def part_speed(model, out: Path, repeats: int) -> dict:
+def speed_prompts(model):
+    """The training prompts the speed part times, and their mean length in tokens (for the FLOPs)."""
     train, _ = training_prompts(model, FinetuneConfig(n_train=128, n_val=0, lr=1e-4))
-    mean_tokens = float(np.mean([len(p.tokens) for p in train.prompts]))
+    return train, float(np.mean([len(p.tokens) for p in train.prompts]))
+
+
+def part_speed(model, out: Path, repeats: int) -> dict:
+    train, mean_tokens = speed_prompts(model)
     rows = []
     sst2 = load_dataset("sst2")
     # Repeat 0 is a warm-up and is not summarised: the first step of each kind pays one-time costs
@@ -387,8 +392,7 @@ def main(argv: list[str] | None = None) -> None:
                                            "versions": package_versions()})
     model = load_model(args.model)
     if args.summarise_speed:
-        train, _ = training_prompts(model, FinetuneConfig(n_train=128, n_val=0, lr=1e-4))
-        mean_tokens = float(np.mean([len(p.tokens) for p in train.prompts]))
+        _, mean_tokens = speed_prompts(model)
         write_json(args.out / "speed.json", summarise_speed(pd.read_csv(args.out / "speed.csv"), model, mean_tokens))
         return
     parts = args.parts.split(",")
