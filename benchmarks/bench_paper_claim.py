@@ -58,7 +58,8 @@ COLUMNS = ["dataset", "method", "seed", "accuracy", "macro_f1", "consistency", "
            "train_seconds", "peak_memory_mb", "trainable_params", "model", "lr", "n_train", "steps",
            "zero_shot_accuracy", "induction_heads_per_prompt", "induction_correct_mass", "induction_wrong_mass",
            "eval_seconds", "piece_seconds", "run_dir", "device", "precision", "n_inputs", "collapsed_onto",
-           "predicted_distribution", "label_words"]
+           "predicted_distribution", "label_words", "lr_source", "flipped_k", "flipped_accuracy", "flipped_macro_f1",
+           "flipped_memorised_share", "symbols_accuracy", "symbols_macro_f1"]
 OOD_COLUMNS = ["trained_on", "dataset", "method", "seed", "accuracy", "macro_f1", "n_inputs"]
 TINY = dict(datasets=["sst2"], n_train=8, steps=2, batch_size=4, micro_batch_size=4, n_val=8, k=2, n_test=8,
             demo_sets=1, n_calibration=8, robustness_queries=2, robustness_demo_sets=2, abft_lr="1e-3",
@@ -85,14 +86,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="lrs tried by the search [default: FinetuneConfig.lr_grid]")
     parser.add_argument("--lr-search-steps", type=int, default=None,
                         help="steps of each trial run of the search [default: FinetuneConfig's]")
+    parser.add_argument("--lr-from", nargs="+", type=Path, default=[],
+                        help="results.csv files of earlier runs: an ABFT/E2E piece whose lr is 'search' takes the lr "
+                             "that a finished piece of the same data set, method and label words chose there (the "
+                             "first file that has one), and searches only where none has; name this run's own "
+                             "results.csv too so that later seeds reuse the first seed's search")
     parser.add_argument("--n-test", type=int, default=512)
     parser.add_argument("--demo-sets", type=int, default=2)
     parser.add_argument("--n-calibration", type=int, default=512)
     parser.add_argument("--robustness-queries", type=int, default=64)
     parser.add_argument("--robustness-demo-sets", type=int, default=8)
-    parser.add_argument("--robustness-seeds", nargs="+", type=int, default=[42],
+    parser.add_argument("--robustness-seeds", nargs="*", type=int, default=[42],
                         help="seeds whose evaluations include robustness (9 templates x demo sets): its cost is "
-                             "a third of a base piece, and one seed says how robust a method is")
+                             "a third of a base piece, and one seed says how robust a method is; none: no robustness")
+    parser.add_argument("--icl-tests-seeds", nargs="*", type=int, default=[42],
+                        help="seeds whose evaluations include the ICL tests (flipped and symbol labels, "
+                             "abft_lens.icl_tests; two more test sets of n-test x demo-sets inputs); none: no tests")
     parser.add_argument("--eval-batch-size", type=int, default=8)
     parser.add_argument("--ood", action="store_true",
                         help="also evaluate each fine-tuned model on the other data sets (out-of-domain harm, "
@@ -129,13 +138,13 @@ def eval_config(args: argparse.Namespace, dataset: str, seed: int, calibrate: bo
                           pool_seed=args.pool_seed, batch_size=args.eval_batch_size, calibrate=calibrate,
                           n_calibration=args.n_calibration, robustness=seed in args.robustness_seeds,
                           robustness_queries=args.robustness_queries,
-                          robustness_demo_sets=args.robustness_demo_sets, unseen_labels=True, out=str(out),
-                          precision=args.precision)
+                          robustness_demo_sets=args.robustness_demo_sets, unseen_labels=True,
+                          icl_tests=seed in args.icl_tests_seeds, out=str(out), precision=args.precision)
 
 
 def _row(args, dataset: str, method: str, seed: int, metrics: dict, **extra) -> dict[str, object]:
     keys = ("accuracy", "macro_f1", "consistency", "unseen_label_accuracy", "zero_shot_accuracy",
-            "induction_heads_per_prompt", "induction_correct_mass", "induction_wrong_mass")
+            "induction_heads_per_prompt", "induction_correct_mass", "induction_wrong_mass", *ICL_TEST_KEYS)
     calibrated = method == "calibration"
     distribution = metrics["calibrated_predicted_distribution" if calibrated else "predicted_distribution"]
     row = {"dataset": dataset, "method": method, "seed": seed, "model": args.model, "device": device_name(args.device),
@@ -144,6 +153,30 @@ def _row(args, dataset: str, method: str, seed: int, metrics: dict, **extra) -> 
            "collapsed_onto": metrics.get("calibrated_collapsed_onto" if calibrated else "collapsed_onto"),
            "label_words": ",".join(metrics["predicted_distribution"])}
     return {**row, **extra}
+
+
+ICL_TEST_KEYS = ("flipped_k", "flipped_accuracy", "flipped_macro_f1", "flipped_memorised_share", "symbols_accuracy",
+                 "symbols_macro_f1")
+
+
+def reused_lr(paths: list[Path], dataset: str, method: str) -> tuple[float, str] | None:
+    """The lr that a finished piece of ``dataset`` and ``method`` chose in one of the results files
+    ``paths`` (the first file that has one; there, the lowest seed's), with a note of where it came
+    from; None when none has. Rows whose label words differ from the data set's current ones (SUBJ's
+    false/true before the paper's words) do not count: their search scored other prompts."""
+    from abft_lens.data import load_dataset
+
+    words = ",".join(load_dataset(dataset).label_words)
+    for path in paths:
+        if not path.is_file():
+            continue
+        frame = with_prediction_columns(read_results(path))
+        rows = frame[(frame["dataset"] == dataset) & (frame["method"] == method) & frame["lr"].notna()
+                     & (frame["label_words"] == words)].sort_values("seed")
+        if len(rows):
+            row = rows.iloc[0]
+            return float(row["lr"]), f"reused: chosen by the search of seed {int(row['seed'])} in {path}"
+    return None
 
 
 def device_name(device: str | None) -> str:
@@ -179,11 +212,14 @@ def run_piece(args: argparse.Namespace, dataset: str, piece: str, seed: int, mod
                 _row(args, dataset, "calibration", seed, calibrated, **common)]
 
     lr_arg = args.abft_lr if piece == "abft" else args.e2e_lr
+    lr, lr_source = (None, "search") if lr_arg == "search" else (float(lr_arg), "given")
+    if lr is None and (found := reused_lr(args.lr_from, dataset, piece)) is not None:
+        lr, lr_source = found
     run_dir = runs / f"{dataset}_{piece}_seed{seed}"
     search = {key: value for key, value in (("lr_grid", args.lr_grid), ("lr_search_steps", args.lr_search_steps))
               if value is not None}
     config = FinetuneConfig(model=args.model, dataset=dataset, method=piece, n_train=args.n_train, n_val=args.n_val,
-                            k=args.k, lr=None if lr_arg == "search" else float(lr_arg), batch_size=args.batch_size,
+                            k=args.k, lr=lr, batch_size=args.batch_size,
                             micro_batch_size=args.micro_batch_size, steps=args.steps, seed=seed,
                             pool_seed=args.pool_seed, out=str(run_dir), resume=True, device=args.device,
                             precision=args.precision, **search)
@@ -195,7 +231,7 @@ def run_piece(args: argparse.Namespace, dataset: str, piece: str, seed: int, mod
         record_out_of_domain(args, model, [d for d in args.ood_datasets if d != dataset], dataset, piece, seed)
     return [_row(args, dataset, piece, seed, evaluation.metrics, train_seconds=trained.train_seconds,
                  peak_memory_mb=trained.peak_memory_mb, trainable_params=trained.trainable_params, lr=trained.lr,
-                 n_train=args.n_train, steps=args.steps, run_dir=str(run_dir), **extra)]
+                 n_train=args.n_train, steps=args.steps, run_dir=str(run_dir), lr_source=lr_source, **extra)]
 
 
 def record_out_of_domain(args: argparse.Namespace, model, datasets: list[str], trained_on: str, method: str,
