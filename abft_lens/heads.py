@@ -201,7 +201,7 @@ def accumulate_head_statistics(model, prompts: PromptSet, config: HeadScoreConfi
     config = config or HeadScoreConfig()
     layers = list(config.layers) if config.layers is not None else list(range(model.cfg.n_layers))
     stats = HeadStatistics.zeros(model.cfg.n_layers, model.cfg.n_heads)
-    order = list(range(len(prompts))) if indices is None else list(indices)
+    order = prompts.by_length(indices)  # sums over prompts: the order only sets how much padding is computed
     device = next(model.parameters()).device
     bar = tqdm(total=len(order), desc="scoring heads", unit="prompt", disable=not progress)
     with torch.no_grad():

@@ -66,7 +66,7 @@ def head_output_means(model, prompts: PromptSet, heads: Sequence[Head],
     device = next(model.parameters()).device
     hooks = [(z_hook_name(layer), accumulate) for layer in by_layer]
     with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
-        for batch in prompts.batches(batch_size):
+        for batch in prompts.batches(batch_size, prompts.by_length()):  # sums: order only sets the padding
             batch = batch.to(device)
             mask_holder["mask"] = batch.attention_mask
             count += int(batch.attention_mask.sum())

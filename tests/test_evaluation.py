@@ -163,6 +163,27 @@ def test_predictions_table_follows_queries_and_repeats(tiny_gpt2, sst2):
     assert result.metrics["accuracy"] == pytest.approx(frame["correct"].mean())
 
 
+def test_predictions_come_back_in_the_sets_order_though_batches_are_cut_by_length(tiny_gpt2, sst2):
+    from tolerances import ATTENTION_ATOL
+
+    from abft_lens.evaluation.prediction import predict
+    from abft_lens.forward import label_logits
+
+    pools = split_pools(sst2)
+    prompts = build_prompts(tiny_gpt2.tokenizer, sst2, pools.test[:12], k=4, seed=42, demo_pool=pools.demo)
+    lengths = [len(p.tokens) for p in prompts.prompts]
+    assert lengths != sorted(lengths)  # else the test could not tell the orders apart
+    assert [lengths[i] for i in prompts.by_length()] == sorted(lengths)
+    with torch.inference_mode():
+        one_by_one = torch.cat([label_logits(tiny_gpt2, prompts.collate([i])) for i in range(len(prompts))])
+    batched = predict(tiny_gpt2, prompts, batch_size=5, progress=False)
+    assert batched.true.tolist() == [p.query_label for p in prompts.prompts]
+    # Different paths (each prompt alone against padded batches of 5): float32 closeness with the
+    # activations' relative error bound and the attention tolerance (tests/tolerances.py); a prompt's
+    # logits landing on another prompt's row differ by far more.
+    torch.testing.assert_close(batched.logits, one_by_one, atol=ATTENTION_ATOL, rtol=1e-4)
+
+
 def test_evaluation_is_deterministic_for_a_fixed_seed(tiny_gpt2, sst2):
     config = EvaluateConfig(n_test=4, demo_sets=2, unseen_labels=True)
     first = evaluate(tiny_gpt2, sst2, config, progress=False)

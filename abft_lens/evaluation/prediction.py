@@ -58,8 +58,9 @@ def predict(model, prompts: PromptSet, batch_size: int = 8, attention: bool = Fa
     sums: dict[str, Tensor] | None = None
     started = time.perf_counter()
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress)
+    order = prompts.by_length()  # batches of similar length; results go back to the set's order below
     with torch.inference_mode():
-        for batch in prompts.batches(batch_size):
+        for batch in prompts.batches(batch_size, order):
             batch = batch.to(device)
             if attention:
                 batch_logits, label_attention = _logits_and_label_attention(model, batch)
@@ -72,7 +73,8 @@ def predict(model, prompts: PromptSet, batch_size: int = 8, attention: bool = Fa
             true.append(batch.query_labels.cpu())
             bar.update(len(batch.query_labels))
     bar.close()
-    return Predictions(torch.cat(logits), torch.cat(true), sums, time.perf_counter() - started)
+    restore = torch.argsort(torch.tensor(order))
+    return Predictions(torch.cat(logits)[restore], torch.cat(true)[restore], sums, time.perf_counter() - started)
 
 
 def content_free_probabilities(

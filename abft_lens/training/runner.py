@@ -129,7 +129,10 @@ class FinetuneRunner:
         if self.completed >= len(self.order):
             raise RuntimeError(f"All {len(self.order)} steps are done.")
         started = time.perf_counter()
-        indices = self.order[self.completed]
+        # The pseudo-batch's prompts by length, so that its micro-batches pad little. Which micro-batch a
+        # prompt falls in does not change the step's gradient (exactly so for the default reduction:
+        # DESIGN_CHOICES["pseudo_batch"]), nor the PID input, a mean over the pseudo-batch.
+        indices = self.prompts.by_length(self.order[self.completed])
         sums = StepSums()
         punish_weight = weights_for(self.loss_config, self.controller.punish_weight)[0]
         self.optimizer.zero_grad(set_to_none=True)
