@@ -11,6 +11,8 @@ present, PNG:
   section 8) drawn beside ours and labelled as quoted;
 - ``robustness_<name>``: prediction consistency, unseen-label and 0-shot accuracy from the same table,
   and ``ood_<name>``: out-of-domain harm from the benchmark's ``ood.csv`` beside it;
+- ``icl_tests_<name>``: flipped-label and symbol-label accuracy and the memorised share (issue 15) from
+  the same table, where its runs measured them;
 - ``training_<name>``: correct and wrong label mass of the induction heads per step of every
   fine-tuning run folder (``metrics.jsonl``).
 
@@ -50,6 +52,8 @@ PAPER_GPT2_XL = {
 PAPER_DATASET_ORDER = ("sst2", "mr", "fp", "sst5", "trec", "subj", "tee", "teh")
 SCORE_COLUMNS = ("layer", "head", "label_mass", "correctness", "pass_rate", "n_prompts")
 ROBUSTNESS_METRICS = ("consistency", "unseen_label_accuracy", "zero_shot_accuracy")
+# Issue 15: following the prompt's mapping (flipped words, neutral symbols) against the memorised one.
+ICL_TEST_METRICS = ("accuracy", "flipped_accuracy", "flipped_memorised_share", "symbols_accuracy")
 METHOD_COLOURS = {"vanilla": "#9D9D9D", "calibration": "#72B7B2", "abft": "#F58518", "e2e": "#4C78A8"}
 
 
@@ -183,6 +187,22 @@ def _robustness_figures(report: FiguresReport, results: pd.DataFrame, ood_path: 
                   out / f"ood_{name}", png)
 
 
+def _icl_test_figure(report: FiguresReport, results: pd.DataFrame, name: str, out: Path, png: bool) -> None:
+    """``icl_tests_<name>``: per data set and method, the ordinary accuracy beside the accuracy with the
+    label words flipped by a derangement and replaced by symbols (scored against the prompt's mapping),
+    and the share of flipped answers that keep the words' usual meaning; only the runs that ran them."""
+    if "flipped_accuracy" not in results or results["flipped_accuracy"].isna().all():
+        return
+    # Calibration rows of older tables carried vanilla's tests (the same forwards): left out.
+    tested = in_paper_order(results[results["flipped_accuracy"].notna() & (results["method"] != "calibration")],
+                            "dataset")
+    title = (f"In-context learning that memorising cannot pass: {name}<br><sup>flipped: label words permuted "
+             "(demonstrations and answer key); symbols: neutral one-token labels; memorised share: flipped "
+             "answers that give the usual meaning; chance = 1 / number of labels</sup>")
+    _save(report, method_comparison(tested, ICL_TEST_METRICS, title=title, colours=METHOD_COLOURS),
+          out / f"icl_tests_{name}", png)
+
+
 def in_paper_order(table: pd.DataFrame, dataset_column: str = "dataset") -> pd.DataFrame:
     """Rows sorted by data set in the paper's order and by method (vanilla, calibration, abft, e2e), others
     after them in their own order, so that every figure lists both the same way."""
@@ -225,6 +245,7 @@ def _make_figures(roots: Sequence[Path], out: Path, png: bool) -> FiguresReport:
             _save(report, accuracy_with_paper(results, title=f"Accuracy per data set: {name} (k = 4)"),
                   out / f"accuracy_{name}", png)
             _robustness_figures(report, results, path.parent / "ood.csv", name, out, png)
+            _icl_test_figure(report, results, name, out, png)
         for path in sorted(root.rglob(METRICS_FILE)):
             metrics = pd.DataFrame(read_metrics(path))
             if metrics.empty or not {"step", "correct_mass", "wrong_mass"} <= set(metrics.columns):

@@ -204,8 +204,9 @@ def run_piece(args: argparse.Namespace, dataset: str, piece: str, seed: int, mod
         metrics, peak = result.metrics, peak_memory_mb(device)
         common = dict(train_seconds=0.0, peak_memory_mb=peak, trainable_params=0, run_dir=str(out),
                       precision=run_record(out)["precision"])
+        # Calibration changes only the test predictions: the other measurements are vanilla's, left empty here.
         calibrated = {**metrics, "accuracy": metrics["calibrated_accuracy"], "macro_f1": metrics["calibrated_macro_f1"],
-                      "consistency": None, "unseen_label_accuracy": None}
+                      "consistency": None, "unseen_label_accuracy": None, **dict.fromkeys(ICL_TEST_KEYS)}
         if args.ood:
             record_out_of_domain(args, model, [dataset], "none", "vanilla", seed)
         return [_row(args, dataset, "vanilla", seed, metrics, **common),
@@ -351,6 +352,18 @@ def _both(wide: pd.DataFrame, first: str, second: str) -> pd.DataFrame | None:
 METRICS = ("accuracy", "macro_f1")
 
 
+def icl_test_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """The ICL tests (issue 15) per (dataset, method) beside the ordinary accuracy of the same runs: mean
+    over the seeds that ran them (``--icl-tests-seeds``), and how many did. Empty without such rows."""
+    if "flipped_accuracy" not in frame or frame["flipped_accuracy"].isna().all():
+        return pd.DataFrame()
+    tested = frame[frame["flipped_accuracy"].notna() & (frame["method"] != "calibration")]
+    columns = [column for column in ("accuracy", "macro_f1", *ICL_TEST_KEYS) if column in tested]
+    table = tested.groupby(["dataset", "method"])[columns].mean()
+    table["seeds"] = tested.groupby(["dataset", "method"])["seed"].nunique()
+    return table.reset_index()
+
+
 def seed_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Per (dataset, method): mean and standard deviation over seeds of accuracy and macro-F1, the
     number of seeds, the binomial standard error of one run's accuracy, and how many seeds collapsed."""
@@ -483,6 +496,8 @@ def main(argv: list[str] | None = None, model=None) -> None:
     ood_path = args.out / "ood.csv"
     summary = summarise(frame, pd.read_csv(ood_path) if ood_path.is_file() else None)
     atomic_write_text(args.out / "seed_table.csv", seed_table(frame).to_csv(index=False, float_format="%.4g"))
+    if len(icl := icl_test_table(frame)):
+        atomic_write_text(args.out / "icl_tests.csv", icl.to_csv(index=False, float_format="%.4g"))
     wall = float(frame.loc[frame["method"] != "calibration", "piece_seconds"].sum())  # base rows share one piece
     write_json(args.out / "summary.json", {"command": command, **summary, "total_piece_seconds": round(wall, 1),
                                            "this_session_seconds": round(time.perf_counter() - started, 1),

@@ -101,6 +101,12 @@ def test_tiny_benchmark_runs_every_piece_in_process_and_leaves_the_model_as_it_w
     assert set(ood.loc[ood["method"] == "abft", "dataset"]) == {"mr", "trec"}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pieces"] == 4 and "--in-process" in summary["command"]
+    # Seed 42 ran the ICL tests (--icl-tests-seeds default); calibration rows do not repeat vanilla's.
+    by_method = results.set_index("method")
+    assert by_method.loc[["vanilla", "abft", "e2e"], "flipped_accuracy"].between(0, 1).all()
+    assert by_method.loc[["vanilla", "abft", "e2e"], "symbols_accuracy"].between(0, 1).all()
+    assert pd.isna(by_method.loc["calibration", "flipped_accuracy"])
+    assert set(pd.read_csv(out / "icl_tests.csv")["method"]) == {"vanilla", "abft", "e2e"}
     assert (out / "results.html").is_file()
     for name, value in snapshot(params).items():
         assert torch.equal(value, before[name]), f"{name} changed"
@@ -136,3 +142,38 @@ def test_a_collapsed_run_is_never_counted_as_a_win(bench):
     assert summary["abft_vs_vanilla_accuracy"] == {"sst5": "ahead"}
     assert summary["abft_wins_over_vanilla_accuracy"] == "0 of 1"
     assert summary["collapsed_runs"] == {"abft": 1, "vanilla": 0}
+
+
+def test_a_searched_lr_is_reused_only_for_the_same_data_set_method_and_label_words(bench, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # run_dir paths in the rows are relative, as the benchmark writes them
+    older, newer = tmp_path / "older.csv", tmp_path / "newer.csv"
+    bench.append_results(older, [
+        dict(dataset="subj", method="abft", seed=42, lr=1e-3, predicted_distribution='{"false": 0.5, "true": 0.5}',
+             label_words="false,true", run_dir="x"),  # StaICC's words, not the paper's: not reused
+        dict(dataset="sst2", method="abft", seed=43, lr=1e-4, label_words="negative,positive", run_dir="x",
+             predicted_distribution="{}"),
+        dict(dataset="sst2", method="abft", seed=42, lr=3e-4, label_words="negative,positive", run_dir="x",
+             predicted_distribution="{}"),
+        dict(dataset="sst2", method="vanilla", seed=42, label_words="negative,positive", run_dir="x",
+             predicted_distribution="{}")])
+    bench.append_results(newer, [dict(dataset="subj", method="abft", seed=42, lr=1e-4, run_dir="x",
+                                      label_words="objective,subjective", predicted_distribution="{}")])
+    assert bench.reused_lr([older, newer], "sst2", "abft")[0] == 3e-4  # the lowest seed's search
+    assert "seed 42" in bench.reused_lr([older, newer], "sst2", "abft")[1]
+    assert bench.reused_lr([older, newer], "subj", "abft")[0] == 1e-4
+    assert bench.reused_lr([older], "subj", "abft") is None
+    assert bench.reused_lr([older, newer], "sst2", "e2e") is None
+    assert bench.reused_lr([tmp_path / "missing.csv"], "sst2", "abft") is None
+
+
+def test_icl_test_table_averages_the_tested_seeds_and_leaves_calibration_out(bench):
+    rows = [dict(dataset="sst2", method=m, seed=s, accuracy=0.8, macro_f1=0.8, flipped_accuracy=f,
+                 flipped_memorised_share=1 - f, symbols_accuracy=0.6, flipped_k=4)
+            for m, s, f in (("vanilla", 42, 0.2), ("vanilla", 43, 0.4), ("calibration", 42, 0.2), ("abft", 42, 0.5))]
+    rows.append(dict(dataset="sst2", method="abft", seed=44, accuracy=0.9, macro_f1=0.9))  # not tested
+    table = bench.icl_test_table(pd.DataFrame(rows)).set_index("method")
+    assert set(table.index) == {"vanilla", "abft"}
+    assert table.loc["vanilla", "flipped_accuracy"] == pytest.approx(0.3)
+    assert table.loc["vanilla", "seeds"] == 2 and table.loc["abft", "seeds"] == 1
+    assert table.loc["abft", "accuracy"] == pytest.approx(0.8)  # the tested run's, not seed 44's
+    assert bench.icl_test_table(pd.DataFrame(rows).drop(columns=["flipped_accuracy"])).empty

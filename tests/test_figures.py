@@ -126,3 +126,21 @@ def test_one_seed_accuracy_bars_carry_the_binomial_standard_error():
     results = pd.DataFrame([dict(dataset="sst2", method="abft", seed=42, accuracy=0.8, n_inputs=1024)])
     bar = accuracy_with_paper(results).data[0]
     assert bar.error_y.array[0] == pytest.approx((0.8 * 0.2 / 1024) ** 0.5)
+
+
+def test_icl_test_figure_shows_the_tested_runs_beside_their_accuracy(tmp_path):
+    bench = tmp_path / "runs" / "bench"
+    bench.mkdir(parents=True)
+    rows = [dict(dataset="sst2", method=m, seed=42, accuracy=0.8, flipped_accuracy=None if m == "calibration" else 0.3,
+                 flipped_memorised_share=None if m == "calibration" else 0.7, symbols_accuracy=0.6)
+            for m in ("vanilla", "calibration", "e2e")]
+    pd.DataFrame(rows).to_csv(bench / "results.csv", index=False)
+    report = make_figures([tmp_path / "runs"], tmp_path / "figures", png=False)
+    written = {path.name: path for path in report.written}
+    page = written["icl_tests_bench.html"].read_text()
+    assert '"name":"e2e"' in page and '"name":"calibration"' not in page
+    assert "flipped memorised share" in page  # one panel per measurement
+
+    pd.DataFrame(rows).drop(columns=["flipped_accuracy"]).to_csv(bench / "results.csv", index=False)
+    again = make_figures([tmp_path / "runs"], tmp_path / "figures2", png=False)
+    assert not any(path.name.startswith("icl_tests") for path in again.written)
