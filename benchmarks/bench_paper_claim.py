@@ -379,6 +379,35 @@ def seed_table(frame: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index()
 
 
+def seed_table_markdown(table: pd.DataFrame, metric: str = "accuracy") -> str:
+    """``seed_table``'s ``metric`` as a Markdown table for RESULTS.md: one row per method, one column per
+    data set in the paper's order and the mean over data sets; a cell is ``mean ± std (seeds)``, marked
+    ``†`` when a seed's run collapsed onto one label. The mean column averages the data sets that have
+    a value and says how many."""
+    from abft_lens.figures import PAPER_DATASET_ORDER
+
+    datasets = [d for d in PAPER_DATASET_ORDER if d in set(table["dataset"])]
+    datasets += [d for d in dict.fromkeys(table["dataset"]) if d not in datasets]
+    methods = [m for m in METHODS if m in set(table["method"])]
+    methods += [m for m in dict.fromkeys(table["method"]) if m not in methods]
+    cells = table.set_index(["dataset", "method"])
+    lines = [f"| {metric} | " + " | ".join(datasets) + " | mean |", "|---" * (len(datasets) + 2) + "|"]
+    for method in methods:
+        row, means = [], []
+        for dataset in datasets:
+            if (dataset, method) not in cells.index:
+                row.append("")
+                continue
+            cell = cells.loc[(dataset, method)]
+            mean, std, seeds = cell[f"{metric}_mean"], cell[f"{metric}_std"], int(cell["seeds"])
+            means.append(mean)
+            spread = f" ± {std:.3f}" if seeds > 1 else ""
+            row.append(f"{mean:.3f}{spread} ({seeds}){' †' if cell['collapsed_seeds'] > 0 else ''}")
+        overall = f"{sum(means) / len(means):.3f} ({len(means)} set{'s' if len(means) > 1 else ''})" if means else ""
+        lines.append(f"| {method} | " + " | ".join(row) + f" | {overall} |")
+    return "\n".join(lines) + "\n"
+
+
 def compare(table: pd.DataFrame, first: str, second: str, metric: str) -> pd.DataFrame:
     """``first`` minus ``second`` per data set on ``metric``, and whether the difference is beyond the
     spread: larger than the sum of the two seed standard deviations with 2+ seeds, else larger than two
@@ -495,7 +524,10 @@ def main(argv: list[str] | None = None, model=None) -> None:
                 args.out / "results_macro_f1")
     ood_path = args.out / "ood.csv"
     summary = summarise(frame, pd.read_csv(ood_path) if ood_path.is_file() else None)
-    atomic_write_text(args.out / "seed_table.csv", seed_table(frame).to_csv(index=False, float_format="%.4g"))
+    seeds_table = seed_table(frame)
+    atomic_write_text(args.out / "seed_table.csv", seeds_table.to_csv(index=False, float_format="%.4g"))
+    atomic_write_text(args.out / "seed_table.md", "".join(seed_table_markdown(seeds_table, metric) + "\n"
+                                                          for metric in METRICS))
     if len(icl := icl_test_table(frame)):
         atomic_write_text(args.out / "icl_tests.csv", icl.to_csv(index=False, float_format="%.4g"))
     wall = float(frame.loc[frame["method"] != "calibration", "piece_seconds"].sum())  # base rows share one piece

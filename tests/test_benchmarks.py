@@ -177,3 +177,12 @@ def test_icl_test_table_averages_the_tested_seeds_and_leaves_calibration_out(ben
     assert table.loc["vanilla", "seeds"] == 2 and table.loc["abft", "seeds"] == 1
     assert table.loc["abft", "accuracy"] == pytest.approx(0.8)  # the tested run's, not seed 44's
     assert bench.icl_test_table(pd.DataFrame(rows).drop(columns=["flipped_accuracy"])).empty
+
+
+def test_seed_table_markdown_gives_mean_spread_seeds_and_marks_collapse(bench):
+    frame = _seed_rows({("sst2", "vanilla"): [0.60, 0.62, 0.64], ("trec", "vanilla"): [0.30],
+                        ("sst2", "abft"): [0.80, 0.82, 0.84]}, collapsed={("sst2", "abft", 43)})
+    lines = bench.seed_table_markdown(bench.seed_table(frame)).splitlines()
+    assert lines[0] == "| accuracy | sst2 | trec | mean |"
+    assert lines[2] == "| vanilla | 0.620 ± 0.020 (3) | 0.300 (1) | 0.460 (2 sets) |"
+    assert lines[3] == "| abft | 0.820 ± 0.020 (3) † |  | 0.820 (1 set) |"
