@@ -99,6 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--robustness-seeds", nargs="*", type=int, default=[42],
                         help="seeds whose evaluations include robustness (9 templates x demo sets): its cost is "
                              "a third of a base piece, and one seed says how robust a method is; none: no robustness")
+    parser.add_argument("--unseen-labels-seeds", nargs="*", type=int, default=None,
+                        help="seeds whose evaluations include the unseen-label and 0-shot tests (two more sets of "
+                             "n-test x demo-sets and n-test inputs) [default: every seed]")
     parser.add_argument("--icl-tests-seeds", nargs="*", type=int, default=[42],
                         help="seeds whose evaluations include the ICL tests (flipped and symbol labels, "
                              "abft_lens.icl_tests; two more test sets of n-test x demo-sets inputs); none: no tests")
@@ -138,7 +141,8 @@ def eval_config(args: argparse.Namespace, dataset: str, seed: int, calibrate: bo
                           pool_seed=args.pool_seed, batch_size=args.eval_batch_size, calibrate=calibrate,
                           n_calibration=args.n_calibration, robustness=seed in args.robustness_seeds,
                           robustness_queries=args.robustness_queries,
-                          robustness_demo_sets=args.robustness_demo_sets, unseen_labels=True,
+                          robustness_demo_sets=args.robustness_demo_sets,
+                          unseen_labels=args.unseen_labels_seeds is None or seed in args.unseen_labels_seeds,
                           icl_tests=seed in args.icl_tests_seeds, out=str(out), precision=args.precision)
 
 

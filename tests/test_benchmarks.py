@@ -186,3 +186,13 @@ def test_seed_table_markdown_gives_mean_spread_seeds_and_marks_collapse(bench):
     assert lines[0] == "| accuracy | sst2 | trec | mean |"
     assert lines[2] == "| vanilla | 0.620 ± 0.020 (3) | 0.300 (1) | 0.460 (2 sets) |"
     assert lines[3] == "| abft | 0.820 ± 0.020 (3) † |  | 0.820 (1 set) |"
+
+
+def test_costly_evaluations_run_only_for_the_seeds_asked(bench, tmp_path):
+    args = bench.parse_args(["--robustness-seeds", "--icl-tests-seeds", "42", "--unseen-labels-seeds", "42",
+                             "--out", str(tmp_path)])
+    first, second = (bench.eval_config(args, "sst2", seed, calibrate=False, out=tmp_path) for seed in (42, 43))
+    assert (first.robustness, first.icl_tests, first.unseen_labels) == (False, True, True)
+    assert (second.robustness, second.icl_tests, second.unseen_labels) == (False, False, False)
+    default = bench.eval_config(bench.parse_args(["--out", str(tmp_path)]), "sst2", 43, calibrate=False, out=tmp_path)
+    assert (default.robustness, default.icl_tests, default.unseen_labels) == (False, False, True)
