@@ -6,7 +6,7 @@ export ABFT_LENS_CACHE_DIR ?= $(CURDIR)/.cache
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: env system-deps demo test test-fast bench clean
+.PHONY: env system-deps demo test test-fast bench notebooks-html clean
 
 env: $(VENV)/.installed
 
@@ -42,6 +42,12 @@ test-fast: env
 
 bench: env
 	$(PY) benchmarks/bench_head_scoring.py
+
+# The three notebooks executed at their committed (CI-sized) parameters, published as pages that open offline:
+# docs/notebooks/*.html (committed, linked from the README) with one plotly.min.js and one notebook.css beside them.
+# Rerun after editing a notebook: tests/test_notebooks.py checks that each page matches its notebook.
+notebooks-html: env
+	$(PY) scripts/render_notebooks.py
 
 clean:
 	rm -rf $(VENV) .cache runs

@@ -7,7 +7,8 @@ checks that too, so a notebook saved with outputs fails fast.
 
 from __future__ import annotations
 
-import os
+import functools
+import importlib.util
 import time
 from pathlib import Path
 
@@ -18,6 +19,15 @@ nbclient = pytest.importorskip("nbclient")
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+
+
+@functools.cache
+def render_notebooks():
+    """scripts/render_notebooks.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("render_notebooks", REPO / "scripts" / "render_notebooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _strip_outputs_missing(notebook) -> list[int]:
@@ -36,18 +46,7 @@ def test_committed_notebook_has_no_outputs_and_a_parameters_cell(path):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_executes_top_to_bottom(path, tmp_path):
-    notebook = nbformat.read(path, as_version=4)
-    env_before = dict(os.environ)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the kernel inherits the environment
-    # The kernel runs in tmp_path: name the repository, so that it imports the code under test (abft_lens and
-    # the repository's analysis/), not whatever copy the environment has installed.
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env_before.get("PYTHONPATH", "")) if p)
-    try:
-        client = nbclient.NotebookClient(notebook, timeout=1800, kernel_name="python3",
-                                         resources={"metadata": {"path": str(tmp_path)}})
-        started = time.perf_counter()
-        client.execute()  # raises CellExecutionError naming the failing cell
-    finally:
-        os.environ.clear()
-        os.environ.update(env_before)
+    # The same execution as `make notebooks-html`: the kernel imports the repository's code, runs in tmp_path.
+    started = time.perf_counter()
+    render_notebooks().execute_notebook(path, tmp_path)  # raises CellExecutionError naming the failing cell
     print(f"{path.name}: executed in {time.perf_counter() - started:.0f} s")
