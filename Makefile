@@ -45,7 +45,8 @@ bench: env
 
 # The three notebooks executed at their committed (CI-sized) parameters, published as pages that open offline:
 # docs/notebooks/*.html (committed, linked from the README) with one plotly.min.js and one notebook.css beside them.
-# Rerun after editing a notebook: tests/test_notebooks.py checks that each page matches its notebook.
+# 2.5 min on 2 CPU cores. Rerun after editing a notebook: tests/test_notebooks.py checks that each page matches
+# its notebook.
 notebooks-html: env
 	$(PY) scripts/render_notebooks.py
 
