@@ -19,7 +19,8 @@ Every finished piece is appended to ``<out>/results.csv`` at once (atomic rewrit
 several processes may share one ``--out``); a re-run skips finished pieces. ``<out>/results.html`` is
 the figure, ``<out>/summary.json`` the headline (mean accuracy per method, ABFT wins over vanilla,
 ABFT minus E2E, ABFT/E2E training-time ratio on the same device, mean consistency, mean out-of-domain
-harm) with the command that produced it; ``--summarise-only`` redraws both from what is there.
+harm) with the command that produced it, ``<out>/report.html`` the page over both (``abft-lens report``);
+``--summarise-only`` redraws them from what is there.
 
 The committed run (benchmarks/results/paper_claim_smollm2, benchmarks/RESULTS.md) ran 30 pieces on one H200
 with ``benchmarks/run_on_gpu.sh`` (about 60 s a piece, 18 min in two parallel processes) and E2E on SST-5
@@ -496,6 +497,7 @@ def main(argv: list[str] | None = None, model=None) -> None:
 
     from abft_lens.figures import accuracy_with_paper
     from abft_lens.plots import save_figure
+    from abft_lens.report import write_job_report
 
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.csv"
@@ -542,6 +544,11 @@ def main(argv: list[str] | None = None, model=None) -> None:
     print(frame[["dataset", "method", "seed", "accuracy", "macro_f1", "consistency", "unseen_label_accuracy",
                  "train_seconds"]].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print(json.dumps(summary, indent=1))
+    # The folder's page (abft_lens.report: the results table and the figure), drawn from the files just
+    # written; a failure there is reported and leaves the results as they are.
+    report = write_job_report(args.out, attention=False)
+    if report is not None:
+        print(f"Report: {report}")
 
 
 if __name__ == "__main__":

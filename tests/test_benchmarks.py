@@ -16,6 +16,8 @@ from abft_lens.evaluation import out_of_domain_harm
 from abft_lens.figures import in_paper_order
 from abft_lens.training import snapshot, trainable_parameters
 
+from browser import browser, probe
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -107,7 +109,7 @@ def test_tiny_benchmark_runs_every_piece_in_process_and_leaves_the_model_as_it_w
     assert by_method.loc[["vanilla", "abft", "e2e"], "symbols_accuracy"].between(0, 1).all()
     assert pd.isna(by_method.loc["calibration", "flipped_accuracy"])
     assert set(pd.read_csv(out / "icl_tests.csv")["method"]) == {"vanilla", "abft", "e2e"}
-    assert (out / "results.html").is_file()
+    assert (out / "results.html").is_file() and (out / "report.html").is_file()
     for name, value in snapshot(params).items():
         assert torch.equal(value, before[name]), f"{name} changed"
 
@@ -115,6 +117,29 @@ def test_tiny_benchmark_runs_every_piece_in_process_and_leaves_the_model_as_it_w
     mtime = (out / "results.csv").stat().st_mtime_ns
     bench.main(argv, model=smollm2)
     assert (out / "results.csv").stat().st_mtime_ns == mtime
+
+
+def test_summarise_only_writes_the_folders_report_over_the_results_table(bench, tmp_path, capsys):
+    out = tmp_path / "bench"
+    rows = [dict(dataset=d, method=m, seed=42, accuracy=a, macro_f1=a - 0.1, consistency=0.8, train_seconds=t,
+                 piece_seconds=t + 5, device="cpu", n_inputs=16, predicted_distribution='{"negative": 0.5}')
+            for d, m, a, t in [("sst2", "vanilla", 0.6, 0.0), ("sst2", "calibration", 0.65, 0.0),
+                               ("sst2", "abft", 0.8, 10.0), ("sst2", "e2e", 0.9, 20.0)]]
+    bench.append_results(out / "results.csv", rows)
+    bench.main(["--summarise-only", "--datasets", "sst2", "--out", str(out)])
+    report = out / "report.html"
+    assert f"Report: {report}" in capsys.readouterr().out
+    page = report.read_text()
+    assert '<section id="results">' in page and page.count('<script src="plotly.min.js">') == 1
+    assert (out / "plotly.min.js").is_file() and "e2e" in page
+    if browser() is None:
+        return  # the page's content is checked above; drawing it needs a Chromium
+    seen = probe(report, """return {sections: [...document.querySelectorAll('section')].map(s => s.id),
+        bars: [...document.querySelectorAll('.js-plotly-plot')].map(p => p.data.filter(t => t.type === 'bar').length),
+        rows: document.querySelectorAll('#results tbody tr').length};""")
+    assert seen["errors"] == [] and "exception" not in seen, seen
+    assert seen["sections"] == ["results"] and seen["rows"] == 4
+    assert seen["bars"][0] >= 4  # one per method, and the paper's bars
 
 
 def _seed_rows(values: dict[tuple[str, str], list[float]], collapsed: set[tuple[str, str, int]] = frozenset()):
