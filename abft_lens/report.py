@@ -67,7 +67,11 @@ document.querySelectorAll("table.sortable th").forEach((th, i) => th.addEventLis
 
 
 def read_record(run_dir: Path) -> dict[str, object]:
-    path = run_dir / "config.json"
+    return read_json_object(run_dir / "config.json")
+
+
+def read_json_object(path: Path) -> dict[str, object]:
+    """A JSON object saved by a job, or {} where the file is missing or is not one."""
     try:
         payload = json.loads(path.read_text()) if path.is_file() else {}
     except ValueError:
@@ -351,6 +355,15 @@ def build_report(run_dir: str | Path) -> Path:
         if robust is not None:
             page.section("robustness", "Calibration and consistency", page.figure(robust))
     if kind == "benchmark":
+        summary = read_json_object(run_dir / "summary.json")  # the benchmark's command, settings and versions
+        if summary:
+            headline = {k: v for k, v in summary.items() if k not in ("command", "settings", "versions")}
+            page.section("config", "Command, settings and versions",
+                         f"<p><code>{html.escape(str(summary.get('command', '')))}</code></p>"
+                         "<details><summary>settings, package versions and the summary</summary>"
+                         "<div class='figures'><div><h3>settings</h3>" + _mapping_table(summary.get("settings", {}))
+                         + "</div><div><h3>versions</h3>" + _mapping_table(summary.get("versions", {}))
+                         + "</div><div><h3>summary</h3>" + _mapping_table(headline) + "</div></div></details>")
         results = pd.read_csv(run_dir / "results.csv")
         body = _table(results, scroll=True)
         if {"dataset", "method", "accuracy"} <= set(results.columns):

@@ -132,13 +132,14 @@ def test_summarise_only_writes_the_folders_report_over_the_results_table(bench, 
     page = report.read_text()
     assert '<section id="results">' in page and page.count('<script src="plotly.min.js">') == 1
     assert (out / "plotly.min.js").is_file() and "e2e" in page
+    assert '<section id="config">' in page and "--summarise-only" in page  # the command, from summary.json
     if browser() is None:
         return  # the page's content is checked above; drawing it needs a Chromium
     seen = probe(report, """return {sections: [...document.querySelectorAll('section')].map(s => s.id),
         bars: [...document.querySelectorAll('.js-plotly-plot')].map(p => p.data.filter(t => t.type === 'bar').length),
         rows: document.querySelectorAll('#results tbody tr').length};""")
     assert seen["errors"] == [] and "exception" not in seen, seen
-    assert seen["sections"] == ["results"] and seen["rows"] == 4
+    assert seen["sections"] == ["config", "results"] and seen["rows"] == 4
     assert seen["bars"][0] >= 4  # one per method, and the paper's bars
 
 
