@@ -13,7 +13,6 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -44,16 +43,6 @@ pytestmark = pytest.mark.slow
 # Shared by the in-process reference run and the killed/resumed command-line run: they must agree.
 TINY = dict(model="smollm2-135m", n_train=4, k=2, lr=1e-3, batch_size=2, micro_batch_size=2, steps=2,
             checkpoint_every=1, seed=0)
-
-
-@pytest.fixture(scope="module")
-def short_sst2(sst2, tmp_path_factory) -> Path:
-    """80 short real SST-2 sentences (both labels) as a CSV data set: short prompts, fast steps."""
-    short = [e for e in sst2.examples if len(e.text) < 50][:80]
-    path = tmp_path_factory.mktemp("data") / "short_sst2.csv"
-    pd.DataFrame({"text": [e.text for e in short],
-                  "label": [sst2.label_words[e.label] for e in short]}).to_csv(path, index=False)
-    return path
 
 
 @pytest.fixture(scope="module")
