@@ -254,3 +254,10 @@ def test_a_model_with_adapters_is_not_given_a_second_set(model):
     attach_lora(model, SETTINGS, seed=0)
     with pytest.raises(AbftLensError, match="already carries"):
         attach_lora(model, SETTINGS, seed=0)
+
+
+def test_the_weight_landscape_refuses_a_lora_run_by_name(lora_run):
+    from analysis.landscape import read_run
+
+    with pytest.raises(AbftLensError, match="is a LoRA run"):
+        read_run(lora_run["result"].run_dir)
