@@ -14,6 +14,10 @@ RankBy = Literal["pass_rate", "label_mass", "correctness"]
 Precision = Literal["auto", "fp32", "bf16"]
 ResolvedPrecision = Literal["fp32", "bf16"]
 WeightDtype = Literal["float32", "bfloat16"]
+# What fine-tuning trains: ABFT or the end-to-end cross-entropy (E2E), on W_Q/W_K themselves or as LoRA
+# adapters on the q/k projections (the paper's E2E baseline, and its ABFT recipe for models over 10B).
+Method = Literal["abft", "e2e", "abft-lora", "e2e-lora"]
+LORA_METHODS = ("abft-lora", "e2e-lora")
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:

@@ -16,7 +16,7 @@ from typing import Optional
 
 import typer
 
-from abft_lens.choices import Precision, RankBy, ThresholdKind, WeightDtype, checked
+from abft_lens.choices import Method, Precision, RankBy, ThresholdKind, WeightDtype, checked
 from abft_lens.errors import AbftLensError, ConfigError
 from abft_lens.runs import check_out_dir, load_config, with_overrides
 
@@ -121,7 +121,10 @@ def _parse_lr_grid(value: str) -> tuple[float, ...]:
 def finetune_command(
     model: Optional[str] = typer.Argument(None, help="as for find-heads [default: smollm2-135m]"),
     dataset: Optional[str] = typer.Option(None, help="as for find-heads [default: sst2]"),
-    method: Optional[str] = typer.Option(None, help="abft or e2e (cross-entropy of the query's label) [default: abft]"),
+    method: Optional[str] = typer.Option(None, callback=checked("method", Method),
+                                         help="abft, e2e (cross-entropy of the query's label), or either trained as "
+                                              "LoRA adapters on q/k: abft-lora, e2e-lora (the paper's E2E "
+                                              "baseline) [default: abft]"),
     n_train: Optional[int] = typer.Option(None, help="training prompts from the training pool [default: 512]"),
     n_val: Optional[int] = typer.Option(None, help="validation queries carved from the training pool, for the lr "
                                                    "search [default: 128]"),
@@ -158,9 +161,17 @@ def finetune_command(
                                                        "[default: auto]"),
     dtype: Optional[str] = typer.Option(None, callback=checked("dtype", WeightDtype), help="how the frozen weights are held: float32 or bfloat16 (half "
                                                    "the memory; implies bf16 matmuls) [default: float32]"),
+    lora_rank: Optional[int] = typer.Option(None, help="LoRA rank r of the q/k adapters; with --method abft or e2e it "
+                                                       "trains that method as LoRA [default: 16]"),
+    lora_alpha: Optional[float] = typer.Option(None, help="LoRA alpha (update scale alpha / r) [default: 32]"),
+    lora_dropout: Optional[float] = typer.Option(None, help="LoRA dropout, active in training steps [default: 0]"),
+    load_in_4bit: Optional[bool] = typer.Option(None, "--load-in-4bit/--no-load-in-4bit",
+                                                help="base weights in 4-bit NF4 (bitsandbytes, CUDA GPU only; LoRA "
+                                                     "methods) [default: off]"),
     config: Optional[Path] = typer.Option(None, help="a FinetuneConfig JSON (or a run folder's config.json)"),
 ) -> None:
-    """Fine-tune W_Q and W_K with ABFT (or the end-to-end baseline) and write a run folder."""
+    """Fine-tune W_Q and W_K with ABFT (or the end-to-end baseline), in full or as LoRA adapters, and write
+    a run folder."""
     from abft_lens.training import FinetuneConfig, run_finetune
 
     base = load_config(config, FinetuneConfig) if config else FinetuneConfig()
@@ -168,6 +179,9 @@ def finetune_command(
     grid = _parse_lr_grid(lr_grid) if lr_grid else None
     if micro_batch_size is None and batch_size is not None and batch_size < base.micro_batch_size:
         micro_batch_size = batch_size  # only --batch-size given: the micro-batch follows it down
+    chosen_method = method or base.method
+    if lora_rank is not None and chosen_method in ("abft", "e2e"):
+        method = f"{chosen_method}-lora"  # --lora-rank asks for adapters: the method's LoRA variant
     parsed_lr = _parse_lr(lr)
     if parsed_lr != "unset":
         base = dataclasses.replace(base, lr=parsed_lr)
@@ -177,7 +191,8 @@ def finetune_command(
                             threshold=threshold, tau=tau, pid=pid, terms=terms, e2e_softmax=e2e_softmax,
                             trainable=trainable, checkpoint_every=checkpoint_every, seed=seed, pool_seed=pool_seed,
                             label_words=words, device=device, out=str(out) if out else None, resume=resume,
-                            precision=precision, dtype=dtype))
+                            precision=precision, dtype=dtype, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                            lora_dropout=lora_dropout, load_in_4bit=load_in_4bit))
     result = run_finetune(cfg)
     from abft_lens.distributed import is_main_process
     if not is_main_process():  # under torchrun, rank 0 alone reports
@@ -185,7 +200,8 @@ def finetune_command(
     metrics = result.metrics
     first, last = metrics.iloc[0], metrics.iloc[-1]
     typer.echo(f"\n{cfg.method.upper()} on {cfg.dataset}: {len(metrics)} steps at lr {result.lr:g}, "
-               f"{result.trainable_params / 1e6:.1f}M trained parameters, {result.train_seconds:.0f} s "
+               f"{result.trainable_params / 1e6:.2f}M trained parameters ({result.full_precision_params / 1e6:.2f}M "
+               f"held in full precision for the objective), {result.train_seconds:.0f} s "
                f"({result.seconds_per_step:.1f} s per step)")
     if result.lr_search is not None:
         trials = ", ".join(f"{t['lr']:g}: {t['validation_accuracy']:.3f}" for t in result.lr_search.trials)

@@ -54,7 +54,8 @@ SCORE_COLUMNS = ("layer", "head", "label_mass", "correctness", "pass_rate", "n_p
 ROBUSTNESS_METRICS = ("consistency", "unseen_label_accuracy", "zero_shot_accuracy")
 # Issue 15: following the prompt's mapping (flipped words, neutral symbols) against the memorised one.
 ICL_TEST_METRICS = ("accuracy", "flipped_accuracy", "flipped_memorised_share", "symbols_accuracy")
-METHOD_COLOURS = {"vanilla": "#9D9D9D", "calibration": "#72B7B2", "abft": "#F58518", "e2e": "#4C78A8"}
+METHOD_COLOURS = {"vanilla": "#9D9D9D", "calibration": "#72B7B2", "abft": "#F58518", "e2e": "#4C78A8",
+                  "abft-lora": "#FFBF79", "e2e-lora": "#9ECAE9"}
 
 
 def paper_table() -> pd.DataFrame:
@@ -82,7 +83,7 @@ def accuracy_with_paper(results: pd.DataFrame, title: str = "Accuracy per data s
     datasets = [d for d in PAPER_DATASET_ORDER if d in set(ours["dataset"])]
     datasets += [d for d in dict.fromkeys(ours["dataset"]) if d not in datasets]
     figure = go.Figure()
-    methods = [m for m in ("vanilla", "calibration", "abft", "e2e") if m in set(ours["method"])]
+    methods = [m for m in METHOD_COLOURS if m in set(ours["method"])]
     methods += [m for m in dict.fromkeys(ours["method"]) if m not in methods]
     for method in methods:
         part = ours[ours["method"] == method].set_index("dataset").reindex(datasets)

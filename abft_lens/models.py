@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 if TYPE_CHECKING:  # transformer-lens is imported when a model loads, not with this module (a fast CLI)
     from transformer_lens.model_bridge import TransformerBridge
 
-from abft_lens.errors import ModelLoadError
+from abft_lens.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger("abft_lens.models")
 
@@ -247,11 +247,35 @@ def parse_device_map(value: str | None) -> DeviceMap | None:
     return json.loads(value)
 
 
+def check_4bit_supported() -> None:
+    """4-bit base weights (bitsandbytes NF4) need a CUDA GPU and the bitsandbytes package: a one-line
+    ``ConfigError`` naming what is missing, raised before any model loads."""
+    missing = []
+    if not torch.cuda.is_available():
+        missing.append("a CUDA GPU (none is visible)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("the bitsandbytes package (pip install bitsandbytes)")
+    if missing:
+        raise ConfigError(f"load_in_4bit needs {' and '.join(missing)}; without them train in fp32 or bf16 "
+                          "(--precision, --dtype), which LoRA supports on CPU too.")
+
+
+def _four_bit_config(dtype: torch.dtype):
+    """QLoRA's quantisation (NF4, double quantisation), computing in ``dtype``. transformers leaves the
+    output head unquantised."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
 def _boot(hf_name: str, hf_dir: Path | None, device: str | None, dtype: torch.dtype,
-          device_map: DeviceMap | None = None, n_devices: int | None = None) -> TransformerBridge:
+          device_map: DeviceMap | None = None, n_devices: int | None = None,
+          load_in_4bit: bool = False) -> TransformerBridge:
     """``device_map`` / ``n_devices`` spread the model over several GPUs or offload it to CPU/disk
-    (accelerate dispatch, through the bridge); they exclude ``device``."""
-    if hf_dir is None:
+    (accelerate dispatch, through the bridge); they exclude ``device``. ``load_in_4bit`` quantises the
+    Linear weights on the GPU as they load (then the bridge wraps the model as it is)."""
+    if hf_dir is None and not load_in_4bit:
         from transformer_lens.model_bridge import TransformerBridge
 
         return TransformerBridge.boot_transformers(hf_name, device=device, dtype=dtype, device_map=device_map,
@@ -266,9 +290,12 @@ def _boot(hf_name: str, hf_dir: Path | None, device: str | None, dtype: torch.dt
     except ValueError as error:
         raise ModelLoadError(f"Cannot place the model: {error}") from error
     placement = {} if device_map is None else {"device_map": device_map, "max_memory": max_memory}
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, attn_implementation="eager", **placement)
-    if device is not None and device_map is None:
+    if load_in_4bit:  # bitsandbytes places the quantised weights itself; a 4-bit model cannot be moved
+        placement = {"device_map": {"": device or "cuda"}, **placement, "quantization_config": _four_bit_config(dtype)}
+    source = hf_dir if hf_dir is not None else hf_name
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager", **placement)
+    if device is not None and device_map is None and not load_in_4bit:
         hf_model = hf_model.to(device)
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -289,17 +316,21 @@ def load_model(
     cache_dir: Path | None = None,
     device_map: DeviceMap | None = None,
     n_devices: int | None = None,
+    load_in_4bit: bool = False,
 ) -> TransformerBridge:
     """Load a TransformerLens hooked model, in eval mode.
 
     ``name_or_path`` is an embedded short name (``smollm2-135m``, the default), a Hub short name
     (``gpt2-xl``) or full name, a local Hugging Face model directory, or a local ``.gguf`` file.
     ``device_map`` (``"auto"``, ``"balanced"``, ``"cpu"`` or a dict) or ``n_devices`` (split over that
-    many GPUs) place a model too large for one device; they exclude ``device``.
+    many GPUs) place a model too large for one device; they exclude ``device``. ``load_in_4bit`` holds
+    the Linear weights in 4-bit NF4 (bitsandbytes, CUDA only; for LoRA training), computing in ``dtype``.
     """
     if device is not None and (device_map is not None or (n_devices or 1) > 1):
         raise ModelLoadError("Pass either device or device_map/n_devices, not both.")
-    placement = dict(device_map=device_map, n_devices=n_devices)
+    if load_in_4bit:
+        check_4bit_supported()
+    placement = dict(device_map=device_map, n_devices=n_devices, load_in_4bit=load_in_4bit)
     if name_or_path in EMBEDDED_MODELS:
         embedded = EMBEDDED_MODELS[name_or_path]
         gguf = embedded.gguf(cache_dir or default_cache_dir())
@@ -324,11 +355,11 @@ def load_model(
 
 
 def _boot_from_hub(name: str, device: str | None, dtype: torch.dtype, device_map: DeviceMap | None = None,
-                   n_devices: int | None = None) -> TransformerBridge:
+                   n_devices: int | None = None, load_in_4bit: bool = False) -> TransformerBridge:
     hf_name = resolve_model_name(name)
     label = name if hf_name == name else f"{name} ({hf_name})"
     try:
-        return _boot(hf_name, None, device, dtype, device_map, n_devices)
+        return _boot(hf_name, None, device, dtype, device_map, n_devices, load_in_4bit)
     except OSError as error:
         # transformers reports "no network", "not in the offline cache" and "no such repository"
         # all as OSError subclasses; the message tells them apart.

@@ -10,8 +10,8 @@ This module owns the run-folder format; every reader and writer of these files g
 - a fine-tuning run's ``metrics.jsonl`` (``METRICS_FILE``, one JSON line per optimiser step:
   ``append_metrics``, ``read_metrics``, ``write_json_lines``), ``checkpoints/`` (``CHECKPOINTS_DIR``,
   written by ``abft_lens.training.checkpoints``) and, once finished, ``trained.safetensors``
-  (``TRAINED_FILE``: only the trained tensors, by parameter name; ``read_trained_tensors``,
-  ``apply_tensors``, ``load_trained_model``).
+  (``TRAINED_FILE``: only the trained tensors, by parameter name, W_Q/W_K or a LoRA run's adapters;
+  ``read_trained_tensors``, ``apply_tensors``, ``load_trained_model``).
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from abft_lens.errors import AbftLensError, ConfigError
 if TYPE_CHECKING:  # torch is imported where tensors are read: `abft-lens --help` stays quick
     from torch import Tensor
 
+    from abft_lens.lora import LoraSettings
+
 ConfigT = TypeVar("ConfigT")
 
 CONFIG_FILE = "config.json"
@@ -42,7 +44,8 @@ METRICS_FILE = "metrics.jsonl"
 TRAINED_FILE = "trained.safetensors"
 CHECKPOINTS_DIR = "checkpoints"
 
-_VERSIONED = ("abft-lens", "torch", "transformer-lens", "transformers", "staicc", "pandas", "plotly")
+_VERSIONED = ("abft-lens", "torch", "transformer-lens", "transformers", "peft", "bitsandbytes", "staicc", "pandas",
+              "plotly")
 
 
 def package_versions() -> dict[str, str]:
@@ -308,9 +311,30 @@ def read_finished_run(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, Te
     return record, read_trained_tensors(trained)
 
 
-def load_trained_model(run_dir: str | Path, device: str | None = None, dtype: str = "float32"):
+def lora_settings_of(record: dict[str, Any]) -> LoraSettings | None:
+    """The LoRA adapter a run's config fields describe (None for a full-rank run)."""
+    from abft_lens.choices import LORA_METHODS
+    from abft_lens.lora import LoraSettings
+
+    if record.get("method") not in LORA_METHODS:
+        return None
+    try:
+        return LoraSettings(int(record["lora_rank"]), float(record["lora_alpha"]), float(record["lora_dropout"]))
+    except (KeyError, TypeError, ValueError) as error:
+        raise AbftLensError(f"The run's config is a LoRA run ({record.get('method')}) without a valid lora_rank, "
+                            f"lora_alpha and lora_dropout: {error}") from None
+
+
+def load_trained_model(run_dir: str | Path, device: str | None = None, dtype: str = "float32", merge: bool = True):
     """The base model named in the run's config.json with the run's trained tensors applied (``dtype``:
-    how the weights are held, float32 or bfloat16)."""
+    how the weights are held, float32 or bfloat16).
+
+    A LoRA run's adapters are attached and loaded; with ``merge`` (the default) their update is then added
+    to W_Q/W_K and the adapters removed, so the model is a plain one whose fine-tuned weights every tool
+    reads as for a full-rank run; ``merge=False`` keeps the adapters as they were trained (the same
+    logits up to float rounding). The base is loaded in ``dtype`` even for a run trained over 4-bit
+    weights (``load_in_4bit``): the adapter is applied to the unquantised base."""
+    from abft_lens.lora import attach_lora, remove_lora
     from abft_lens.models import DEFAULT_MODEL, load_model
     from abft_lens.precision import WEIGHT_DTYPES
 
@@ -320,7 +344,12 @@ def load_trained_model(run_dir: str | Path, device: str | None = None, dtype: st
     model_name = record.get("model", DEFAULT_MODEL)
     if not isinstance(model_name, str):
         raise AbftLensError(f"{Path(run_dir) / CONFIG_FILE}: field 'model' must be a model name; got {model_name!r}.")
+    lora = lora_settings_of(record)
     model = load_model(model_name, device=device, dtype=WEIGHT_DTYPES[dtype])
+    if lora is not None:
+        attach_lora(model, lora, seed=0)  # the initial values do not matter: the run's tensors replace them
     apply_tensors(model, tensors)
+    if lora is not None and merge:
+        remove_lora(model, merge=True)
     model.eval()
     return model

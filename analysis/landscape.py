@@ -30,7 +30,7 @@ from abft_lens.data import load_dataset, split_pools
 from abft_lens.errors import AbftLensError
 from abft_lens.evaluation import predict
 from abft_lens.prompts import PromptSet, build_prompts
-from abft_lens.runs import read_finished_run
+from abft_lens.runs import lora_settings_of, read_finished_run
 
 Point = tuple[float, float]  # (l_E, l_A)
 
@@ -55,8 +55,12 @@ def landscape_marks(summary: dict[str, object]) -> dict[str, Point]:
 
 
 def read_run(run_dir: Path) -> tuple[dict[str, object], dict[str, torch.Tensor]]:
-    """A fine-tuning run's config fields and its trained tensors (by parameter name)."""
-    return read_finished_run(run_dir)
+    """A full-rank fine-tuning run's config fields and its trained W_Q/W_K (by parameter name)."""
+    record, tensors = read_finished_run(run_dir)
+    if lora_settings_of(record) is not None:  # its tensors are adapters, not points of the W_Q/W_K plane
+        raise AbftLensError(f"{run_dir} is a LoRA run (method {record.get('method')}); the landscape interpolates "
+                            "the W_Q/W_K of full-rank runs (methods abft and e2e).")
+    return record, tensors
 
 
 def interpolate(base: dict[str, torch.Tensor], delta_e2e: dict[str, torch.Tensor], delta_abft: dict[str, torch.Tensor],

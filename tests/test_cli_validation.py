@@ -5,6 +5,7 @@ replaced by stubs."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -155,6 +156,35 @@ def test_batch_size_alone_lowers_the_micro_batch_but_an_explicit_conflict_is_an_
     assert_one_line_error(code, err, "micro_batch_size (8) exceeds batch_size (4)")
 
 
+# --- 3b. LoRA and 4-bit base weights (issue 14) -------------------------------------------------------
+
+
+def test_lora_rank_trains_abft_or_e2e_as_lora(capsys, tmp_path, stub_jobs):
+    code, err = run_main(capsys, "finetune", MISSING_MODEL, "--lora-rank", "8", "--out", str(tmp_path / "a"))
+    assert code == 2 and "finetune started" in err
+    assert (stub_jobs["finetune"].method, stub_jobs["finetune"].lora_rank) == ("abft-lora", 8)
+    code, err = run_main(capsys, "finetune", MISSING_MODEL, "--method", "e2e", "--lora-rank", "4", "--lora-alpha",
+                         "4", "--out", str(tmp_path / "b"))
+    assert code == 2 and "finetune started" in err
+    config = stub_jobs["finetune"]
+    assert (config.method, config.lora_rank, config.lora_alpha, config.lora_dropout) == ("e2e-lora", 4, 4.0, 0.0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None,
+                    reason="4-bit weights can load here")
+def test_4bit_without_a_gpu_or_bitsandbytes_is_one_line_before_the_model_loads(capsys, tmp_path):
+    # MISSING_MODEL would fail to load with another message: this one comes first.
+    code, err = run_main(capsys, "finetune", MISSING_MODEL, "--method", "e2e-lora", "--load-in-4bit",
+                         "--out", str(tmp_path / "a"))
+    assert_one_line_error(code, err, "load_in_4bit needs", "fp32 or bf16")
+    assert not (tmp_path / "a").exists()
+
+
+def test_4bit_weights_need_a_lora_method(capsys, tmp_path):
+    code, err = run_main(capsys, "finetune", MISSING_MODEL, "--load-in-4bit", "--out", str(tmp_path / "a"))
+    assert_one_line_error(code, err, "load_in_4bit", "LoRA method", "not abft")
+
+
 # --- 4. one line instead of a traceback ---------------------------------------------------------------
 
 
@@ -162,6 +192,8 @@ def test_batch_size_alone_lowers_the_micro_batch_but_an_explicit_conflict_is_an_
     (("finetune", "--lr", "-1"), "got lr -1.0"),
     (("finetune", "--steps", "0"), "steps must be an integer >= 1; got 0"),
     (("finetune", "--batch-size", "0"), "batch_size must be an integer >= 1; got 0"),
+    (("finetune", "--method", "e2e-lora", "--lora-rank", "0"), "lora_rank must be an integer >= 1; got 0"),
+    (("finetune", "--method", "e2e-lora", "--lora-dropout", "1"), "lora_dropout must be a number in [0, 1); got 1.0"),
     (("find-heads", "--batch-size", "0"), "batch_size must be an integer >= 1; got 0"),
     (("find-heads", "--n-prompts", "0"), "n_prompts must be an integer >= 1; got 0"),
     (("find-heads", "--k", "0"), "k must be an integer >= 1; got 0"),

@@ -1,6 +1,6 @@
 """Specification of fine-tuning: only W_Q/W_K move (for GPT-2 only c_attn's Q and K slices), a killed
 run resumes to the same weights, a fixed seed gives the same run, and on the real model ABFT raises
-the induction heads' attention on correct labels while E2E lowers its cross-entropy.
+the induction heads' attention on correct labels while E2E (full-rank or LoRA) lowers its cross-entropy.
 
 Sizes are tiny (k = 2, short real SST-2 sentences, 2-prompt steps) so the file runs in minutes on 2
 CPU cores. Tests that train the shared session model restore its weights afterwards.
@@ -13,7 +13,6 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -22,8 +21,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from abft_lens.errors import AbftLensError, HeadSelectionError
-from abft_lens.evaluation import label_logits
+from abft_lens.evaluation import EvaluateConfig, label_logits, run_evaluation
 from abft_lens.heads import induction_head_mask, label_attention
+from abft_lens.lora import has_lora, remove_lora
 from abft_lens.loss import abft_loss
 from abft_lens.training import (
     TRAINED_FILE,
@@ -44,16 +44,6 @@ pytestmark = pytest.mark.slow
 # Shared by the in-process reference run and the killed/resumed command-line run: they must agree.
 TINY = dict(model="smollm2-135m", n_train=4, k=2, lr=1e-3, batch_size=2, micro_batch_size=2, steps=2,
             checkpoint_every=1, seed=0)
-
-
-@pytest.fixture(scope="module")
-def short_sst2(sst2, tmp_path_factory) -> Path:
-    """80 short real SST-2 sentences (both labels) as a CSV data set: short prompts, fast steps."""
-    short = [e for e in sst2.examples if len(e.text) < 50][:80]
-    path = tmp_path_factory.mktemp("data") / "short_sst2.csv"
-    pd.DataFrame({"text": [e.text for e in short],
-                  "label": [sst2.label_words[e.label] for e in short]}).to_csv(path, index=False)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -208,26 +198,59 @@ def test_killed_run_resumes_to_the_same_weights(abft_run, short_sst2, tmp_path):
     assert [row["loss"] for row in lines] == expected["loss"].tolist()
 
 
+def label_cross_entropy(model, batch) -> float:
+    """The E2E objective (the query labels' cross-entropy over the label space) on ``batch``."""
+    with torch.no_grad():
+        return float(F.cross_entropy(label_logits(model, batch), batch.query_labels))
+
+
 def test_e2e_lowers_its_cross_entropy_and_logs_attention(smollm2, restore_smollm2, short_sst2, tmp_path):
     restore_smollm2()
     config = FinetuneConfig(dataset=str(short_sst2), method="e2e", out=str(tmp_path / "e2e"), **TINY)
     prompts, _ = training_prompts(smollm2, config)
     batch = prompts.collate(range(len(prompts)))
-
-    def cross_entropy() -> float:
-        with torch.no_grad():
-            return float(F.cross_entropy(label_logits(smollm2, batch), batch.query_labels))
-
     try:
-        before = cross_entropy()
+        before = label_cross_entropy(smollm2, batch)
         result = finetune(smollm2, prompts, config, progress=False)
-        after = cross_entropy()
+        after = label_cross_entropy(smollm2, batch)
     finally:
         restore_smollm2()
     assert after < before
     for key in ("ce_loss", "train_accuracy", "abft_loss", "flagged_heads", "correct_mass", "wrong_mass"):
         assert result.metrics[key].notna().all(), key
     assert result.metrics["flagged_heads"].min() > 0
+
+
+def test_e2e_lora_steps_lower_the_loss_and_evaluate_run_applies_the_adapter(smollm2, restore_smollm2, short_sst2,
+                                                                           tmp_path):
+    restore_smollm2()
+    config = FinetuneConfig(dataset=str(short_sst2), method="e2e-lora", out=str(tmp_path / "e2e-lora"), **TINY)
+    prompts, _ = training_prompts(smollm2, config)
+    batch = prompts.collate(range(len(prompts)))
+    settings = dict(dataset=str(short_sst2), n_test=4, demo_sets=1, k=TINY["k"], seed=TINY["seed"],
+                    pool_seed=config.pool_seed, attention=False, precision="fp32")
+    try:
+        before = label_cross_entropy(smollm2, batch)
+        base = run_evaluation(EvaluateConfig(out=str(tmp_path / "base"), **settings), model=smollm2, progress=False)
+        result = finetune(smollm2, prompts, config, progress=False)
+        after = label_cross_entropy(smollm2, batch)
+        trained = run_evaluation(EvaluateConfig(model_or_run=str(result.run_dir), out=str(tmp_path / "trained"),
+                                                **settings), model=smollm2, progress=False)
+    finally:
+        if has_lora(smollm2):
+            remove_lora(smollm2, merge=False)
+        restore_smollm2()
+    assert after < before
+    cfg, r = smollm2.cfg, config.lora_rank
+    q_out, k_out = cfg.n_heads * cfg.d_head, cfg.n_key_value_heads * cfg.d_head  # 576 and 192 (GQA)
+    assert result.trainable_params == cfg.n_layers * r * ((cfg.d_model + q_out) + (cfg.d_model + k_out))  # A and B
+    assert result.full_precision_params == result.trainable_params + cfg.d_vocab * cfg.d_model  # + the LM head
+    # `abft-lens evaluate RUN`: a fresh model with the saved adapter, merged into W_Q/W_K.
+    from_folder = run_evaluation(EvaluateConfig(model_or_run=str(result.run_dir), out=str(tmp_path / "folder"),
+                                                **settings), progress=False)
+    logits = [c for c in trained.predictions.columns if c.startswith("logit_")]
+    pd.testing.assert_frame_equal(from_folder.predictions[logits], trained.predictions[logits], rtol=0, atol=1e-4)
+    assert (trained.predictions[logits] - base.predictions[logits]).abs().to_numpy().max() > 1e-3
 
 
 # --- errors and pure parts ----------------------------------------------------------------------------

@@ -8,14 +8,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from abft_lens.choices import LORA_METHODS, Method
 from abft_lens.config import validate_config
 from abft_lens.errors import ConfigError
 from abft_lens.heads import ThresholdKind
+from abft_lens.lora import LoraSettings
 from abft_lens.loss import AbftLossConfig, E2ESoftmax, Reduction, Terms
 from abft_lens.models import DEFAULT_MODEL
 from abft_lens.precision import Precision, WeightDtype
 
-Method = Literal["abft", "e2e"]
+Objective = Literal["abft", "e2e"]
 Trainable = Literal["qk", "all"]
 HEAD_MODES = ("per-prompt", "all")
 
@@ -29,6 +31,9 @@ DESIGN_CHOICES = {
     "validation_split": "the last n_val examples of the training pool are validation queries (never training "
                         "queries); training queries and all demonstrations come from the rest",
     "pid_input": "mean number of flagged heads per prompt over the step's pseudo-batch",
+    "lora": "abft-lora/e2e-lora: peft LoRA on the q and k projections of every layer (no bias, no other module); "
+            "alpha 32 = 2r by default (the paper gives r = 16 only); dropout 0 by default, and where set it is "
+            "active during training steps only",
 }
 
 
@@ -69,12 +74,28 @@ class FinetuneConfig:
     device: str | None = None
     precision: Precision = "auto"  # bf16 autocast mixed precision or fp32; auto: bf16 where it is fast
     dtype: WeightDtype = "float32"  # how the frozen weights are held; bfloat16 halves their memory
+    # The LoRA methods (abft-lora, e2e-lora): the adapters' rank, alpha (update scale alpha / rank) and
+    # dropout; the adapted modules are the q and k projections of every layer (config.json lists them).
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    # Base weights in 4-bit NF4 (bitsandbytes; needs a CUDA GPU), the paper's setting for models over 10B;
+    # computation in ``dtype``. Only with a LoRA method: 4-bit weights themselves cannot be trained.
+    load_in_4bit: bool = False
 
     def __post_init__(self) -> None:
         validate_config(self, positive=("n_train", "k", "batch_size", "micro_batch_size", "steps",
-                                        "checkpoint_every", "lr_search_steps"),
+                                        "checkpoint_every", "lr_search_steps", "lora_rank"),
                         non_negative=("n_val", "seed", "pool_seed"), optional_positive=("head_top",),
-                        positive_float=("tau",))
+                        positive_float=("tau", "lora_alpha"))
+        if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
+            raise ConfigError(f"lora_dropout must be a number in [0, 1); got {self.lora_dropout!r}.")
+        if self.uses_lora and self.trainable != "qk":
+            raise ConfigError(f"method {self.method} trains LoRA adapters on q/k; trainable {self.trainable!r} "
+                              "applies to the full-rank methods (abft, e2e).")
+        if self.load_in_4bit and not self.uses_lora:
+            raise ConfigError(f"load_in_4bit holds the base weights in 4 bits, which cannot be trained: use a LoRA "
+                              f"method (abft-lora or e2e-lora), not {self.method}.")
         if self.micro_batch_size > self.batch_size:
             raise ConfigError(f"micro_batch_size ({self.micro_batch_size}) exceeds batch_size ({self.batch_size}): "
                               "a pseudo-batch is made of whole micro-batches.")
@@ -86,6 +107,18 @@ class FinetuneConfig:
         self.lr_grid = tuple(float(lr) for lr in self.lr_grid)
         if self.label_words is not None:
             self.label_words = tuple(self.label_words)
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.method in LORA_METHODS
+
+    @property
+    def objective(self) -> Objective:
+        """The loss: "abft" (attention on the demonstration labels) or "e2e" (the query label's cross-entropy)."""
+        return "e2e" if self.method.startswith("e2e") else "abft"
+
+    def lora_settings(self) -> LoraSettings | None:
+        return LoraSettings(self.lora_rank, float(self.lora_alpha), float(self.lora_dropout)) if self.uses_lora else None
 
     def run_dir(self) -> Path:
         if self.out:

@@ -23,6 +23,7 @@ from abft_lens import distributed
 from abft_lens.data import load_dataset, split_pools
 from abft_lens.errors import AbftLensError, DataError, HeadSelectionError
 from abft_lens.heads import Head
+from abft_lens.lora import attach_lora
 from abft_lens.models import load_model
 from abft_lens.precision import WEIGHT_DTYPES, keep_float32_masters, resolve_config_precision
 from abft_lens.prompts import PromptSet, build_prompts
@@ -44,7 +45,13 @@ from abft_lens.training.checkpoints import latest_checkpoint, restore_checkpoint
 from abft_lens.training.config import _RESUME_FREE, DESIGN_CHOICES, FinetuneConfig
 from abft_lens.training.head_plan import HeadPlan, plan_heads
 from abft_lens.training.lr_search import LrSearch, select_lr
-from abft_lens.training.parameters import apply_tensors, snapshot, trainable_parameters, only_these_require_grad
+from abft_lens.training.parameters import (
+    apply_tensors,
+    full_precision_parameter_count,
+    only_these_require_grad,
+    parameters_to_train,
+    snapshot,
+)
 from abft_lens.training.runner import FinetuneRunner
 
 log = logging.getLogger("abft_lens.finetune")
@@ -58,8 +65,9 @@ class FinetuneResult:
     metrics: pd.DataFrame  # one row per step
     trainable_names: list[str]
     trainable_params: int  # number of trained scalars
+    full_precision_params: int  # the paper's Param.* (training.parameters.full_precision_parameter_count)
     train_seconds: float  # sum of the optimiser steps' wall time (over all processes of a resumed run)
-    seconds_per_step: float
+    seconds_per_step: float  # median wall time of one optimiser step (forward, backward, update)
     peak_memory_mb: float
     lr_search: LrSearch | None = None
     resumed_from_step: int | None = None
@@ -106,8 +114,6 @@ def finetune(model, prompts: PromptSet, config: FinetuneConfig, validation: Prom
     if len(prompts) == 0:
         raise DataError("No training prompts.")
     model.eval()
-    params = trainable_parameters(model, config.trainable)
-    keep_float32_masters(params.values())
     finished = run_dir / TRAINED_FILE
     metrics_path = run_dir / METRICS_FILE
 
@@ -118,6 +124,13 @@ def finetune(model, prompts: PromptSet, config: FinetuneConfig, validation: Prom
         raise AbftLensError(f"{run_dir} already holds a run; pass resume=True (--resume) to continue it, "
                             "or choose another output folder (--out).")
     distributed.barrier()  # every rank has looked at the folder before rank 0 writes to it
+    # Adapters (seeded, B = 0) go on after the folder checks, so a refused run leaves the model as it was.
+    lora_targets = attach_lora(model, config.lora_settings(), config.seed) if config.uses_lora else None
+    params = parameters_to_train(model, config)
+    keep_float32_masters(params.values())
+    costs = {"full_precision_params": full_precision_parameter_count(model, params, config.objective)}
+    if lora_targets is not None:
+        costs["lora"] = {**dataclasses.asdict(config.lora_settings()), "target_modules": lora_targets}
 
     with contextlib.ExitStack() as stack:
         if main:  # rank 0 alone writes the run folder, its log included
@@ -156,7 +169,7 @@ def finetune(model, prompts: PromptSet, config: FinetuneConfig, validation: Prom
             # Steps logged after the checkpoint (by a killed process) are run again; drop their lines.
             if main:
                 write_json_lines(metrics_path, read_metrics(metrics_path, runner.completed))
-                _save_record(run_dir, config, "running", lr, lr_search, params, plan, prompts, validation)
+                _save_record(run_dir, config, "running", lr, lr_search, params, plan, prompts, validation, **costs)
             _train(runner, run_dir, progress)
             if main:
                 atomic_write_bytes(finished, save_safetensors(snapshot(params), metadata={"model": config.model}))
@@ -167,11 +180,12 @@ def finetune(model, prompts: PromptSet, config: FinetuneConfig, validation: Prom
         result = FinetuneResult(
             run_dir=run_dir, config=config, lr=lr, metrics=metrics, trainable_names=list(params),
             trainable_params=sum(p.numel() for p in params.values()),
+            full_precision_params=costs["full_precision_params"],
             train_seconds=float(metrics["seconds"].sum()), seconds_per_step=float(metrics["seconds"].median()),
             peak_memory_mb=peak_memory_mb(device), lr_search=lr_search, resumed_from_step=resumed_from,
         )
         if resumed_from != config.steps and main:
-            _save_record(run_dir, config, "finished", lr, lr_search, params, plan, prompts, validation,
+            _save_record(run_dir, config, "finished", lr, lr_search, params, plan, prompts, validation, **costs,
                          train_seconds=round(result.train_seconds, 2), seconds_per_step=round(result.seconds_per_step, 3),
                          peak_memory_mb=round(result.peak_memory_mb, 1))
             log.info("finished: %d steps at lr %g in %.1f s, trained tensors in %s", config.steps, lr,
@@ -218,7 +232,7 @@ def _save_record(run_dir: Path, config: FinetuneConfig, status: str, lr: float, 
         run_dir, config, status=status, lr=lr, lr_search=lr_search.to_dict() if lr_search else None,
         trainable=list(params), trainable_params=sum(p.numel() for p in params.values()),
         head_plan={"mode": plan.mode, "layers": list(plan.layers), "fixed_heads": [list(h) for h in plan.fixed_heads],
-                   "forward_stops_after_layer": max(plan.layers) if config.method == "abft" else None},
+                   "forward_stops_after_layer": max(plan.layers) if config.objective == "abft" else None},
         n_train_prompts=len(prompts), n_validation_prompts=len(validation) if validation else 0,
         mean_prompt_tokens=float(np.mean([len(p.tokens) for p in prompts.prompts])),
         prompts=prompts.metadata, design_choices=DESIGN_CHOICES, **extra)
@@ -250,6 +264,7 @@ def run_finetune(config: FinetuneConfig, model=None, progress: bool = True) -> F
     prompts, search the lr if asked, train, write the run folder."""
     with distributed.process_group():  # under torchrun: data parallel over the ranks
         model = model if model is not None else load_model(config.model, device=config.device,
-                                                           dtype=WEIGHT_DTYPES[config.dtype])
+                                                           dtype=WEIGHT_DTYPES[config.dtype],
+                                                           load_in_4bit=config.load_in_4bit)
         train, validation = training_prompts(model, config)
         return finetune(model, train, config, validation=validation, progress=progress)

@@ -16,7 +16,7 @@ from abft_lens.precision import autocast
 from abft_lens.prompts import PromptSet
 from abft_lens.training.config import FinetuneConfig
 from abft_lens.training.head_plan import HeadPlan, plan_heads
-from abft_lens.training.parameters import apply_tensors, only_these_require_grad, snapshot, trainable_parameters
+from abft_lens.training.parameters import apply_tensors, only_these_require_grad, parameters_to_train, snapshot
 from abft_lens.training.runner import FinetuneRunner
 
 
@@ -51,7 +51,7 @@ def select_lr(model, prompts: PromptSet, validation: PromptSet, config: Finetune
         raise DataError("The lr search needs validation prompts (n_val > 0).")
     started = time.perf_counter()
     plan = plan or plan_heads(config.heads, model.cfg.n_layers, model.cfg.n_heads, config.head_top)
-    params = trainable_parameters(model, config.trainable)
+    params = parameters_to_train(model, config)
     initial = snapshot(params)
     short = dataclasses.replace(config, steps=config.lr_search_steps)
     baseline = validation_accuracy(model, validation, config.micro_batch_size, config.precision)

@@ -4,6 +4,7 @@ accumulation over micro-batches. No files here (``abft_lens.training.job`` adds 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -14,10 +15,11 @@ from abft_lens import distributed
 from abft_lens.errors import DataError
 from abft_lens.forward import query_logits_and_rows
 from abft_lens.heads import gather_label_attention, label_attention
+from abft_lens.lora import lora_dropout_active
 from abft_lens.loss import PunishWeightController, abft_loss, e2e_loss, weights_for
 from abft_lens.precision import autocast
 from abft_lens.prompts import PromptBatch, PromptSet
-from abft_lens.training.config import FinetuneConfig, Method
+from abft_lens.training.config import FinetuneConfig, Objective
 from abft_lens.training.head_plan import HeadPlan, head_mask_for
 
 
@@ -56,7 +58,7 @@ class StepSums:
     ce_loss: float = 0.0  # E2E only
     correct_predictions: int = 0  # E2E only: label-space argmax on the training prompts
 
-    def metrics(self, method: Method) -> dict[str, float]:
+    def metrics(self, objective: Objective) -> dict[str, float]:
         n, with_flagged = self.prompts, max(self.prompts_with_flagged, 1)
         row = {
             "loss": self.loss / n,
@@ -65,7 +67,7 @@ class StepSums:
             "correct_mass": self.correct_mass / with_flagged,
             "wrong_mass": self.wrong_mass / with_flagged,
         }
-        if method == "abft":
+        if objective == "abft":
             row.update(reward_term=self.reward_term / n, punish_term=self.punish_term / n)
         else:
             row.update(abft_loss=self.abft_loss / n, ce_loss=self.ce_loss / n,
@@ -93,7 +95,7 @@ class FinetuneRunner:
         punish, reward = weights_for(self.loss_config, self.controller.punish_weight)
         # Only the forward runs under autocast; the rows and logits it returns are float32, so the
         # losses and their backward start in float32 (the backward of each op runs in its forward's dtype).
-        if cfg.method == "abft":
+        if cfg.objective == "abft":
             with autocast(cfg.precision, self.model):
                 attention = label_attention(self.model, batch, self.plan.layers)
             mask = head_mask_for(self.plan, attention, batch.prompt_lengths, cfg.threshold, cfg.tau)
@@ -140,14 +142,15 @@ class FinetuneRunner:
         # global shares, so the gradients summed over ranks are the single-process ones (see
         # abft_lens.distributed). In a single process the three distributed calls are the identity.
         mine = [indices[i] for i in distributed.shard_batches(len(indices), self.config.micro_batch_size)]
-        for batch in self.prompts.batches(self.config.micro_batch_size, mine):
-            self._micro_step(batch.to(self.device), len(batch.query_labels) / len(indices), sums)
+        with lora_dropout_active(self.model) if self.config.uses_lora else contextlib.nullcontext():
+            for batch in self.prompts.batches(self.config.micro_batch_size, mine):
+                self._micro_step(batch.to(self.device), len(batch.query_labels) / len(indices), sums)
         distributed.all_reduce_gradients(self.params.values())
         sums = distributed.all_reduce_sums(sums)
         self.optimizer.step()
         self.completed += 1
-        row = {"step": self.completed, **sums.metrics(self.config.method), "punish_weight": punish_weight}
-        if self.config.method == "abft":
+        row = {"step": self.completed, **sums.metrics(self.config.objective), "punish_weight": punish_weight}
+        if self.config.objective == "abft":
             self.controller.step(row["flagged_heads"])
         row["seconds"] = time.perf_counter() - started
         return row
