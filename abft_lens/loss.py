@@ -14,6 +14,7 @@ training loop and the gradient analysis use one definition.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -23,10 +24,19 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from abft_lens.choices import PidInput
+
 Terms = Literal["both", "reward", "punish"]
 E2ESoftmax = Literal["label", "vocab"]
 # The paper does not say how per-head losses combine; the default is recorded in the run config.
 Reduction = Literal["sum_heads_mean_prompts", "mean"]
+
+# The "relative" PID input's fixed scale: the controller sees PID_REFERENCE_HEADS * n_t / n_1. The paper tuned
+# its gains (0.03, 0.005, 0.005) on models that flag tens to hundreds of heads per prompt; SmolLM2-135M flags
+# about 11-15 of its 270 (4-5.5%). The same share of Llama3-8B's 1024 heads or GPT2-XL's 1200 is 41-66, so 50
+# puts any model's input on the scale the gains were tuned for (an estimate: the paper gives no count). On
+# SmolLM2 this makes A react about 4x more to the same relative change than the paper's count input does.
+PID_REFERENCE_HEADS = 50.0
 
 
 @dataclass(frozen=True)
@@ -35,6 +45,9 @@ class AbftLossConfig:
 
     ``min_punish_weight`` is our design choice, not the paper's: the controller clamps A at this
     floor (>= 0), so that punishing wrong labels can never turn into rewarding them.
+
+    ``pid_input`` "relative" (ours, not the paper's) feeds the controller ``pid_reference_heads * n_t / n_1``
+    instead of n_t (see ``pid_inputs``), so that its gains act alike whatever the number of heads.
     """
 
     terms: Terms = "both"
@@ -46,8 +59,15 @@ class AbftLossConfig:
     kd: float = 0.005
     min_punish_weight: float = 0.0
     reduction: Reduction = "sum_heads_mean_prompts"
+    pid_input: PidInput = "count"
+    pid_reference_heads: float = PID_REFERENCE_HEADS
 
     def __post_init__(self) -> None:
+        if self.pid_input not in get_args(PidInput):
+            raise ValueError(f"pid_input must be one of {get_args(PidInput)}, got {self.pid_input!r}")
+        if not (isinstance(self.pid_reference_heads, (int, float)) and math.isfinite(self.pid_reference_heads)
+                and self.pid_reference_heads > 0):
+            raise ValueError(f"pid_reference_heads must be a finite number > 0, got {self.pid_reference_heads!r}")
         if self.terms not in get_args(Terms):
             raise ValueError(f"terms must be one of {get_args(Terms)}, got {self.terms!r}")
         if self.reduction not in get_args(Reduction):
@@ -151,8 +171,24 @@ def abft_loss(
     )
 
 
+def pid_inputs(counts: Sequence[float], mode: PidInput = "count",
+               reference_heads: float = PID_REFERENCE_HEADS) -> list[float]:
+    """The PID controller's inputs for the flagged-head counts n_1, ..., n_t: the counts themselves
+    ("count", the paper's), or ``reference_heads * n_i / n_ref`` ("relative"), n_ref the first non-zero
+    count (the first step's, unless no head was flagged then; inputs before it are 0). Relative inputs do
+    not change when every count is multiplied by the same factor: the gains act alike on 270 heads and on
+    1024. A pure function of the counts, so the controller's saved history is all a resumed run needs."""
+    if mode == "count":
+        return [float(n) for n in counts]
+    if mode != "relative":
+        raise ValueError(f"mode must be one of {get_args(PidInput)}, got {mode!r}")
+    first = next((float(n) for n in counts if n > 0), None)
+    return [0.0 if first is None else reference_heads * float(n) / first for n in counts]
+
+
 class PunishWeightController:
-    """The paper's PID controller on A, driven by n_t = mean heads flagged per prompt at step t.
+    """The paper's PID controller on A, driven by n_t = mean heads flagged per prompt at step t (or, with
+    ``pid_input`` "relative", by ``pid_inputs``' scaled counts in place of every n).
 
     Call `step(n_t)` after optimiser step t = 1, 2, ...; it returns A_t for the next step. A is
     unchanged for t <= 2; afterwards
@@ -165,7 +201,7 @@ class PunishWeightController:
     def __init__(self, config: AbftLossConfig) -> None:
         self.config = config
         self.punish_weight = config.initial_punish_weight
-        self.history: list[float] = []  # n_1, ..., n_t
+        self.history: list[float] = []  # n_1, ..., n_t as counted (the inputs are derived from them)
 
     def step(self, n_flagged: float) -> float:
         n_flagged = float(n_flagged)
@@ -175,7 +211,8 @@ class PunishWeightController:
         cfg = self.config
         if not cfg.pid or len(self.history) <= 2:
             return self.punish_weight
-        n_first, n_before, n_prev, n_now = self.history[0], self.history[-3], self.history[-2], n_flagged
+        inputs = pid_inputs(self.history, cfg.pid_input, cfg.pid_reference_heads)
+        n_first, n_before, n_prev, n_now = inputs[0], inputs[-3], inputs[-2], inputs[-1]
         proportional = cfg.kp * (n_now - n_prev)
         integral = cfg.ki * (n_now - n_first)  # the sum of differences telescopes
         derivative = cfg.kd * (n_now - 2 * n_prev + n_before)

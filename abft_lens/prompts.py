@@ -20,7 +20,7 @@ from torch import Tensor
 from abft_lens.data import Example, ICLDataset, Template
 from abft_lens.errors import DataError, LabelTokenError, PromptTooLongError
 
-DemoSampling = Literal["random", "unseen_label", "every_label"]
+DemoSampling = Literal["random", "unseen_label", "every_label", "label_covering"]
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,15 @@ class PromptSet:
             yield self.collate(indices[start : start + batch_size])
 
 
+def share_without_query_label(prompts: PromptSet) -> float:
+    """The share of ``prompts`` none of whose demonstrations carries the query's label (I_plus empty). On
+    such a prompt the ABFT loss has no reward term: only the punishment of wrong labels acts. With k random
+    demonstrations it grows with the number of labels (about (1 - 1/n_labels)^k for balanced labels)."""
+    if len(prompts) == 0:
+        raise DataError("No prompts to measure.")
+    return sum(not any(prompt.correct_demos) for prompt in prompts.prompts) / len(prompts)
+
+
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
 
@@ -204,14 +213,23 @@ def _sample_demos(
         candidates = candidates[candidates != query_index]
     if len(candidates) < k:
         raise DataError(f"Cannot draw {k} demonstrations from a pool of {len(candidates)} candidates.")
-    if mode != "every_label":
+    if mode not in ("every_label", "label_covering"):
         return [pool[i] for i in rng.choice(candidates, size=k, replace=False)]
-    # One demonstration of every label first (so the prompt shows the whole label mapping), the rest
-    # at random, in a random order: what a test of following the in-prompt mapping needs.
-    if k < len(by_label):
-        raise DataError(f"demo sampling 'every_label' needs k >= the {len(by_label)} labels; got k = {k}.")
-    first = [int(rng.choice(idx[idx != query_index] if query_index is not None else idx))
-             for _, idx in sorted(by_label.items())]
+    # One demonstration of each required label first, the rest at random, in a random order. "every_label"
+    # shows the whole label mapping (the ICL tests); "label_covering" only the query's label, so that the
+    # prompt always has a correct label for the ABFT reward term to act on.
+    required = sorted(by_label) if mode == "every_label" else [query.label]
+    if k < len(required):
+        raise DataError(f"demo sampling '{mode}' needs k >= {len(required)} (a demonstration of each required "
+                        f"label); got k = {k}.")
+    first = []
+    for label in required:
+        idx = by_label.get(label, np.array([], dtype=int))
+        idx = idx[idx != query_index] if query_index is not None else idx
+        if not len(idx):
+            raise DataError(f"demo sampling '{mode}': the demonstration pool has no other example of label "
+                            f"{label} to show with a query of that label.")
+        first.append(int(rng.choice(idx)))
     rest = rng.choice(np.setdiff1d(candidates, first), size=k - len(first), replace=False)
     chosen = rng.permutation(np.concatenate([first, rest]).astype(int))
     return [pool[i] for i in chosen]
@@ -238,7 +256,8 @@ def build_prompts(
     times with fresh demonstrations. Demonstrations come from ``demo_pool`` or, when it is None,
     from ``queries`` itself without the query (training prompts). ``demo_sampling="unseen_label"``
     draws only demonstrations whose label differs from the query's (the paper's bias test);
-    ``"every_label"`` shows every label at least once (k >= the number of labels; the ICL tests).
+    ``"every_label"`` shows every label at least once (k >= the number of labels; the ICL tests);
+    ``"label_covering"`` shows the query's label at least once (training prompts with a correct label).
     """
     if k < 0:
         raise DataError(f"k must be at least 0 (0-shot), got {k}.")

@@ -55,6 +55,14 @@ def gpt2_tokenizer_dir(target: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gpt2_tokenizer(tmp_path_factory):
+    """GPT-2's real tokenizer alone (no model): for prompt tests on real data."""
+    from transformers import GPT2Tokenizer
+
+    return GPT2Tokenizer.from_pretrained(gpt2_tokenizer_dir(tmp_path_factory.mktemp("gpt2_tokenizer")))
+
+
+@pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory) -> Path:
     """A tiny randomly initialised GPT-2 with the real GPT-2 tokenizer, saved as a local HF
     directory: for plumbing tests of the local-directory and fused-c_attn code paths only."""

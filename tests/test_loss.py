@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from abft_lens.loss import AbftLossConfig, PunishWeightController, abft_loss, weights_for
+from abft_lens.loss import AbftLossConfig, PunishWeightController, abft_loss, pid_inputs, weights_for
 
 T, F = True, False
 
@@ -181,6 +181,9 @@ def test_attention_must_have_four_axes():
         ({"ki": float("inf")}, "ki"),
         ({"min_punish_weight": -0.5}, "min_punish_weight"),
         ({"initial_punish_weight": 0.1, "min_punish_weight": 0.2}, "below min_punish_weight"),
+        ({"pid_input": "ratio"}, "pid_input"),
+        ({"pid_reference_heads": 0.0}, "pid_reference_heads"),
+        ({"pid_reference_heads": float("inf")}, "pid_reference_heads"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, message):
@@ -194,6 +197,7 @@ def test_config_defaults_are_the_papers():
     assert config.pid and config.min_punish_weight == 0.0
     assert (config.kp, config.ki, config.kd) == (0.03, 0.005, 0.005)
     assert config.reduction == "sum_heads_mean_prompts"
+    assert config.pid_input == "count"  # the paper's input; "relative" is ours
 
 
 # --- the PID controller -----------------------------------------------------------------------
@@ -269,3 +273,53 @@ def test_step_rejects_a_negative_or_nan_count():
     for bad in (-1.0, math.nan):
         with pytest.raises(ValueError, match="n_flagged"):
             controller.step(bad)
+
+
+# --- the relative (scale-free) PID input -------------------------------------------------------------
+
+
+def test_relative_inputs_are_the_reference_times_the_count_over_the_first_non_zero_count():
+    assert pid_inputs([0, 0, 4, 2, 6], "relative", reference_heads=50) == [0.0, 0.0, 50.0, 25.0, 75.0]
+    assert pid_inputs([8, 2], "relative", reference_heads=10) == [10.0, 2.5]
+    assert pid_inputs([0, 0], "relative", reference_heads=10) == [0.0, 0.0]
+    assert pid_inputs([3, 5], "count") == [3.0, 5.0]
+
+
+def test_relative_pid_on_doubled_counts_follows_the_hand_computed_sequence():
+    controller = PunishWeightController(AbftLossConfig(pid_input="relative", pid_reference_heads=10))
+    # Counts 20, 24, 18, 18, 28, 12 are 10 * n / 20 = 10, 12, 9, 9, 14, 6 as inputs: the sequence of
+    # test_pid_follows_a_hand_computed_sequence, so the same A.
+    assert [controller.step(n) for n in (20, 24, 18, 18, 28, 12)] == pytest.approx(
+        [0.5, 0.5, 0.38, 0.39, 0.585, 0.26])
+
+
+@pytest.mark.parametrize("factor", [0.25, 1024 / 270, 8.0])
+def test_relative_pid_gives_the_same_punish_weights_when_every_count_is_scaled(factor):
+    counts = [12.0, 13.5, 11.4, 9.0, 6.2, 4.1, 2.2, 2.5, 3.0]
+
+    def trajectory(pid_input: str, scale: float) -> list[float]:
+        controller = PunishWeightController(AbftLossConfig(pid_input=pid_input))
+        return [controller.step(n * scale) for n in counts]
+
+    assert trajectory("relative", factor) == pytest.approx(trajectory("relative", 1.0))
+    # The paper's input is in heads: the same relative course on more heads moves A further.
+    assert trajectory("count", factor) != pytest.approx(trajectory("count", 1.0))
+
+
+def test_paper_pid_on_doubled_counts_moves_twice_as_far():
+    controller = PunishWeightController(AbftLossConfig())
+    # t=3: P 0.03*(18-24) = -0.18; I 0.005*(18-20) = -0.01; D 0.005*(18-48+20) = -0.05 (twice the 1x steps)
+    assert [controller.step(n) for n in (20, 24, 18)] == pytest.approx([0.5, 0.5, 0.26])
+
+
+def test_relative_pid_state_dict_round_trip_continues_identically():
+    config = AbftLossConfig(pid_input="relative")
+    sequence = [0, 11.5, 12, 9, 9.5, 14, 6, 7.25, 3]  # no head flagged at first: the reference is 11.5
+    uninterrupted = PunishWeightController(config)
+    expected = [uninterrupted.step(n) for n in sequence]
+    first = PunishWeightController(config)
+    for n in sequence[:4]:
+        first.step(n)
+    resumed = PunishWeightController(config)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert [resumed.step(n) for n in sequence[4:]] == expected[4:]

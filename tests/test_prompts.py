@@ -8,7 +8,7 @@ import torch
 from abft_lens.data import Example, Template, load_dataset, split_pools
 from abft_lens.errors import DataError, LabelTokenError, PromptTooLongError
 from abft_lens.heads import query_attention_rows
-from abft_lens.prompts import build_prompts, label_token_ids
+from abft_lens.prompts import ICLPrompt, PromptSet, build_prompts, label_token_ids, share_without_query_label
 from tolerances import ATTENTION_ATOL
 
 
@@ -134,3 +134,43 @@ def test_custom_template_is_rendered(smollm2, sst2):
                             template=template)
     assert smollm2.tokenizer.decode(list(prompts[0].tokens[1:])) == (
         "Classify.\nreview: bad label: negative\treview: ok label:")
+
+
+# --- label-covering demonstrations (issue 18) ---------------------------------------------------------
+
+
+def test_label_covering_prompts_show_the_query_label_on_real_trec(gpt2_tokenizer):
+    """Real StaICC TREC (6 labels, k = 4), training prompts (demonstrations from the queries' own pool)
+    and test-style prompts (a separate demonstration pool): random demonstrations miss the query's label
+    on a large share of prompts (the issue measured 43%); label-covering ones never do."""
+    trec = load_dataset("trec")
+    pools = split_pools(trec, seed=42)
+    for queries, demo_pool, n in ((pools.train, None, 300), (pools.test, pools.demo, 100)):
+        random = build_prompts(gpt2_tokenizer, trec, queries, n_prompts=n, k=4, seed=1, demo_pool=demo_pool)
+        covering = build_prompts(gpt2_tokenizer, trec, queries, n_prompts=n, k=4, seed=1, demo_pool=demo_pool,
+                                 demo_sampling="label_covering")
+        assert share_without_query_label(random) > 0.2
+        assert share_without_query_label(covering) == 0.0
+        assert all(prompt.query_label in prompt.demo_labels and len(prompt.demo_labels) == 4
+                   for prompt in covering.prompts)
+        assert covering.metadata["demo_sampling"] == "label_covering"
+    assert all(len(set(prompt.label_positions)) == 4 for prompt in covering.prompts)
+
+
+def test_share_without_query_label_counts_prompts_with_no_correct_demonstration():
+    def prompt(demo_labels, query_label):
+        return ICLPrompt((1, 2, 3), (0, 1), demo_labels, query_label)
+
+    prompts = PromptSet([prompt((0, 1), 1), prompt((0, 0), 1), prompt((2, 2), 2), prompt((0, 2), 1)],
+                        ("a", "b", "c"), (5, 6, 7), 0)
+    assert share_without_query_label(prompts) == pytest.approx(2 / 4)
+    with pytest.raises(DataError, match="No prompts"):
+        share_without_query_label(prompts.subset([]))
+
+
+def test_label_covering_needs_another_example_of_the_query_label(gpt2_tokenizer, sst2):
+    pool = [Example("good", 1), Example("bad", 0), Example("awful", 0), Example("poor", 0)]
+    with pytest.raises(DataError, match="no other example of label 1"):
+        build_prompts(gpt2_tokenizer, sst2, pool, k=2, demo_sampling="label_covering")  # "good" is alone
+    with pytest.raises(DataError, match="needs k >= 1"):
+        build_prompts(gpt2_tokenizer, sst2, pool, k=0, demo_sampling="label_covering")
