@@ -16,7 +16,16 @@ from typing import Optional
 
 import typer
 
-from abft_lens.choices import Method, Precision, RankBy, ThresholdKind, WeightDtype, checked
+from abft_lens.choices import (
+    Method,
+    PidInput,
+    Precision,
+    RankBy,
+    ThresholdKind,
+    TrainingDemos,
+    WeightDtype,
+    checked,
+)
 from abft_lens.errors import AbftLensError, ConfigError
 from abft_lens.runs import check_out_dir, load_config, with_overrides
 
@@ -143,11 +152,28 @@ def finetune_command(
     threshold: Optional[str] = typer.Option(None, callback=checked("threshold", ThresholdKind), help="paper: k/(k+ln n_t); uniform: tau*k/n_t [default: paper]"),
     tau: Optional[float] = typer.Option(None, help="multiple of uniform attention for --threshold uniform"),
     pid: Optional[bool] = typer.Option(None, "--pid/--no-pid", help="adapt A by the PID controller [default: on]"),
+    pid_input: Optional[str] = typer.Option(None, callback=checked("pid_input", PidInput),
+                                            help="the PID's input: count (mean flagged heads per prompt, the "
+                                                 "paper's) or relative (that count over its first value, times "
+                                                 "--pid-reference-heads: the same gains on any number of heads) "
+                                                 "[default: count]"),
+    pid_reference_heads: Optional[float] = typer.Option(None, help="the relative PID input's scale, in heads "
+                                                                   "[default: 50]"),
     terms: Optional[str] = typer.Option(None, help="both, reward (A = 0) or punish (B = 0) [default: both]"),
+    initial_punish_weight: Optional[float] = typer.Option(None, help="A_0, the punishment weight the PID starts "
+                                                                     "from (or keeps, with --no-pid) [default: 0.5]"),
+    reward_weight: Optional[float] = typer.Option(None, help="B, the reward weight [default: 1]"),
+    training_demos: Optional[str] = typer.Option(None, callback=checked("training_demos", TrainingDemos),
+                                                 help="training prompts' demonstrations: random (the paper's) or "
+                                                      "label_covering (at least one of the query's label) "
+                                                      "[default: random]"),
     e2e_softmax: Optional[str] = typer.Option(None, help="E2E cross-entropy over the label tokens (label) or the "
                                                          "vocabulary (vocab) [default: label]"),
     trainable: Optional[str] = typer.Option(None, help="qk (W_Q, W_K) or all (full fine-tuning) [default: qk]"),
     checkpoint_every: Optional[int] = typer.Option(None, help="steps between checkpoints [default: 4]"),
+    keep_checkpoints: Optional[bool] = typer.Option(None, "--keep-checkpoints/--no-keep-checkpoints",
+                                                    help="keep every checkpoint (for `abft-lens validate-checkpoints`), "
+                                                         "not only the latest [default: off]"),
     seed: Optional[int] = typer.Option(None, help="prompts, data order [default: 42]"),
     pool_seed: Optional[int] = typer.Option(None, help="the train/demo/test split [default: 42]"),
     label_words: Optional[str] = typer.Option(None, help="comma-separated label words replacing the data set's"),
@@ -188,8 +214,12 @@ def finetune_command(
     cfg = with_overrides(base, dict(model=model, dataset=dataset, method=method, n_train=n_train, n_val=n_val, k=k,
                             lr_grid=grid, lr_search_steps=lr_search_steps, batch_size=batch_size,
                             micro_batch_size=micro_batch_size, steps=steps, heads=heads, head_top=head_top,
-                            threshold=threshold, tau=tau, pid=pid, terms=terms, e2e_softmax=e2e_softmax,
-                            trainable=trainable, checkpoint_every=checkpoint_every, seed=seed, pool_seed=pool_seed,
+                            threshold=threshold, tau=tau, pid=pid, pid_input=pid_input,
+                            pid_reference_heads=pid_reference_heads, terms=terms,
+                            initial_punish_weight=initial_punish_weight, reward_weight=reward_weight,
+                            training_demos=training_demos, e2e_softmax=e2e_softmax, trainable=trainable,
+                            checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, seed=seed,
+                            pool_seed=pool_seed,
                             label_words=words, device=device, out=str(out) if out else None, resume=resume,
                             precision=precision, dtype=dtype, lora_rank=lora_rank, lora_alpha=lora_alpha,
                             lora_dropout=lora_dropout, load_in_4bit=load_in_4bit))
@@ -213,6 +243,22 @@ def finetune_command(
                f"{last['wrong_mass']:.3f}")
     typer.echo(f"Run folder: {result.run_dir} (evaluate it with `abft-lens evaluate {result.run_dir}`)")
     _report_after_job(result.run_dir, device=cfg.device)
+
+
+@app.command("validate-checkpoints")
+def validate_checkpoints_command(
+    run_dir: Path = typer.Argument(..., help="a fine-tuning run folder (best one run with --keep-checkpoints)"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
+) -> None:
+    """Validation accuracy of the base model and of every checkpoint a run kept, on the run's own validation
+    queries (from the training pool; the test pool is never used): RUN_DIR/validation_trajectory.csv."""
+    from abft_lens.runs import VALIDATION_TRAJECTORY_FILE, run_record
+    from abft_lens.training import validation_trajectory
+
+    run_record(run_dir)  # a folder that is not a run: one line, before any model loads
+    frame = validation_trajectory(run_dir, device=device)
+    _print_table(frame)
+    typer.echo(f"Written: {run_dir / VALIDATION_TRAJECTORY_FILE}")
 
 
 @app.command("evaluate")

@@ -8,10 +8,14 @@ This module owns the run-folder format; every reader and writer of these files g
   (``save_config``, ``load_config``, ``run_record``);
 - ``run.log`` (``RUN_LOG``): the job's Python log (``run_log``);
 - a fine-tuning run's ``metrics.jsonl`` (``METRICS_FILE``, one JSON line per optimiser step:
-  ``append_metrics``, ``read_metrics``, ``write_json_lines``), ``checkpoints/`` (``CHECKPOINTS_DIR``,
-  written by ``abft_lens.training.checkpoints``) and, once finished, ``trained.safetensors``
-  (``TRAINED_FILE``: only the trained tensors, by parameter name, W_Q/W_K or a LoRA run's adapters;
-  ``read_trained_tensors``, ``apply_tensors``, ``load_trained_model``).
+  ``append_metrics``, ``read_metrics``, ``write_json_lines``), ``checkpoints/step-NNNNNN/``
+  (``CHECKPOINTS_DIR``, ``checkpoint_dirs``; written by ``abft_lens.training.checkpoints``: the trained
+  tensors, ``state.json``, and ``state.pt`` (``RESUME_STATE_FILE``) where the run can resume from it) and,
+  once finished, ``trained.safetensors`` (``TRAINED_FILE``: only the trained tensors, by parameter name,
+  W_Q/W_K or a LoRA run's adapters; ``read_trained_tensors``, ``apply_tensors``, ``load_trained_model``;
+  ``trained_tensor_files`` lists them by step, the kept checkpoints' included);
+- ``validation_trajectory.csv`` (``VALIDATION_TRAJECTORY_FILE``): validation accuracy per kept step
+  (``abft_lens.training.trajectory``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import logging
 import math
 import os
 import platform
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,6 +48,9 @@ RUN_LOG = "run.log"
 METRICS_FILE = "metrics.jsonl"
 TRAINED_FILE = "trained.safetensors"
 CHECKPOINTS_DIR = "checkpoints"
+RESUME_STATE_FILE = "state.pt"  # a checkpoint's optimiser and RNG state: only a resumable one has it
+VALIDATION_TRAJECTORY_FILE = "validation_trajectory.csv"
+_STEP_DIR = re.compile(r"^step-(\d{6})$")
 
 _VERSIONED = ("abft-lens", "torch", "transformer-lens", "transformers", "peft", "bitsandbytes", "staicc", "pandas",
               "plotly")
@@ -140,9 +148,9 @@ def load_config(path: Path, config_type: type[ConfigT]) -> ConfigT:
 # --- a run's record and log ---------------------------------------------------------------------------
 
 
-def run_record(run_dir: str | Path) -> dict[str, Any]:
-    """The config fields of a job's ``config.json`` (its ``"config"`` mapping); an error naming the
-    folder if it has none."""
+def run_payload(run_dir: str | Path) -> dict[str, Any]:
+    """A job's whole ``config.json``: its ``"config"`` mapping and the records saved beside it (a fine-tuning
+    run's chosen ``lr``, ...); an error naming the folder if it has none."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise AbftLensError(f"{run_dir} is not a fine-tuning run folder (no {CONFIG_FILE}).")
@@ -150,7 +158,17 @@ def run_record(run_dir: str | Path) -> dict[str, Any]:
         payload = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise AbftLensError(f"Cannot read {path} as JSON: {error}") from None
-    record = payload.get("config", {}) if isinstance(payload, dict) else None
+    if not isinstance(payload, dict):
+        raise AbftLensError(f"{path} holds no job config (no \"config\" mapping).")
+    return payload
+
+
+def run_record(run_dir: str | Path) -> dict[str, Any]:
+    """The config fields of a job's ``config.json`` (its ``"config"`` mapping); an error naming the
+    folder if it has none."""
+    path = Path(run_dir) / CONFIG_FILE
+    payload = run_payload(run_dir)
+    record = payload.get("config", {})
     if not isinstance(record, dict):
         raise AbftLensError(f"{path} holds no job config (no \"config\" mapping).")
     return record
@@ -258,6 +276,33 @@ def check_not_broken_run_dir(path: Path) -> None:
     raise AbftLensError(f"{path} looks like a fine-tuning run folder (it has {' and '.join(run_files)}) but "
                         f"{problem}, so its base model and settings are unknown. Pass a complete run folder, "
                         "or re-run the fine-tuning.")
+
+
+# --- checkpoints and trained tensors ----------------------------------------------------------------------
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """A run's published ``checkpoints/step-NNNNNN/`` folders as (step, folder), in step order (one being
+    written, ``.step-*``, is not published yet)."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    return sorted((int(match.group(1)), path) for path in root.iterdir() if (match := _STEP_DIR.match(path.name)))
+
+
+def trained_tensor_files(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Every set of trained tensors a run folder holds, as (step, file) in step order: each checkpoint's and,
+    once the run has finished, ``trained.safetensors`` at its last step (which it replaces, if a checkpoint
+    of that step was kept)."""
+    run_dir = Path(run_dir)
+    files = {step: folder / TRAINED_FILE for step, folder in checkpoint_dirs(run_dir) if (folder / TRAINED_FILE).is_file()}
+    if (run_dir / TRAINED_FILE).is_file():
+        files[int(run_record(run_dir).get("steps", max(files, default=0)))] = run_dir / TRAINED_FILE
+    return sorted(files.items())
 
 
 # --- trained tensors and the trained model ----------------------------------------------------------------

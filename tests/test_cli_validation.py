@@ -116,6 +116,8 @@ def test_check_out_dir_refuses_files_paths_under_files_and_unwritable_places(tmp
     (("finetune", "--trainable", "nonsense"), "trainable"),
     (("finetune", "--precision", "nonsense"), "precision"),
     (("finetune", "--dtype", "nonsense"), "dtype"),
+    (("finetune", "--pid-input", "nonsense"), "pid_input"),
+    (("finetune", "--training-demos", "nonsense"), "training_demos"),
     (("evaluate", "--precision", "nonsense"), "precision"),
 ])
 def test_a_bad_choice_is_one_line_naming_field_and_value(args, field, capsys, tmp_path):
@@ -185,6 +187,28 @@ def test_4bit_weights_need_a_lora_method(capsys, tmp_path):
     assert_one_line_error(code, err, "load_in_4bit", "LoRA method", "not abft")
 
 
+# --- 3c. the training options of issue 18 (ablations and remedies) -------------------------------------
+
+
+def test_the_issue_18_options_reach_the_finetune_config(capsys, tmp_path, stub_jobs):
+    code, err = run_main(capsys, "finetune", MISSING_MODEL, "--training-demos", "label_covering", "--pid-input",
+                         "relative", "--pid-reference-heads", "30", "--keep-checkpoints", "--initial-punish-weight",
+                         "0.25", "--reward-weight", "2", "--out", str(tmp_path / "a"))
+    assert code == 2 and "finetune started" in err
+    config = stub_jobs["finetune"]
+    assert (config.training_demos, config.pid_input, config.pid_reference_heads, config.keep_checkpoints) == (
+        "label_covering", "relative", 30.0, True)
+    assert config.loss_config().initial_punish_weight == 0.25 and config.loss_config().reward_weight == 2.0
+    code, err = run_main(capsys, "finetune", MISSING_MODEL, "--out", str(tmp_path / "b"))
+    defaults = stub_jobs["finetune"]  # the paper's recipe when no option is given
+    assert (defaults.training_demos, defaults.pid_input, defaults.keep_checkpoints) == ("random", "count", False)
+
+
+def test_validate_checkpoints_of_a_folder_that_is_not_a_run_is_one_line(capsys, tmp_path):
+    code, err = run_main(capsys, "validate-checkpoints", str(tmp_path))
+    assert_one_line_error(code, err, "is not a fine-tuning run folder")
+
+
 # --- 4. one line instead of a traceback ---------------------------------------------------------------
 
 
@@ -194,6 +218,9 @@ def test_4bit_weights_need_a_lora_method(capsys, tmp_path):
     (("finetune", "--batch-size", "0"), "batch_size must be an integer >= 1; got 0"),
     (("finetune", "--method", "e2e-lora", "--lora-rank", "0"), "lora_rank must be an integer >= 1; got 0"),
     (("finetune", "--method", "e2e-lora", "--lora-dropout", "1"), "lora_dropout must be a number in [0, 1); got 1.0"),
+    (("finetune", "--pid-reference-heads", "0"), "pid_reference_heads must be a finite number > 0, got 0.0"),
+    (("finetune", "--reward-weight", "-1"), "reward_weight must be a finite number >= 0, got -1.0"),
+    (("finetune", "--initial-punish-weight", "nan"), "initial_punish_weight must be a finite number >= 0, got nan"),
     (("find-heads", "--batch-size", "0"), "batch_size must be an integer >= 1; got 0"),
     (("find-heads", "--n-prompts", "0"), "n_prompts must be an integer >= 1; got 0"),
     (("find-heads", "--k", "0"), "k must be an integer >= 1; got 0"),

@@ -252,8 +252,8 @@ import abft_lens.training.job as training  # the module whose _train looks write
 
 write_checkpoint = training.write_checkpoint
 
-def write_then_die(run_dir, runner):
-    path = write_checkpoint(run_dir, runner)
+def write_then_die(run_dir, runner, **kwargs):
+    path = write_checkpoint(run_dir, runner, **kwargs)
     if runner.completed == 2:
         raise RuntimeError("killed after the step-2 checkpoint")
     return path

@@ -137,7 +137,8 @@ def test_bf16_finetune_keeps_float32_masters_over_bf16_frozen_weights(tiny_gpt2_
     saved_states: list[dict] = []  # the optimiser/RNG state each checkpoint saves (removed when the run ends)
     write_checkpoint = training.write_checkpoint
     monkeypatch.setattr(training, "write_checkpoint",
-                        lambda run_dir, runner: saved_states.append(runner.state_dict()) or write_checkpoint(run_dir, runner))
+                        lambda run_dir, runner, **kwargs: saved_states.append(runner.state_dict())
+                        or write_checkpoint(run_dir, runner, **kwargs))
 
     short = [e for e in sst2.examples if len(e.text) < 50][:40]
     data = tmp_path / "short.csv"

@@ -35,7 +35,8 @@ One module per part of training:
 - ``runner``: ``FinetuneRunner``, the optimiser, PID controller and data order, one step at a time;
 - ``checkpoints``: writing and restoring ``checkpoints/step-NNNNNN/``;
 - ``lr_search``: the validation-accuracy search over the lr grid;
-- ``job``: ``finetune`` (the run and its folder), ``training_prompts`` and ``run_finetune``.
+- ``job``: ``finetune`` (the run and its folder), ``training_prompts`` and ``run_finetune``;
+- ``trajectory``: validation accuracy at each checkpoint a run kept (``keep_checkpoints``).
 """
 
 from abft_lens.runs import (
@@ -47,7 +48,7 @@ from abft_lens.runs import (
     read_trained_tensors,
     write_json_lines,
 )
-from abft_lens.training.checkpoints import latest_checkpoint, restore_checkpoint, write_checkpoint
+from abft_lens.training.checkpoints import finish_checkpoints, latest_checkpoint, restore_checkpoint, write_checkpoint
 from abft_lens.choices import Method
 from abft_lens.training.config import DESIGN_CHOICES, HEAD_MODES, FinetuneConfig, Objective, Trainable
 from abft_lens.training.head_plan import HeadPlan, head_mask_for, plan_heads, read_head_set
@@ -62,13 +63,15 @@ from abft_lens.training.parameters import (
     trainable_qk_parameters,
 )
 from abft_lens.training.runner import FinetuneRunner, StepSums, training_order
+from abft_lens.training.trajectory import validation_trajectory
 
 __all__ = [
     "CHECKPOINTS_DIR", "DESIGN_CHOICES", "HEAD_MODES", "METRICS_FILE", "TRAINED_FILE", "FinetuneConfig",
     "FinetuneResult", "FinetuneRunner", "HeadPlan", "LrSearch", "Method", "Objective", "StepSums", "Trainable",
-    "apply_tensors", "finetune", "full_precision_parameter_count", "head_mask_for", "latest_checkpoint", "load_trained_model",
-    "only_these_require_grad", "parameters_to_train", "peak_memory_mb", "plan_heads", "read_head_set", "read_trained_tensors",
+    "apply_tensors", "finetune", "finish_checkpoints", "full_precision_parameter_count", "head_mask_for",
+    "latest_checkpoint", "load_trained_model", "only_these_require_grad", "parameters_to_train", "peak_memory_mb",
+    "plan_heads", "read_head_set", "read_trained_tensors",
     "restore_checkpoint", "run_finetune", "select_lr", "snapshot", "trainable_parameters",
-    "trainable_qk_parameters", "training_order", "training_prompts", "validation_accuracy", "write_checkpoint",
-    "write_json_lines",
+    "trainable_qk_parameters", "training_order", "training_prompts", "validation_accuracy", "validation_trajectory",
+    "write_checkpoint", "write_json_lines",
 ]

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from abft_lens.choices import LORA_METHODS, Method
+from abft_lens.choices import LORA_METHODS, Method, PidInput, TrainingDemos
 from abft_lens.config import validate_config
 from abft_lens.errors import ConfigError
 from abft_lens.heads import ThresholdKind
 from abft_lens.lora import LoraSettings
-from abft_lens.loss import AbftLossConfig, E2ESoftmax, Reduction, Terms
+from abft_lens.loss import PID_REFERENCE_HEADS, AbftLossConfig, E2ESoftmax, Reduction, Terms
 from abft_lens.models import DEFAULT_MODEL
 from abft_lens.precision import Precision, WeightDtype
 
@@ -30,7 +30,13 @@ DESIGN_CHOICES = {
     "data_order": "a fresh seeded permutation of the training prompts per epoch; a pseudo-batch may span two",
     "validation_split": "the last n_val examples of the training pool are validation queries (never training "
                         "queries); training queries and all demonstrations come from the rest",
-    "pid_input": "mean number of flagged heads per prompt over the step's pseudo-batch",
+    "pid_input": "mean number of flagged heads per prompt over the step's pseudo-batch (pid_input 'count', the "
+                 "paper's), or that mean over its value at the first step with any flagged head, times "
+                 "pid_reference_heads ('relative', ours: the same gains on any number of heads)",
+    "training_demos": "training prompts' demonstrations at random (the paper's) or, with 'label_covering', one of "
+                      "them of the query's label; validation prompts always at random, as the test prompts are",
+    "keep_checkpoints": "kept intermediate checkpoints hold the trained tensors and the step record; only the "
+                        "newest keeps the optimiser state (for resuming), none once the run has finished",
     "lora": "abft-lora/e2e-lora: peft LoRA on the q and k projections of every layer (no bias, no other module); "
             "alpha 32 = 2r by default (the paper gives r = 16 only); dropout 0 by default, and where set it is "
             "active during training steps only",
@@ -60,12 +66,17 @@ class FinetuneConfig:
     threshold: ThresholdKind = "paper"
     tau: float = 2.0  # for threshold "uniform"
     pid: bool = True
+    pid_input: PidInput = "count"  # "relative": the flagged-head count over its first value (loss.pid_inputs)
+    pid_reference_heads: float = PID_REFERENCE_HEADS  # the "relative" input's scale (loss.PID_REFERENCE_HEADS)
     terms: Terms = "both"
-    initial_punish_weight: float = 0.5
+    initial_punish_weight: float = 0.5  # A_0
+    reward_weight: float = 1.0  # B
     reduction: Reduction = "sum_heads_mean_prompts"
     e2e_softmax: E2ESoftmax = "label"  # E2E cross-entropy over the label tokens or the whole vocabulary
     trainable: Trainable = "qk"  # "all": every parameter (full fine-tuning, for the cost comparison)
     checkpoint_every: int = 4  # steps between checkpoints
+    keep_checkpoints: bool = False  # keep every checkpoint (a trajectory to evaluate), not only the latest
+    training_demos: TrainingDemos = "random"  # "label_covering": the query's label among the demonstrations
     seed: int = 42  # prompts (demonstrations), data order, torch RNG
     pool_seed: int = 42  # the train/demo/test split, fixed across seeds so the test pool stays the same
     label_words: tuple[str, ...] | None = None
@@ -107,6 +118,10 @@ class FinetuneConfig:
         self.lr_grid = tuple(float(lr) for lr in self.lr_grid)
         if self.label_words is not None:
             self.label_words = tuple(self.label_words)
+        try:  # the loss weights and PID settings, checked where they are defined
+            self.loss_config()
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
     @property
     def uses_lora(self) -> bool:
@@ -126,8 +141,10 @@ class FinetuneConfig:
         return Path("runs") / f"finetune_{self.method}_{Path(self.model).name}_{Path(self.dataset).stem}_seed{self.seed}"
 
     def loss_config(self) -> AbftLossConfig:
-        return AbftLossConfig(terms=self.terms, initial_punish_weight=self.initial_punish_weight, pid=self.pid,
-                              reduction=self.reduction)
+        return AbftLossConfig(terms=self.terms, reward_weight=self.reward_weight,
+                              initial_punish_weight=self.initial_punish_weight, pid=self.pid,
+                              reduction=self.reduction, pid_input=self.pid_input,
+                              pid_reference_heads=self.pid_reference_heads)
 
 
 # Fields that may differ between a run and its resumption.

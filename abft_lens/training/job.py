@@ -8,7 +8,6 @@ import dataclasses
 import json
 import logging
 import resource
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,22 +25,27 @@ from abft_lens.heads import Head
 from abft_lens.lora import attach_lora
 from abft_lens.models import load_model
 from abft_lens.precision import WEIGHT_DTYPES, keep_float32_masters, resolve_config_precision
-from abft_lens.prompts import PromptSet, build_prompts
+from abft_lens.prompts import PromptSet, build_prompts, share_without_query_label
 from abft_lens.runs import (
     CONFIG_FILE,
-    CHECKPOINTS_DIR,
     METRICS_FILE,
     TRAINED_FILE,
     append_metrics,
     atomic_write_bytes,
     atomic_write_text,
+    checkpoint_dirs,
     read_metrics,
     read_trained_tensors,
     run_log,
     save_config,
     write_json_lines,
 )
-from abft_lens.training.checkpoints import latest_checkpoint, restore_checkpoint, write_checkpoint
+from abft_lens.training.checkpoints import (
+    finish_checkpoints,
+    latest_checkpoint,
+    restore_checkpoint,
+    write_checkpoint,
+)
 from abft_lens.training.config import _RESUME_FREE, DESIGN_CHOICES, FinetuneConfig
 from abft_lens.training.head_plan import HeadPlan, plan_heads
 from abft_lens.training.lr_search import LrSearch, select_lr
@@ -84,7 +88,9 @@ def peak_memory_mb(device: torch.device) -> float:
 def _check_resumable(run_dir: Path, config: FinetuneConfig) -> dict[str, object]:
     """The saved config.json record; an error if it was made with other settings."""
     record = json.loads((run_dir / CONFIG_FILE).read_text())
-    saved = record.get("config", {})
+    # A field the saved config lacks came after the run was started: the run had its default behaviour.
+    defaults = json.loads(json.dumps(dataclasses.asdict(FinetuneConfig()), default=str))
+    saved = {**defaults, **record.get("config", {})}
     current = json.loads(json.dumps(dataclasses.asdict(config), default=str))
     differ = sorted(name for name in current
                     if name not in _RESUME_FREE and saved.get(name) != current[name])
@@ -120,7 +126,7 @@ def finetune(model, prompts: PromptSet, config: FinetuneConfig, validation: Prom
     record: dict[str, object] = {}
     if config.resume and (run_dir / CONFIG_FILE).is_file():
         record = _check_resumable(run_dir, config)
-    elif finished.exists() or latest_checkpoint(run_dir) is not None:
+    elif finished.exists() or checkpoint_dirs(run_dir):
         raise AbftLensError(f"{run_dir} already holds a run; pass resume=True (--resume) to continue it, "
                             "or choose another output folder (--out).")
     distributed.barrier()  # every rank has looked at the folder before rank 0 writes to it
@@ -173,7 +179,7 @@ def finetune(model, prompts: PromptSet, config: FinetuneConfig, validation: Prom
             _train(runner, run_dir, progress)
             if main:
                 atomic_write_bytes(finished, save_safetensors(snapshot(params), metadata={"model": config.model}))
-                shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
+                finish_checkpoints(run_dir, keep=config.keep_checkpoints)
             distributed.barrier()  # rank 0's metrics file is complete before every rank reads it
 
         metrics = pd.DataFrame(read_metrics(metrics_path, config.steps))
@@ -209,7 +215,7 @@ def _train(runner: FinetuneRunner, run_dir: Path, progress: bool) -> None:
             bar.update(1)
             if (runner.completed % config.checkpoint_every == 0 or runner.completed == config.steps) \
                     and distributed.is_main_process():
-                write_checkpoint(run_dir, runner)
+                write_checkpoint(run_dir, runner, keep=config.keep_checkpoints)
     bar.close()
 
 
@@ -235,7 +241,8 @@ def _save_record(run_dir: Path, config: FinetuneConfig, status: str, lr: float, 
                    "forward_stops_after_layer": max(plan.layers) if config.objective == "abft" else None},
         n_train_prompts=len(prompts), n_validation_prompts=len(validation) if validation else 0,
         mean_prompt_tokens=float(np.mean([len(p.tokens) for p in prompts.prompts])),
-        prompts=prompts.metadata, design_choices=DESIGN_CHOICES, **extra)
+        prompts={**prompts.metadata, "share_without_query_label": share_without_query_label(prompts)},
+        design_choices=DESIGN_CHOICES, **extra)
 
 
 # --- the job: prompts, and a trained model from a run folder -------------------------------------------
@@ -244,7 +251,8 @@ def _save_record(run_dir: Path, config: FinetuneConfig, status: str, lr: float, 
 def training_prompts(model, config: FinetuneConfig) -> tuple[PromptSet, PromptSet | None]:
     """Training and validation prompts from the training pool (never the test pool): the last
     ``n_val`` examples of the pool are validation queries, the rest give the ``n_train`` training
-    queries and every demonstration (a query is never its own demonstration)."""
+    queries and every demonstration (a query is never its own demonstration), drawn as
+    ``config.training_demos`` says."""
     dataset = load_dataset(config.dataset, config.label_words)
     pool = split_pools(dataset, seed=config.pool_seed).train
     n_val = min(config.n_val, len(pool) // 4)
@@ -253,7 +261,9 @@ def training_prompts(model, config: FinetuneConfig) -> tuple[PromptSet, PromptSe
         raise DataError(f"n_train = {config.n_train}, but the training pool of '{dataset.name}' has "
                         f"{len(train_pool)} examples after carving {n_val} for validation.")
     common = dict(k=config.k, max_length=model.cfg.n_ctx)
-    train = build_prompts(model.tokenizer, dataset, train_pool, n_prompts=config.n_train, seed=config.seed, **common)
+    train = build_prompts(model.tokenizer, dataset, train_pool, n_prompts=config.n_train, seed=config.seed,
+                          demo_sampling=config.training_demos, **common)
+    # Validation prompts keep random demonstrations whatever config.training_demos: they stand in for the test.
     validation = (build_prompts(model.tokenizer, dataset, validation_pool, seed=config.seed + 1,
                                 demo_pool=train_pool, **common) if n_val else None)
     return train, validation

@@ -1,0 +1,189 @@
+"""The fine-tuning options of issue 18 on the tiny random GPT-2 (plumbing, seconds): label-covering
+training prompts, the relative PID input, kept checkpoints (a killed run still resumes to the same weights)
+and the validation accuracy of every kept checkpoint. What the options do to ABFT is measured by
+benchmarks/bench_ablations.py, not here."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+import abft_lens.training.job as training_job  # the module whose _train looks write_checkpoint up
+from abft_lens.errors import AbftLensError
+from abft_lens.prompts import share_without_query_label
+from abft_lens.runs import (
+    RESUME_STATE_FILE,
+    TRAINED_FILE,
+    VALIDATION_TRAJECTORY_FILE,
+    checkpoint_dirs,
+    read_trained_tensors,
+    run_record,
+)
+from abft_lens.training import (
+    FinetuneConfig,
+    FinetuneRunner,
+    apply_tensors,
+    plan_heads,
+    run_finetune,
+    snapshot,
+    trainable_parameters,
+    training_prompts,
+    validation_accuracy,
+    validation_trajectory,
+)
+
+TINY = dict(n_train=8, n_val=8, k=2, lr=1e-2, batch_size=4, micro_batch_size=4, steps=4, checkpoint_every=1,
+            heads="all", seed=0, precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def short_csv(sst2, tmp_path_factory):
+    """80 short real SST-2 sentences (both labels) as a CSV data set."""
+    short = [e for e in sst2.examples if len(e.text) < 50][:80]
+    path = tmp_path_factory.mktemp("data") / "short_sst2.csv"
+    pd.DataFrame({"text": [e.text for e in short], "label": [sst2.label_words[e.label] for e in short]}
+                 ).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture
+def model(tiny_gpt2):
+    """The session's tiny GPT-2, put back to its initial weights after the test."""
+    pristine = {name: p.detach().clone() for name, p in tiny_gpt2.named_parameters()}
+    yield tiny_gpt2
+    apply_tensors(tiny_gpt2, pristine)
+
+
+def config_for(model_dir, data, out, **fields) -> FinetuneConfig:
+    return FinetuneConfig(model=str(model_dir), dataset=str(data), out=str(out), **{**TINY, **fields})
+
+
+@pytest.fixture(scope="module")
+def kept_run(tiny_gpt2, tiny_gpt2_dir, short_csv, tmp_path_factory):
+    """An uninterrupted 4-step run that keeps its checkpoints (the reference of the resume test)."""
+    pristine = snapshot(trainable_parameters(tiny_gpt2, "qk"))
+    config = config_for(tiny_gpt2_dir, short_csv, tmp_path_factory.mktemp("kept") / "run", keep_checkpoints=True)
+    try:
+        result = run_finetune(config, model=tiny_gpt2, progress=False)
+    finally:
+        apply_tensors(tiny_gpt2, pristine)
+    return result
+
+
+# --- label-covering training prompts ------------------------------------------------------------------
+
+
+def test_label_covering_training_prompts_always_show_the_query_label(model, tiny_gpt2_dir, short_csv, tmp_path):
+    config = config_for(tiny_gpt2_dir, short_csv, tmp_path / "run", training_demos="label_covering", steps=1)
+    train, validation = training_prompts(model, config)
+    assert all(prompt.query_label in prompt.demo_labels for prompt in train.prompts)
+    assert share_without_query_label(train) == 0.0
+    assert validation.metadata["demo_sampling"] == "random"  # validation stands in for the test prompts
+    run_finetune(config, model=model, progress=False)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["config"]["training_demos"] == "label_covering"
+    assert saved["prompts"]["demo_sampling"] == "label_covering"
+    assert saved["prompts"]["share_without_query_label"] == 0.0
+
+
+# --- the relative PID input ---------------------------------------------------------------------------
+
+
+def test_relative_pid_settings_reach_the_controller_and_the_saved_config(model, tiny_gpt2_dir, short_csv, tmp_path):
+    config = config_for(tiny_gpt2_dir, short_csv, tmp_path / "run", pid_input="relative", pid_reference_heads=20.0,
+                        heads="per-prompt", steps=3)
+    train, _ = training_prompts(model, config)
+    plan = plan_heads(config.heads, model.cfg.n_layers, model.cfg.n_heads, config.head_top)
+    runner = FinetuneRunner(model, train, config, 1e-2, plan, trainable_parameters(model, "qk"))
+    assert (runner.controller.config.pid_input, runner.controller.config.pid_reference_heads) == ("relative", 20.0)
+    result = run_finetune(config, model=model, progress=False)
+    assert run_record(result.run_dir)["pid_input"] == "relative"
+    assert result.metrics["punish_weight"].notna().all()
+
+
+# --- kept checkpoints ----------------------------------------------------------------------------------
+
+
+def test_keep_checkpoints_keeps_every_checkpoint_and_drops_only_their_optimiser_state(kept_run):
+    kept = checkpoint_dirs(kept_run.run_dir)
+    assert [step for step, _ in kept] == [1, 2, 3, 4]
+    assert all((folder / TRAINED_FILE).is_file() and not (folder / RESUME_STATE_FILE).exists() for _, folder in kept)
+    final, last = read_trained_tensors(kept_run.run_dir / TRAINED_FILE), read_trained_tensors(kept[-1][1] / TRAINED_FILE)
+    assert all(torch.equal(final[name], last[name]) for name in final)
+
+
+def test_without_keep_checkpoints_a_finished_run_keeps_none(model, tiny_gpt2_dir, short_csv, tmp_path):
+    result = run_finetune(config_for(tiny_gpt2_dir, short_csv, tmp_path / "run", steps=2), model=model, progress=False)
+    assert checkpoint_dirs(result.run_dir) == [] and (result.run_dir / TRAINED_FILE).is_file()
+
+
+def kill_after_step(monkeypatch, step: int) -> None:
+    write_checkpoint = training_job.write_checkpoint
+
+    def write_then_die(run_dir, runner, **kwargs):
+        path = write_checkpoint(run_dir, runner, **kwargs)
+        if runner.completed == step:
+            raise RuntimeError(f"killed after the step-{step} checkpoint")
+        return path
+
+    monkeypatch.setattr(training_job, "write_checkpoint", write_then_die)
+
+
+def test_a_killed_run_that_keeps_checkpoints_resumes_to_the_same_weights(kept_run, model, tiny_gpt2_dir, short_csv,
+                                                                         tmp_path, monkeypatch):
+    config = config_for(tiny_gpt2_dir, short_csv, tmp_path / "run", keep_checkpoints=True)
+    pristine = snapshot(trainable_parameters(model, "qk"))
+    kill_after_step(monkeypatch, 2)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_finetune(config, model=model, progress=False)
+    # Only the newest checkpoint can be resumed from; the older one keeps its tensors.
+    assert [(step, (folder / RESUME_STATE_FILE).is_file()) for step, folder in checkpoint_dirs(config.run_dir())] \
+        == [(1, False), (2, True)]
+    monkeypatch.undo()
+    apply_tensors(model, pristine)  # a fresh process would load the base model
+    resumed = run_finetune(dataclasses.replace(config, resume=True), model=model, progress=False)
+    assert resumed.resumed_from_step == 2
+    assert [step for step, _ in checkpoint_dirs(config.run_dir())] == [1, 2, 3, 4]
+    final, reference = (read_trained_tensors(run.run_dir / TRAINED_FILE) for run in (resumed, kept_run))
+    assert all(torch.equal(final[name], reference[name]) for name in reference)
+    assert resumed.metrics["loss"].tolist() == kept_run.metrics["loss"].tolist()
+
+
+def test_a_run_saved_before_the_new_fields_existed_still_resumes(model, tiny_gpt2_dir, short_csv, tmp_path,
+                                                                 monkeypatch):
+    config = config_for(tiny_gpt2_dir, short_csv, tmp_path / "run")
+    kill_after_step(monkeypatch, 2)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_finetune(config, model=model, progress=False)
+    monkeypatch.undo()
+    path = config.run_dir() / "config.json"
+    saved = json.loads(path.read_text())
+    for field in ("training_demos", "pid_input", "pid_reference_heads", "reward_weight", "keep_checkpoints"):
+        del saved["config"][field]
+    path.write_text(json.dumps(saved))
+    resumed = run_finetune(dataclasses.replace(config, resume=True), model=model, progress=False)
+    assert resumed.resumed_from_step == 2 and len(resumed.metrics) == 4
+    with pytest.raises(AbftLensError, match="other settings.*training_demos"):
+        run_finetune(dataclasses.replace(config, resume=True, training_demos="label_covering"), model=model,
+                     progress=False)
+
+
+# --- validation accuracy along the kept trajectory --------------------------------------------------------
+
+
+def test_validation_trajectory_scores_the_base_model_and_every_kept_checkpoint(kept_run, model):
+    before = snapshot(trainable_parameters(model, "qk"))
+    frame = validation_trajectory(kept_run.run_dir, model=model, progress=False)
+    assert all(torch.equal(value, before[name]) for name, value in snapshot(trainable_parameters(model, "qk")).items())
+    assert frame["step"].tolist() == [0, 1, 2, 3, 4]
+    assert frame["validation_accuracy"].between(0, 1).all() and (frame["n_validation"] == 8).all()
+    assert (frame["lr"] == kept_run.lr).all()
+    _, validation = training_prompts(model, kept_run.config)
+    assert frame["validation_accuracy"].iloc[0] == validation_accuracy(model, validation, 4, "fp32")
+    apply_tensors(model, read_trained_tensors(kept_run.run_dir / TRAINED_FILE))
+    assert frame["validation_accuracy"].iloc[-1] == validation_accuracy(model, validation, 4, "fp32")
+    assert pd.read_csv(kept_run.run_dir / VALIDATION_TRAJECTORY_FILE)["step"].tolist() == [0, 1, 2, 3, 4]
