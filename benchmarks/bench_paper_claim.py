@@ -53,13 +53,21 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 
+from abft_lens.benchmarking import (  # noqa: F401 (append_rows, compare, seed_table: this script's API too)
+    METRICS,
+    append_rows,
+    compare,
+    read_table,
+    run_pieces,
+    seed_table,
+    timed_rows,
+)
 from abft_lens.data import PAPER_DATASETS
 from abft_lens.runs import atomic_write_text, package_versions, run_record, write_json
 
@@ -78,13 +86,10 @@ TINY = dict(datasets=["sst2"], n_train=8, steps=2, batch_size=4, micro_batch_siz
             e2e_lr="1e-3", lora_lr="1e-3", eval_batch_size=8)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a piece's fine-tuning and evaluation, and of running the pieces, that every
+    benchmark of fine-tuning runs shares (benchmarks/bench_ablations.py too)."""
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--datasets", nargs="+", default=list(PAPER_DATASETS))
-    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS,
-                        help="abft-lora / e2e-lora: LoRA r = 16 on q/k (the paper's E2E baseline) [default: %(default)s]")
     parser.add_argument("--seeds", nargs="+", type=int, default=[42])
     parser.add_argument("--pool-seed", type=int, default=42, help="fixed across seeds: one test pool")
     parser.add_argument("--n-train", type=int, default=512)
@@ -107,6 +112,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "results.csv too so that later seeds reuse the first seed's search")
     parser.add_argument("--n-test", type=int, default=512)
     parser.add_argument("--demo-sets", type=int, default=2)
+    parser.add_argument("--eval-batch-size", type=int, default=8)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="of every piece, training and evaluation (recorded per row)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run every piece in this process with one loaded model (the trained W_Q/W_K are "
+                             "reset between pieces): saves a model load per piece, for GPUs; peak memory is "
+                             "then per piece only on CUDA")
+    parser.add_argument("--summarise-only", action="store_true",
+                        help="run no piece: redraw the figures and summary.json from the pieces already finished")
+    parser.add_argument("--piece", default=None, help=argparse.SUPPRESS)  # internal: DATASET:PIECE:SEED
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(parser)
+    parser.add_argument("--datasets", nargs="+", default=list(PAPER_DATASETS))
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS,
+                        help="abft-lora / e2e-lora: LoRA r = 16 on q/k (the paper's E2E baseline) [default: %(default)s]")
     parser.add_argument("--n-calibration", type=int, default=512)
     parser.add_argument("--robustness-queries", type=int, default=64)
     parser.add_argument("--robustness-demo-sets", type=int, default=8)
@@ -119,24 +144,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--icl-tests-seeds", nargs="*", type=int, default=[42],
                         help="seeds whose evaluations include the ICL tests (flipped and symbol labels, "
                              "abft_lens.icl_tests; two more test sets of n-test x demo-sets inputs); none: no tests")
-    parser.add_argument("--eval-batch-size", type=int, default=8)
     parser.add_argument("--ood", action="store_true",
                         help="also evaluate each fine-tuned model on the other data sets (out-of-domain harm, "
                              "ood.csv; n-test queries x 1 demonstration set)")
     parser.add_argument("--ood-datasets", nargs="+", default=list(PAPER_DATASETS),
                         help="the data sets of the out-of-domain evaluation (each model skips its own)")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                        help="of every piece, training and evaluation (recorded per row)")
-    parser.add_argument("--in-process", action="store_true",
-                        help="run every piece in this process with one loaded model (the trained W_Q/W_K are "
-                             "reset between pieces): saves a model load per piece, for GPUs; peak memory is "
-                             "then per piece only on CUDA")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/paper_claim"))
-    parser.add_argument("--summarise-only", action="store_true",
-                        help="run no piece: redraw the figure and summary.json from the pieces already finished")
     parser.add_argument("--tiny", action="store_true", help="CI size: one data set, a few prompts, 2 steps")
-    parser.add_argument("--piece", default=None, help=argparse.SUPPRESS)  # internal: DATASET:PIECE:SEED
     args = parser.parse_args(argv)
     if args.tiny:
         for key, value in TINY.items():
@@ -148,19 +162,29 @@ def piece_of(method: str) -> str:
     return "base" if method in ("vanilla", "calibration") else method
 
 
-def eval_config(args: argparse.Namespace, dataset: str, seed: int, calibrate: bool, out: Path):
+def eval_config(args: argparse.Namespace, dataset: str, seed: int, calibrate: bool, out: Path, extras: bool = True):
+    """The evaluation of a piece: accuracy and macro-F1 on n-test queries x demo-sets (what ``args`` of any
+    benchmark gives: n_test, demo_sets, k, pool_seed, eval_batch_size, precision) and, with ``extras`` (this
+    benchmark's), calibration, and the unseen-label test, robustness and the ICL tests for the seeds asked."""
+    import dataclasses
+
     from abft_lens.evaluation import EvaluateConfig
 
-    return EvaluateConfig(dataset=dataset, n_test=args.n_test, demo_sets=args.demo_sets, k=args.k, seed=seed,
-                          pool_seed=args.pool_seed, batch_size=args.eval_batch_size, calibrate=calibrate,
-                          n_calibration=args.n_calibration, robustness=seed in args.robustness_seeds,
-                          robustness_queries=args.robustness_queries,
-                          robustness_demo_sets=args.robustness_demo_sets,
-                          unseen_labels=args.unseen_labels_seeds is None or seed in args.unseen_labels_seeds,
-                          icl_tests=seed in args.icl_tests_seeds, out=str(out), precision=args.precision)
+    config = EvaluateConfig(dataset=dataset, n_test=args.n_test, demo_sets=args.demo_sets, k=args.k, seed=seed,
+                            pool_seed=args.pool_seed, batch_size=args.eval_batch_size, out=str(out),
+                            precision=args.precision)
+    if not extras:
+        return config
+    return dataclasses.replace(config, calibrate=calibrate, n_calibration=args.n_calibration,
+                               robustness=seed in args.robustness_seeds, robustness_queries=args.robustness_queries,
+                               robustness_demo_sets=args.robustness_demo_sets,
+                               unseen_labels=args.unseen_labels_seeds is None or seed in args.unseen_labels_seeds,
+                               icl_tests=seed in args.icl_tests_seeds)
 
 
-def _row(args, dataset: str, method: str, seed: int, metrics: dict, **extra) -> dict[str, object]:
+def result_row(args, dataset: str, method: str, seed: int, metrics: dict, **extra) -> dict[str, object]:
+    """A results.csv row of an evaluation's ``metrics`` (``args.model`` and ``args.device`` name what ran it),
+    with ``extra`` columns."""
     keys = ("accuracy", "macro_f1", "consistency", "unseen_label_accuracy", "zero_shot_accuracy",
             "induction_heads_per_prompt", "induction_correct_mass", "induction_wrong_mass", *ICL_TEST_KEYS)
     calibrated = method == "calibration"
@@ -211,7 +235,7 @@ def run_piece(args: argparse.Namespace, dataset: str, piece: str, seed: int, mod
     A given ``model`` is used as it is and left with the trained tensors applied."""
     from abft_lens.evaluation import run_evaluation
     from abft_lens.models import load_model
-    from abft_lens.training import FinetuneConfig, peak_memory_mb, run_finetune
+    from abft_lens.training import peak_memory_mb
 
     model = model if model is not None else load_model(args.model, device=args.device)
     device = next(model.parameters()).device
@@ -227,32 +251,57 @@ def run_piece(args: argparse.Namespace, dataset: str, piece: str, seed: int, mod
                       "consistency": None, "unseen_label_accuracy": None, **dict.fromkeys(ICL_TEST_KEYS)}
         if args.ood:
             record_out_of_domain(args, model, [dataset], "none", "vanilla", seed)
-        return [_row(args, dataset, "vanilla", seed, metrics, **common),
-                _row(args, dataset, "calibration", seed, calibrated, **common)]
+        return [result_row(args, dataset, "vanilla", seed, metrics, **common),
+                result_row(args, dataset, "calibration", seed, calibrated, **common)]
 
-    lr_arg = {"abft": args.abft_lr, "e2e": args.e2e_lr}.get(piece, args.lora_lr)
-    lr, lr_source = (None, "search") if lr_arg == "search" else (float(lr_arg), "given")
-    if lr is None and (found := reused_lr(args.lr_from, dataset, piece)) is not None:
-        lr, lr_source = found
     run_dir = runs / f"{dataset}_{piece}_seed{seed}"
-    search = {key: value for key, value in (("lr_grid", args.lr_grid), ("lr_search_steps", args.lr_search_steps))
-              if value is not None}
-    config = FinetuneConfig(model=args.model, dataset=dataset, method=piece, n_train=args.n_train, n_val=args.n_val,
-                            k=args.k, lr=lr, batch_size=args.batch_size,
-                            micro_batch_size=args.micro_batch_size, steps=args.steps, seed=seed,
-                            pool_seed=args.pool_seed, out=str(run_dir), resume=True, device=args.device,
-                            precision=args.precision, **search)
-    trained = run_finetune(config, model=model)
+    trained, evaluation, lr_source = finetune_and_evaluate(args, dataset, piece, seed, run_dir, model)
     extra = {"precision": run_record(run_dir)["precision"]}
-    evaluation = run_evaluation(eval_config(args, dataset, seed, calibrate=False, out=run_dir / f"evaluate_{dataset}"),
-                                model=model)
     if args.ood:
         record_out_of_domain(args, model, [d for d in args.ood_datasets if d != dataset], dataset, piece, seed)
-    return [_row(args, dataset, piece, seed, evaluation.metrics, train_seconds=trained.train_seconds,
-                 peak_memory_mb=trained.peak_memory_mb, trainable_params=trained.trainable_params, lr=trained.lr,
-                 seconds_per_step=trained.seconds_per_step, full_precision_params=trained.full_precision_params,
-                 lora_rank=config.lora_rank if config.uses_lora else None,
-                 n_train=args.n_train, steps=args.steps, run_dir=str(run_dir), lr_source=lr_source, **extra)]
+    return [result_row(args, dataset, piece, seed, evaluation.metrics, **cost_columns(trained), lr=trained.lr,
+                       n_train=args.n_train, steps=args.steps, run_dir=str(run_dir), lr_source=lr_source, **extra)]
+
+
+def cost_columns(trained) -> dict[str, object]:
+    """A fine-tuned row's cost columns (the module doc) from its ``FinetuneResult``."""
+    config = trained.config
+    return dict(train_seconds=trained.train_seconds, peak_memory_mb=trained.peak_memory_mb,
+                trainable_params=trained.trainable_params, seconds_per_step=trained.seconds_per_step,
+                full_precision_params=trained.full_precision_params,
+                lora_rank=config.lora_rank if config.uses_lora else None)
+
+
+def piece_lr(args: argparse.Namespace, dataset: str, method: str) -> tuple[float | None, str]:
+    """The lr of a fine-tuning piece and where it comes from: --abft-lr/--e2e-lr (--lora-lr for the LoRA
+    methods), else the one a finished piece chose in the --lr-from results (``reused_lr``), else None (the
+    search, on the validation split)."""
+    lr_arg = {"abft": args.abft_lr, "e2e": args.e2e_lr}.get(method, args.lora_lr)
+    if lr_arg != "search":
+        return float(lr_arg), "given"
+    return reused_lr(args.lr_from, dataset, method) or (None, "search")
+
+
+def finetune_and_evaluate(args: argparse.Namespace, dataset: str, method: str, seed: int, run_dir: Path, model,
+                          extras: bool = True, **overrides):
+    """Fine-tune ``model`` in the resumable run folder ``run_dir`` with the recipe of ``args`` (``overrides``:
+    FinetuneConfig fields that differ, e.g. an ablation's) at ``piece_lr``'s lr, then evaluate it
+    (``eval_config``, ``extras`` as there) into ``run_dir/evaluate_<dataset>``. Returns the FinetuneResult,
+    the EvaluationResult and where the lr came from."""
+    from abft_lens.evaluation import run_evaluation
+    from abft_lens.training import FinetuneConfig, run_finetune
+
+    lr, lr_source = piece_lr(args, dataset, method)
+    search = {key: value for key, value in (("lr_grid", args.lr_grid), ("lr_search_steps", args.lr_search_steps))
+              if value is not None}
+    recipe = dict(model=args.model, dataset=dataset, method=method, n_train=args.n_train, n_val=args.n_val, k=args.k,
+                  lr=lr, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, steps=args.steps,
+                  seed=seed, pool_seed=args.pool_seed, out=str(run_dir), resume=True, device=args.device,
+                  precision=args.precision, **search)
+    trained = run_finetune(FinetuneConfig(**{**recipe, **overrides}), model=model)
+    evaluation = run_evaluation(eval_config(args, dataset, seed, calibrate=False, out=run_dir / f"evaluate_{dataset}",
+                                            extras=extras), model=model)
+    return trained, evaluation, lr_source
 
 
 def record_out_of_domain(args: argparse.Namespace, model, datasets: list[str], trained_on: str, method: str,
@@ -275,32 +324,14 @@ def run_pieces_in_process(args: argparse.Namespace, pieces: list[tuple[str, str,
                           model=None) -> None:
     """Every piece with one loaded model (``model``, else ``args.model`` loaded once); its W_Q/W_K are
     restored (and a LoRA piece's adapters removed) after each piece, so the model is left as it was given."""
-    import torch
-
-    from abft_lens.lora import has_lora, remove_lora
     from abft_lens.models import load_model
-    from abft_lens.training import apply_tensors, snapshot, trainable_parameters
 
-    if set(pieces) <= finished_pieces(results):
-        return
-    model = model if model is not None else load_model(args.model, device=args.device)
-    device = next(model.parameters()).device
-    base = snapshot(trainable_parameters(model, "qk"))
-    for index, (dataset, piece, seed) in enumerate(pieces, 1):
-        if (dataset, piece, seed) in finished_pieces(results):
-            print(f"[{index}/{len(pieces)}] {dataset} {piece} seed {seed}: done, skipped")
-            continue
-        print(f"[{index}/{len(pieces)}] {dataset} {piece} seed {seed}", flush=True)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        started = time.perf_counter()
-        try:
-            rows = run_piece(args, dataset, piece, seed, model=model)
-        finally:
-            if has_lora(model):
-                remove_lora(model, merge=False)
-            apply_tensors(model, base)
-        append_results(results, [{**row, "piece_seconds": time.perf_counter() - started} for row in rows])
+    def run_one(piece: tuple[str, str, int], loaded) -> None:
+        dataset, name, seed = piece
+        append_results(results, timed_rows(lambda: run_piece(args, dataset, name, seed, model=loaded)))
+
+    run_pieces(pieces, lambda: finished_pieces(results), run_one, model=model,
+               load_model=lambda: load_model(args.model, device=args.device))
 
 
 def finished_pieces(results: Path) -> set[tuple[str, str, int]]:
@@ -309,24 +340,7 @@ def finished_pieces(results: Path) -> set[tuple[str, str, int]]:
 
 
 def read_results(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=COLUMNS)
-
-
-def append_rows(path: Path, rows: list[dict[str, object]], columns: list[str], keys: tuple[str, ...]) -> pd.DataFrame:
-    """Add ``rows`` to the CSV at ``path`` (replacing rows with the same ``keys``) and rewrite it atomically,
-    under a lock: pieces of one benchmark may run in parallel processes."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        frame = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=columns)
-        new = pd.DataFrame(rows).reindex(columns=columns)
-        new_keys = set(new[list(keys)].itertuples(index=False, name=None))
-        keep = [key not in new_keys for key in frame[list(keys)].itertuples(index=False, name=None)]
-        frame = pd.concat([frame[keep], new], ignore_index=True) if len(frame) else new
-        atomic_write_text(path, frame.to_csv(index=False, float_format="%.6g"))
-    return frame
+    return read_table(path, COLUMNS)
 
 
 def append_results(path: Path, rows: list[dict[str, object]]) -> pd.DataFrame:
@@ -372,9 +386,6 @@ def _both(wide: pd.DataFrame, first: str, second: str) -> pd.DataFrame | None:
     return wide[[first, second]].dropna() if {first, second} <= set(wide.columns) else None
 
 
-METRICS = ("accuracy", "macro_f1")
-
-
 def icl_test_table(frame: pd.DataFrame) -> pd.DataFrame:
     """The ICL tests (issue 15) per (dataset, method) beside the ordinary accuracy of the same runs: mean
     over the seeds that ran them (``--icl-tests-seeds``), and how many did. Empty without such rows."""
@@ -384,21 +395,6 @@ def icl_test_table(frame: pd.DataFrame) -> pd.DataFrame:
     columns = [column for column in ("accuracy", "macro_f1", *ICL_TEST_KEYS) if column in tested]
     table = tested.groupby(["dataset", "method"])[columns].mean()
     table["seeds"] = tested.groupby(["dataset", "method"])["seed"].nunique()
-    return table.reset_index()
-
-
-def seed_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per (dataset, method): mean and standard deviation over seeds of accuracy and macro-F1, the
-    number of seeds, the binomial standard error of one run's accuracy, and how many seeds collapsed."""
-    frame = frame.assign(collapsed=frame.get("collapsed_onto", pd.Series(index=frame.index, dtype=object)).notna())
-    grouped = frame.groupby(["dataset", "method"])
-    table = grouped[list(METRICS)].agg(["mean", "std"])
-    table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
-    table["seeds"] = grouped["seed"].nunique()
-    table["collapsed_seeds"] = grouped["collapsed"].sum().astype(int)
-    n_inputs = grouped["n_inputs"].mean() if "n_inputs" in frame else pd.Series(float("nan"), index=table.index)
-    mean = table["accuracy_mean"]
-    table["accuracy_se"] = (mean * (1 - mean) / n_inputs) ** 0.5
     return table.reset_index()
 
 
@@ -429,26 +425,6 @@ def seed_table_markdown(table: pd.DataFrame, metric: str = "accuracy") -> str:
         overall = f"{sum(means) / len(means):.3f} ({len(means)} set{'s' if len(means) > 1 else ''})" if means else ""
         lines.append(f"| {method} | " + " | ".join(row) + f" | {overall} |")
     return "\n".join(lines) + "\n"
-
-
-def compare(table: pd.DataFrame, first: str, second: str, metric: str) -> pd.DataFrame:
-    """``first`` minus ``second`` per data set on ``metric``, and whether the difference is beyond the
-    spread: larger than the sum of the two seed standard deviations with 2+ seeds, else larger than two
-    binomial standard errors of the difference (one seed; accuracy's SE stands in for macro-F1's)."""
-    wide = table.pivot(index="dataset", columns="method")
-    if first not in table["method"].values or second not in table["method"].values:
-        return pd.DataFrame()
-    both = pd.DataFrame({
-        "difference": wide[(f"{metric}_mean", first)] - wide[(f"{metric}_mean", second)],
-        "spread": wide[(f"{metric}_std", first)].fillna(0) + wide[(f"{metric}_std", second)].fillna(0),
-        "se": (wide[("accuracy_se", first)] ** 2 + wide[("accuracy_se", second)] ** 2) ** 0.5,
-        "seeds": wide[("seeds", first)].combine(wide[("seeds", second)], min),
-    }).dropna(subset=["difference"])
-    margin = both["spread"].where(both["seeds"] >= 2, 2 * both["se"])
-    both["beyond_spread"] = both["difference"].abs() > margin
-    both["verdict"] = [("ahead" if d > 0 else "behind") if beyond else "within the spread"
-                       for d, beyond in zip(both["difference"], both["beyond_spread"], strict=True)]
-    return both.reset_index()
 
 
 def summarise(frame: pd.DataFrame, ood: pd.DataFrame | None = None) -> dict[str, object]:
@@ -507,10 +483,7 @@ def main(argv: list[str] | None = None, model=None) -> None:
     args = parse_args(argv)
     if args.piece:
         dataset, piece, seed = args.piece.split(":")
-        started = time.perf_counter()
-        rows = run_piece(args, dataset, piece, int(seed))
-        # Wall time of this process only: a piece resumed after a kill counts the resumed part.
-        append_results(args.out / "results.csv", [{**row, "piece_seconds": time.perf_counter() - started} for row in rows])
+        append_results(args.out / "results.csv", timed_rows(lambda: run_piece(args, dataset, piece, int(seed))))
         return
 
     from abft_lens.figures import accuracy_with_paper
@@ -531,14 +504,9 @@ def main(argv: list[str] | None = None, model=None) -> None:
         pieces = []
     if args.in_process:
         run_pieces_in_process(args, pieces, results, model)
-    for index, (dataset, piece, seed) in enumerate(pieces, 1):
-        if (dataset, piece, seed) in finished_pieces(results):
-            print(f"[{index}/{len(pieces)}] {dataset} {piece} seed {seed}: done, skipped")
-            continue
-        print(f"[{index}/{len(pieces)}] {dataset} {piece} seed {seed}", flush=True)
-        child = [sys.executable, __file__, "--piece", f"{dataset}:{piece}:{seed}"]
-        child += given
-        subprocess.run(child, check=True)
+    else:
+        run_pieces(pieces, lambda: finished_pieces(results), run_in_process=None,
+                   child_command=lambda piece: [sys.executable, __file__, "--piece", ":".join(map(str, piece)), *given])
 
     frame = with_prediction_columns(read_results(results))
     frame = frame[frame["method"].isin(args.methods) & frame["dataset"].isin(args.datasets) & frame["seed"].isin(args.seeds)]

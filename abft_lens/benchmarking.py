@@ -1,0 +1,142 @@
+"""What the resumable benchmark scripts (benchmarks/bench_paper_claim.py, benchmarks/bench_ablations.py)
+share: a results table that finished pieces are appended to under a file lock (so a re-run skips them and
+parallel processes may share it), the loop that runs the pieces left, each in a fresh subprocess or in this
+process with one model, and the statistics over seeds that every claim is checked with."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable, Hashable, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from abft_lens.runs import atomic_write_text
+
+METRICS = ("accuracy", "macro_f1")
+
+
+# --- the results table ---------------------------------------------------------------------------------
+
+
+def read_table(path: Path, columns: Sequence[str]) -> pd.DataFrame:
+    """The CSV at ``path``, or an empty table with ``columns`` when there is none yet."""
+    return pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=list(columns))
+
+
+def append_rows(path: Path, rows: list[dict[str, object]], columns: list[str], keys: tuple[str, ...]) -> pd.DataFrame:
+    """Add ``rows`` to the CSV at ``path`` (replacing rows with the same ``keys``) and rewrite it atomically,
+    under a lock: pieces of one benchmark may run in parallel processes."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        frame = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=columns)
+        new = pd.DataFrame(rows).reindex(columns=columns)
+        new_keys = set(new[list(keys)].itertuples(index=False, name=None))
+        keep = [key not in new_keys for key in frame[list(keys)].itertuples(index=False, name=None)]
+        frame = pd.concat([frame[keep], new], ignore_index=True) if len(frame) else new
+        atomic_write_text(path, frame.to_csv(index=False, float_format="%.6g"))
+    return frame
+
+
+# --- running the pieces ----------------------------------------------------------------------------------
+
+
+def timed_rows(rows_of: Callable[[], list[dict[str, object]]]) -> list[dict[str, object]]:
+    """``rows_of()``'s rows, each with the wall time of the call (``piece_seconds``). A piece resumed after a
+    kill counts its resumed part only."""
+    started = time.perf_counter()
+    rows = rows_of()
+    return [{**row, "piece_seconds": time.perf_counter() - started} for row in rows]
+
+
+def run_pieces(pieces: Sequence[Hashable], finished: Callable[[], set],
+               run_in_process: Callable[[Hashable, object], None] | None = None,
+               child_command: Callable[[Hashable], list[str]] | None = None, model=None,
+               load_model: Callable[[], object] | None = None) -> None:
+    """Run every piece of ``pieces`` that ``finished()`` (read again before each: parallel processes may
+    share the results) does not hold, with a progress line. With ``child_command``, each in a fresh
+    subprocess (its peak memory is then its own); else in this process by ``run_in_process(piece, model)``
+    with one model (``model``, else ``load_model()``, loaded only if a piece is left), whose W_Q/W_K are
+    restored (and LoRA adapters removed) after each piece, so the model is left as it was given."""
+    if child_command is None and set(pieces) <= finished():
+        return
+    in_process = None if child_command is not None else _InProcess(model if model is not None else load_model())
+    for index, piece in enumerate(pieces, 1):
+        label = " ".join(str(part) for part in (piece if isinstance(piece, tuple) else (piece,)))
+        if piece in finished():
+            print(f"[{index}/{len(pieces)}] {label}: done, skipped")
+            continue
+        print(f"[{index}/{len(pieces)}] {label}", flush=True)
+        if in_process is None:
+            subprocess.run(child_command(piece), check=True)
+        else:
+            in_process.run(run_in_process, piece)
+
+
+class _InProcess:
+    """One model for every piece: its W_Q/W_K as given, put back after each piece (and a LoRA piece's
+    adapters removed); CUDA peak memory counted per piece."""
+
+    def __init__(self, model) -> None:
+        from abft_lens.training import snapshot, trainable_parameters
+
+        self.model, self.base = model, snapshot(trainable_parameters(model, "qk"))
+        self.device = next(model.parameters()).device
+
+    def run(self, run_in_process: Callable[[Hashable, object], None], piece: Hashable) -> None:
+        import torch
+
+        from abft_lens.lora import has_lora, remove_lora
+        from abft_lens.training import apply_tensors
+
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            run_in_process(piece, self.model)
+        finally:
+            if has_lora(self.model):
+                remove_lora(self.model, merge=False)
+            apply_tensors(self.model, self.base)
+
+
+# --- statistics over seeds ---------------------------------------------------------------------------------
+
+
+def seed_table(frame: pd.DataFrame, by: str = "method") -> pd.DataFrame:
+    """Per (dataset, ``by``): mean and standard deviation over seeds of accuracy and macro-F1, the number of
+    seeds, the binomial standard error of one run's accuracy, and how many seeds collapsed."""
+    frame = frame.assign(collapsed=frame.get("collapsed_onto", pd.Series(index=frame.index, dtype=object)).notna())
+    grouped = frame.groupby(["dataset", by])
+    table = grouped[list(METRICS)].agg(["mean", "std"])
+    table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
+    table["seeds"] = grouped["seed"].nunique()
+    table["collapsed_seeds"] = grouped["collapsed"].sum().astype(int)
+    n_inputs = grouped["n_inputs"].mean() if "n_inputs" in frame else pd.Series(float("nan"), index=table.index)
+    mean = table["accuracy_mean"]
+    table["accuracy_se"] = (mean * (1 - mean) / n_inputs) ** 0.5
+    return table.reset_index()
+
+
+def compare(table: pd.DataFrame, first: str, second: str, metric: str, by: str = "method") -> pd.DataFrame:
+    """``first`` minus ``second`` (values of ``seed_table``'s ``by`` column) per data set on ``metric``, and
+    whether the difference is beyond the spread: larger than the sum of the two seed standard deviations
+    with 2+ seeds, else larger than two binomial standard errors of the difference (one seed; accuracy's SE
+    stands in for macro-F1's)."""
+    wide = table.pivot(index="dataset", columns=by)
+    if first not in table[by].values or second not in table[by].values:
+        return pd.DataFrame()
+    both = pd.DataFrame({
+        "difference": wide[(f"{metric}_mean", first)] - wide[(f"{metric}_mean", second)],
+        "spread": wide[(f"{metric}_std", first)].fillna(0) + wide[(f"{metric}_std", second)].fillna(0),
+        "se": (wide[("accuracy_se", first)] ** 2 + wide[("accuracy_se", second)] ** 2) ** 0.5,
+        "seeds": wide[("seeds", first)].combine(wide[("seeds", second)], min),
+    }).dropna(subset=["difference"])
+    margin = both["spread"].where(both["seeds"] >= 2, 2 * both["se"])
+    both["beyond_spread"] = both["difference"].abs() > margin
+    both["verdict"] = [("ahead" if d > 0 else "behind") if beyond else "within the spread"
+                       for d, beyond in zip(both["difference"], both["beyond_spread"], strict=True)]
+    return both.reset_index()
