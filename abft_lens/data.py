@@ -3,6 +3,7 @@ user CSV/JSONL files; their templates, label words and seeded, disjoint pools.""
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from collections.abc import Sequence
@@ -79,6 +80,7 @@ PAPER_LABEL_WORDS: dict[str, tuple[str, ...]] = {"subj": ("objective", "subjecti
 _L9_SLOTS = ("instruction", "input_prefix", "label_prefix", "label_affix")
 
 
+@functools.cache  # about 0.9 s a read (StaICC unpickles and deep-copies every example); the result is immutable
 def _from_staicc(short_name: str) -> ICLDataset:
     from StaICC.util import hgf_dataset_loader
 
