@@ -14,7 +14,10 @@ present, PNG:
 - ``icl_tests_<name>``: flipped-label and symbol-label accuracy and the memorised share (issue 15) from
   the same table, where its runs measured them;
 - ``training_<name>``: correct and wrong label mass of the induction heads per step of every
-  fine-tuning run folder (``metrics.jsonl``).
+  fine-tuning run folder (``metrics.jsonl``);
+- from the ablation benchmark's ``results.csv`` (``benchmarks/bench_ablations.py``; a table with a
+  ``setting`` column) instead of the above: ``table4_<name>``, ``fig5_<name>``, ``fig6_<dataset>_<name>``,
+  ``fig2_<name>``, ``remedies_<name>`` and ``lr_choice_<name>`` (``abft_lens.ablation_figures``).
 
 Other packages add figures without ``abft_lens`` importing them: a command plugin (entry-point
 group ``abft_lens.commands``) calls ``register_figure_source(fn)`` from its ``register(app)``; ``fn(roots,
@@ -32,7 +35,9 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 
+from abft_lens.ablation_figures import ablation_figures, read_ablation_tables
 from abft_lens.figure_sources import _SOURCES, FigureSource, figure_sources, register_figure_source  # noqa: F401
+from abft_lens.paper_numbers import PAPER_DATASET_ORDER, PAPER_GPT2_XL
 from abft_lens.plots import head_heatmap, method_comparison, save_figure
 from abft_lens.runs import METRICS_FILE, read_metrics
 
@@ -40,16 +45,6 @@ from abft_lens.runs import METRICS_FILE, read_metrics
 # Run folders, and the results committed with the repository (benchmarks, analysis).
 DEFAULT_ROOTS = (Path("runs"), Path("benchmarks/results"), Path("analysis/results"))
 
-# The paper's Table 1 (accuracy %, k = 4), GPT2-XL rows; quoted, not measured here.
-PAPER_GPT2_XL = {
-    "vanilla": {"sst2": 67.87, "mr": 69.53, "fp": 51.07, "sst5": 30.66, "trec": 35.25, "subj": 50.98,
-                "tee": 42.68, "teh": 53.03},
-    "calibration": {"sst2": 68.16, "mr": 75.00, "fp": 36.43, "sst5": 28.52, "trec": 35.55, "subj": 50.10,
-                    "tee": 39.26, "teh": 51.56},
-    "abft": {"sst2": 87.92, "mr": 86.52, "fp": 87.67, "sst5": 37.55, "trec": 51.83, "subj": 75.07,
-             "tee": 60.01, "teh": 55.35},
-}
-PAPER_DATASET_ORDER = ("sst2", "mr", "fp", "sst5", "trec", "subj", "tee", "teh")
 SCORE_COLUMNS = ("layer", "head", "label_mass", "correctness", "pass_rate", "n_prompts")
 ROBUSTNESS_METRICS = ("consistency", "unseen_label_accuracy", "zero_shot_accuracy")
 # Issue 15: following the prompt's mapping (flipped words, neutral symbols) against the memorised one.
@@ -243,6 +238,10 @@ def _make_figures(roots: Sequence[Path], out: Path, png: bool) -> FiguresReport:
             if not {"dataset", "method", "accuracy"} <= set(results.columns):
                 continue
             name = figure_name(path.parent, root)
+            if "setting" in results.columns:  # the ablation benchmark's: its own figures
+                for stem, figure in ablation_figures(results, *read_ablation_tables(path.parent), name=name).items():
+                    _save(report, figure, out / f"{stem}_{name}", png)
+                continue
             _save(report, accuracy_with_paper(results, title=f"Accuracy per data set: {name} (k = 4)"),
                   out / f"accuracy_{name}", png)
             _robustness_figures(report, results, path.parent / "ood.csv", name, out, png)

@@ -59,7 +59,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from abft_lens.benchmarking import (  # noqa: F401 (append_rows, compare, seed_table: this script's API too)
+from abft_lens.benchmarking import (
     METRICS,
     append_rows,
     compare,
@@ -151,9 +151,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the data sets of the out-of-domain evaluation (each model skips its own)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/paper_claim"))
     parser.add_argument("--tiny", action="store_true", help="CI size: one data set, a few prompts, 2 steps")
+    return parse_with_tiny(parser, argv, TINY)
+
+
+def parse_with_tiny(parser: argparse.ArgumentParser, argv: list[str] | None, tiny: dict[str, object]) -> argparse.Namespace:
+    """``parser``'s arguments, with the ``tiny`` values in place of theirs where --tiny is given."""
     args = parser.parse_args(argv)
     if args.tiny:
-        for key, value in TINY.items():
+        for key, value in tiny.items():
             setattr(args, key, value)
     return args
 

@@ -1,5 +1,7 @@
-"""The paper-claim benchmark script (benchmarks/bench_paper_claim.py): its tables, and a tiny run of every
-piece on the real model, in process, with the out-of-domain evaluation."""
+"""The benchmark scripts: the paper-claim benchmark (benchmarks/bench_paper_claim.py: its tables, and a tiny
+run of every piece on the real model, in process, with the out-of-domain evaluation) and the ablation
+benchmark (benchmarks/bench_ablations.py: its tables, and a tiny run of every experiment on the tiny random
+GPT-2, in process)."""
 
 from __future__ import annotations
 
@@ -22,13 +24,22 @@ from browser import browser, probe
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_paper_claim", REPO / "benchmarks" / "bench_paper_claim.py")
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_script("bench_paper_claim")
+
+
+@pytest.fixture(scope="module")
+def ablations():
+    return load_script("bench_ablations")
 
 
 def test_append_rows_replaces_rows_with_the_same_key_and_keeps_the_rest(bench, tmp_path):
@@ -231,3 +242,94 @@ def test_costly_evaluations_run_only_for_the_seeds_asked(bench, tmp_path):
     assert (second.robustness, second.icl_tests, second.unseen_labels) == (False, False, False)
     default = bench.eval_config(bench.parse_args(["--out", str(tmp_path)]), "sst2", 43, calibrate=False, out=tmp_path)
     assert (default.robustness, default.icl_tests, default.unseen_labels) == (False, False, True)
+
+
+# --- the ablation benchmark (issue 18) ---------------------------------------------------------------------
+
+
+def test_a_setting_shared_by_experiments_is_one_piece(ablations):
+    args = ablations.parse_args(["--experiments", "table4", "fig6", "remedies", "--seeds", "42", "43",
+                                 "--table4-datasets", "sst2", "--remedy-datasets", "sst2", "mr"])
+    pieces, settings = ablations.planned_pieces(args)
+    assert len(pieces) == len(set(pieces))
+    assert [piece for piece in pieces if piece[0] == "sst2" and piece[2] == 42].count(("sst2", "paper", 42)) == 1
+    # sst2: 5 of Table 4, 18 grid cells of which 2 are Table 4's, 3 remedies; mr: paper and 3 remedies.
+    assert len(pieces) == 2 * (5 + 16 + 3 + 4)
+    assert settings["a0=0.25,b0=2,no_pid"].fields() == {"initial_punish_weight": 0.25, "reward_weight": 2.0,
+                                                        "pid": False}
+
+
+def test_settings_table_gives_time_relative_to_full_abft_and_verdicts_against_it(ablations):
+    rows = [("paper", 0.80, 10.0), ("no_pid", 0.60, 10.0), ("reward_only", 0.79, 5.0)]
+    frame = pd.DataFrame([dict(dataset="sst2", setting=name, seed=42, accuracy=a, macro_f1=a, n_inputs=1024,
+                               train_seconds=t, device="cpu", collapsed_onto=None) for name, a, t in rows])
+    table = ablations.settings_table(frame, ["paper", "no_pid", "reward_only", "punish_only"]).set_index("setting")
+    assert table.loc["reward_only", "relative_train_time"] == pytest.approx(0.5)
+    assert table.loc["paper", "relative_train_time"] == 1.0
+    assert table.loc["no_pid", "macro_f1_minus_paper"] == pytest.approx(-0.2)
+    assert table.loc["no_pid", "macro_f1_verdict"] == "behind"  # 0.2 > 2 SE of ~0.02
+    assert table.loc["reward_only", "macro_f1_verdict"] == "within the spread"
+    assert pd.isna(table.loc["paper", "macro_f1_verdict"])
+
+
+def test_lr_choice_table_scores_each_rule_by_the_test_accuracy_of_the_lr_it_picks(ablations):
+    validation = pd.DataFrame([dict(dataset="trec", setting=f"lr={lr:g}", seed=42, lr=lr, step=step, validation_accuracy=v)
+                               for lr, values in ((1e-4, (0.3, 0.4, 0.5, 0.6, 0.7)), (1e-3, (0.3, 0.6, 0.6, 0.5, 0.4)))
+                               for step, v in zip((0, 8, 16, 24, 32), values, strict=True)])
+    results = pd.DataFrame([dict(dataset="trec", setting="lr=0.0001", seed=42, lr=1e-4, accuracy=0.55),
+                            dict(dataset="trec", setting="lr=0.001", seed=42, lr=1e-3, accuracy=0.45)])
+    table = ablations.lr_choice_table(results, validation, search_step=8).set_index("rule")
+    assert table.loc["search", "lr"] == 1e-3 and table.loc["search", "regret"] == pytest.approx(0.10)
+    assert table.loc["full_length", "lr"] == 1e-4 and table.loc["full_length", "regret"] == 0.0
+    # Mean over steps 8-32: 0.55 at 1e-4, 0.525 at 1e-3 (step 0, the base model, is left out).
+    assert table.loc["checkpoints", "lr"] == 1e-4
+
+
+def test_tiny_ablation_benchmark_runs_every_experiment_in_process_and_resumes(ablations, tiny_gpt2, tiny_gpt2_dir,
+                                                                               tmp_path):
+    from abft_lens.figures import make_figures
+
+    params = trainable_parameters(tiny_gpt2, "qk")
+    before = snapshot(params)
+    out = tmp_path / "results" / "ablations"
+    argv = ["--tiny", "--in-process", "--model", str(tiny_gpt2_dir), "--precision", "fp32", "--out", str(out)]
+    ablations.main(argv, model=tiny_gpt2)
+
+    results = pd.read_csv(out / "results.csv").set_index("setting")
+    # Table 4 (5), the grid (16 more), sizes (vanilla + 2 methods x 2 sizes), 3 remedies, 2 lrs.
+    assert len(results) == 5 + 16 + 5 + 3 + 2 and results.index.is_unique
+    assert results["accuracy"].between(0, 1).all() and results["macro_f1"].notna().all()
+    assert not results.loc["no_pid", "pid"] and results.loc["all_heads", "heads"] == "all"
+    assert results.loc["reward_only", "terms"] == "reward" and results.loc["punish_only", "terms"] == "punish"
+    assert results.loc["a0=0.25,b0=2", ["initial_punish_weight", "reward_weight"]].tolist() == [0.25, 2.0]
+    assert results.loc["label_covering", "share_without_query_label"] == 0.0
+    assert results.loc["label_covering+relative_pid", "pid_input"] == "relative"
+    assert results.loc["e2e_n=8", ["method", "n_train", "n_val"]].tolist() == ["e2e", 8, 0]
+    assert results.loc["vanilla", "train_seconds"] == 0 and results.loc["lr=0.01", "lr"] == 0.01
+    assert (results.drop(index="vanilla")["lr_source"] != "search").all()  # --tiny gives the lr
+    table4 = pd.read_csv(out / "table4.csv").set_index("setting")
+    assert table4.loc["paper", "relative_train_time"] == 1.0 and table4["relative_train_time"].notna().all()
+    steps = pd.read_csv(out / "steps.csv")
+    assert len(steps) == 2 * (len(results) - 1)  # every trained piece, 2 steps each
+    validation = pd.read_csv(out / "validation.csv")
+    assert sorted(validation.groupby("setting")["step"].apply(list).tolist()) == [[0, 1, 2], [0, 1, 2]]
+    assert set(pd.read_csv(out / "lr_choice.csv")["rule"]) == {"search", "checkpoints", "full_length"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pieces"] == len(results) and "--in-process" in summary["command"]
+    stems = ("table4", "fig5", "fig6_sst2", "fig2", "remedies", "lr_choice")
+    assert all((out / f"{stem}.html").is_file() for stem in stems)
+    for name, value in snapshot(params).items():
+        assert torch.equal(value, before[name]), f"{name} changed"
+
+    # A second run finds every piece finished and trains nothing.
+    mtime = (out / "results.csv").stat().st_mtime_ns
+    ablations.main(argv, model=tiny_gpt2)
+    assert (out / "results.csv").stat().st_mtime_ns == mtime
+
+    # `abft-lens figures` draws the same figures, with the paper's figure or table number in each title.
+    report = make_figures([tmp_path / "results"], tmp_path / "figures", png=False)
+    written = {path.name for path in report.written}
+    assert {f"{stem}_ablations.html" for stem in stems} <= written
+    assert "accuracy_ablations.html" not in written  # not the paper-claim figure
+    html = (tmp_path / "figures" / "fig6_sst2_ablations.html").read_text()
+    assert "Fig. 6 (paper)" in html

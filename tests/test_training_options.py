@@ -40,16 +40,6 @@ TINY = dict(n_train=8, n_val=8, k=2, lr=1e-2, batch_size=4, micro_batch_size=4, 
             heads="all", seed=0, precision="fp32")
 
 
-@pytest.fixture(scope="module")
-def short_csv(sst2, tmp_path_factory):
-    """80 short real SST-2 sentences (both labels) as a CSV data set."""
-    short = [e for e in sst2.examples if len(e.text) < 50][:80]
-    path = tmp_path_factory.mktemp("data") / "short_sst2.csv"
-    pd.DataFrame({"text": [e.text for e in short], "label": [sst2.label_words[e.label] for e in short]}
-                 ).to_csv(path, index=False)
-    return path
-
-
 @pytest.fixture
 def model(tiny_gpt2):
     """The session's tiny GPT-2, put back to its initial weights after the test."""
@@ -63,10 +53,10 @@ def config_for(model_dir, data, out, **fields) -> FinetuneConfig:
 
 
 @pytest.fixture(scope="module")
-def kept_run(tiny_gpt2, tiny_gpt2_dir, short_csv, tmp_path_factory):
+def kept_run(tiny_gpt2, tiny_gpt2_dir, short_sst2, tmp_path_factory):
     """An uninterrupted 4-step run that keeps its checkpoints (the reference of the resume test)."""
     pristine = snapshot(trainable_parameters(tiny_gpt2, "qk"))
-    config = config_for(tiny_gpt2_dir, short_csv, tmp_path_factory.mktemp("kept") / "run", keep_checkpoints=True)
+    config = config_for(tiny_gpt2_dir, short_sst2, tmp_path_factory.mktemp("kept") / "run", keep_checkpoints=True)
     try:
         result = run_finetune(config, model=tiny_gpt2, progress=False)
     finally:
@@ -77,8 +67,8 @@ def kept_run(tiny_gpt2, tiny_gpt2_dir, short_csv, tmp_path_factory):
 # --- label-covering training prompts ------------------------------------------------------------------
 
 
-def test_label_covering_training_prompts_always_show_the_query_label(model, tiny_gpt2_dir, short_csv, tmp_path):
-    config = config_for(tiny_gpt2_dir, short_csv, tmp_path / "run", training_demos="label_covering", steps=1)
+def test_label_covering_training_prompts_always_show_the_query_label(model, tiny_gpt2_dir, short_sst2, tmp_path):
+    config = config_for(tiny_gpt2_dir, short_sst2, tmp_path / "run", training_demos="label_covering", steps=1)
     train, validation = training_prompts(model, config)
     assert all(prompt.query_label in prompt.demo_labels for prompt in train.prompts)
     assert share_without_query_label(train) == 0.0
@@ -93,8 +83,8 @@ def test_label_covering_training_prompts_always_show_the_query_label(model, tiny
 # --- the relative PID input ---------------------------------------------------------------------------
 
 
-def test_relative_pid_settings_reach_the_controller_and_the_saved_config(model, tiny_gpt2_dir, short_csv, tmp_path):
-    config = config_for(tiny_gpt2_dir, short_csv, tmp_path / "run", pid_input="relative", pid_reference_heads=20.0,
+def test_relative_pid_settings_reach_the_controller_and_the_saved_config(model, tiny_gpt2_dir, short_sst2, tmp_path):
+    config = config_for(tiny_gpt2_dir, short_sst2, tmp_path / "run", pid_input="relative", pid_reference_heads=20.0,
                         heads="per-prompt", steps=3)
     train, _ = training_prompts(model, config)
     plan = plan_heads(config.heads, model.cfg.n_layers, model.cfg.n_heads, config.head_top)
@@ -116,8 +106,8 @@ def test_keep_checkpoints_keeps_every_checkpoint_and_drops_only_their_optimiser_
     assert all(torch.equal(final[name], last[name]) for name in final)
 
 
-def test_without_keep_checkpoints_a_finished_run_keeps_none(model, tiny_gpt2_dir, short_csv, tmp_path):
-    result = run_finetune(config_for(tiny_gpt2_dir, short_csv, tmp_path / "run", steps=2), model=model, progress=False)
+def test_without_keep_checkpoints_a_finished_run_keeps_none(model, tiny_gpt2_dir, short_sst2, tmp_path):
+    result = run_finetune(config_for(tiny_gpt2_dir, short_sst2, tmp_path / "run", steps=2), model=model, progress=False)
     assert checkpoint_dirs(result.run_dir) == [] and (result.run_dir / TRAINED_FILE).is_file()
 
 
@@ -133,9 +123,9 @@ def kill_after_step(monkeypatch, step: int) -> None:
     monkeypatch.setattr(training_job, "write_checkpoint", write_then_die)
 
 
-def test_a_killed_run_that_keeps_checkpoints_resumes_to_the_same_weights(kept_run, model, tiny_gpt2_dir, short_csv,
+def test_a_killed_run_that_keeps_checkpoints_resumes_to_the_same_weights(kept_run, model, tiny_gpt2_dir, short_sst2,
                                                                          tmp_path, monkeypatch):
-    config = config_for(tiny_gpt2_dir, short_csv, tmp_path / "run", keep_checkpoints=True)
+    config = config_for(tiny_gpt2_dir, short_sst2, tmp_path / "run", keep_checkpoints=True)
     pristine = snapshot(trainable_parameters(model, "qk"))
     kill_after_step(monkeypatch, 2)
     with pytest.raises(RuntimeError, match="killed"):
@@ -153,9 +143,9 @@ def test_a_killed_run_that_keeps_checkpoints_resumes_to_the_same_weights(kept_ru
     assert resumed.metrics["loss"].tolist() == kept_run.metrics["loss"].tolist()
 
 
-def test_a_run_saved_before_the_new_fields_existed_still_resumes(model, tiny_gpt2_dir, short_csv, tmp_path,
+def test_a_run_saved_before_the_new_fields_existed_still_resumes(model, tiny_gpt2_dir, short_sst2, tmp_path,
                                                                  monkeypatch):
-    config = config_for(tiny_gpt2_dir, short_csv, tmp_path / "run")
+    config = config_for(tiny_gpt2_dir, short_sst2, tmp_path / "run")
     kill_after_step(monkeypatch, 2)
     with pytest.raises(RuntimeError, match="killed"):
         run_finetune(config, model=model, progress=False)
