@@ -1,6 +1,6 @@
 """The fine-tuning options of issue 18 on the tiny random GPT-2 (plumbing, seconds): label-covering
 training prompts, the relative PID input, kept checkpoints (a killed run still resumes to the same weights)
-and the validation accuracy of every kept checkpoint. What the options do to ABFT is measured by
+and the validation accuracy of every kept checkpoint (a LoRA run's too). What the options do to ABFT is measured by
 benchmarks/bench_ablations.py, not here."""
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import torch
 
 import abft_lens.training.job as training_job  # the module whose _train looks write_checkpoint up
 from abft_lens.errors import AbftLensError
+from abft_lens.lora import has_lora, remove_lora
+from abft_lens.models import load_model
 from abft_lens.prompts import share_without_query_label
 from abft_lens.runs import (
     RESUME_STATE_FILE,
@@ -27,6 +29,7 @@ from abft_lens.training import (
     FinetuneConfig,
     FinetuneRunner,
     apply_tensors,
+    load_trained_model,
     plan_heads,
     run_finetune,
     snapshot,
@@ -177,3 +180,21 @@ def test_validation_trajectory_scores_the_base_model_and_every_kept_checkpoint(k
     apply_tensors(model, read_trained_tensors(kept_run.run_dir / TRAINED_FILE))
     assert frame["validation_accuracy"].iloc[-1] == validation_accuracy(model, validation, 4, "fp32")
     assert pd.read_csv(kept_run.run_dir / VALIDATION_TRAJECTORY_FILE)["step"].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_validation_trajectory_of_a_lora_run_scores_its_adapters_and_leaves_the_model_plain(tiny_gpt2_dir, short_sst2,
+                                                                                          tmp_path):
+    model = load_model(str(tiny_gpt2_dir))  # its own model: a LoRA run leaves its adapters on the one it is given
+    config = config_for(tiny_gpt2_dir, short_sst2, tmp_path / "run", method="e2e-lora", lora_rank=2, lora_alpha=4.0,
+                        steps=2, keep_checkpoints=True)
+    run_finetune(config, model=model, progress=False)
+    remove_lora(model, merge=False)
+    before = snapshot(trainable_parameters(model, "qk"))
+    frame = validation_trajectory(config.run_dir(), model=model, progress=False)
+    assert not has_lora(model)
+    assert all(torch.equal(value, before[name]) for name, value in snapshot(trainable_parameters(model, "qk")).items())
+    assert frame["step"].tolist() == [0, 1, 2]
+    _, validation = training_prompts(model, config)
+    assert frame["validation_accuracy"].iloc[0] == validation_accuracy(model, validation, 4, "fp32")  # B = 0: the base
+    trained = load_trained_model(config.run_dir(), merge=False)
+    assert frame["validation_accuracy"].iloc[-1] == validation_accuracy(trained, validation, 4, "fp32")

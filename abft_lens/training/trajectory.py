@@ -25,14 +25,16 @@ from abft_lens.runs import (
 from abft_lens.training.config import FinetuneConfig
 from abft_lens.training.job import training_prompts
 from abft_lens.training.lr_search import validation_accuracy
-from abft_lens.training.parameters import snapshot, trainable_parameters
+from abft_lens.training.parameters import parameters_to_train, snapshot
 
 
 def validation_trajectory(run_dir: str | Path, model=None, device: str | None = None,
                           progress: bool = True) -> pd.DataFrame:
     """One row per step with trained tensors in ``run_dir`` (and step 0, the base model): ``step``,
     ``validation_accuracy``, ``n_validation``, ``lr``. Written to the run folder's
-    validation_trajectory.csv. ``model`` (the run's base model) is left as it was given."""
+    validation_trajectory.csv. ``model`` (the run's base model) is left as it was given. A LoRA run's
+    adapters are attached for the scoring (B = 0 at step 0: the base model) and removed afterwards."""
+    from abft_lens.lora import attach_lora, remove_lora
     from abft_lens.models import load_model
     from abft_lens.precision import WEIGHT_DTYPES, resolve_config_precision
 
@@ -45,7 +47,10 @@ def validation_trajectory(run_dir: str | Path, model=None, device: str | None = 
     _, validation = training_prompts(model, config)
     if validation is None:
         raise DataError(f"{run_dir} was trained with n_val = 0: it has no validation split to score.")
-    base = snapshot(trainable_parameters(model, config.trainable))
+    lora = config.lora_settings()
+    if lora is not None:
+        attach_lora(model, lora, seed=config.seed)  # each file's tensors replace the adapters' initial values
+    base = snapshot(parameters_to_train(model, config))
     config, _ = resolve_config_precision(config, next(model.parameters()).device, announce=False)
     rows = []
     try:
@@ -55,6 +60,8 @@ def validation_trajectory(run_dir: str | Path, model=None, device: str | None = 
                 model, validation, config.micro_batch_size, config.precision), "n_validation": len(validation)})
     finally:
         apply_tensors(model, base)
+        if lora is not None:
+            remove_lora(model, merge=False)
     frame = pd.DataFrame(rows).assign(lr=run_payload(run_dir).get("lr"))
     atomic_write_text(run_dir / VALIDATION_TRAJECTORY_FILE, frame.to_csv(index=False, float_format="%.6g"))
     return frame
