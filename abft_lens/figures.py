@@ -11,6 +11,8 @@ present, PNG:
   section 8) drawn beside ours and labelled as quoted;
 - ``robustness_<name>``: prediction consistency, unseen-label and 0-shot accuracy from the same table,
   and ``ood_<name>``: out-of-domain harm from the benchmark's ``ood.csv`` beside it;
+- ``cost_<name>``: accuracy and macro-F1 of each fine-tuning method (full-rank and LoRA) beside its
+  Param.*, seconds per step and peak memory (the paper's Table 2), where two or more methods recorded them;
 - ``icl_tests_<name>``: flipped-label and symbol-label accuracy and the memorised share (issue 15) from
   the same table, where its runs measured them;
 - ``training_<name>``: correct and wrong label mass of the induction heads per step of every
@@ -49,6 +51,9 @@ SCORE_COLUMNS = ("layer", "head", "label_mass", "correctness", "pass_rate", "n_p
 ROBUSTNESS_METRICS = ("consistency", "unseen_label_accuracy", "zero_shot_accuracy")
 # Issue 15: following the prompt's mapping (flipped words, neutral symbols) against the memorised one.
 ICL_TEST_METRICS = ("accuracy", "flipped_accuracy", "flipped_memorised_share", "symbols_accuracy")
+# Issue 14: what each fine-tuning method cost, beside what it gained (the paper's Table 2).
+TRAINED_METHODS = ("abft", "e2e", "abft-lora", "e2e-lora")
+COST_METRICS = ("accuracy", "macro_f1", "full_precision_params", "seconds_per_step", "peak_memory_mb")
 METHOD_COLOURS = {"vanilla": "#9D9D9D", "calibration": "#72B7B2", "abft": "#F58518", "e2e": "#4C78A8",
                   "abft-lora": "#FFBF79", "e2e-lora": "#9ECAE9"}
 
@@ -199,6 +204,23 @@ def _icl_test_figure(report: FiguresReport, results: pd.DataFrame, name: str, ou
           out / f"icl_tests_{name}", png)
 
 
+def _cost_figure(report: FiguresReport, results: pd.DataFrame, name: str, out: Path, png: bool) -> None:
+    """``cost_<name>``, the paper's Table 2 on our model: per data set and fine-tuning method (full-rank and
+    LoRA ABFT and E2E), accuracy and macro-F1 beside what the training cost: the parameters held in full
+    precision with gradients (the paper's Param.*; E2E's include the LM head), seconds per optimiser step and
+    peak memory. Drawn where at least two methods recorded their cost."""
+    if "full_precision_params" not in results:
+        return
+    trained = results[results["full_precision_params"].notna() & results["method"].isin(TRAINED_METHODS)]
+    if trained["method"].nunique() < 2:
+        return
+    title = (f"Accuracy against training cost (the paper's Table 2): {name}<br><sup>Param.*: parameters in full "
+             "precision with gradients; time per optimiser step and peak memory on the run's own device and "
+             "precision (mean, std over seeds)</sup>")
+    _save(report, method_comparison(in_paper_order(trained), COST_METRICS, title=title, colours=METHOD_COLOURS),
+          out / f"cost_{name}", png)
+
+
 def in_paper_order(table: pd.DataFrame, dataset_column: str = "dataset") -> pd.DataFrame:
     """Rows sorted by data set in the paper's order and by method (vanilla, calibration, abft, e2e), others
     after them in their own order, so that every figure lists both the same way."""
@@ -246,6 +268,7 @@ def _make_figures(roots: Sequence[Path], out: Path, png: bool) -> FiguresReport:
                   out / f"accuracy_{name}", png)
             _robustness_figures(report, results, path.parent / "ood.csv", name, out, png)
             _icl_test_figure(report, results, name, out, png)
+            _cost_figure(report, results, name, out, png)
         for path in sorted(root.rglob(METRICS_FILE)):
             metrics = pd.DataFrame(read_metrics(path))
             if metrics.empty or not {"step", "correct_mass", "wrong_mass"} <= set(metrics.columns):
