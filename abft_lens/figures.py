@@ -212,11 +212,16 @@ def _cost_figure(report: FiguresReport, results: pd.DataFrame, name: str, out: P
     if "full_precision_params" not in results:
         return
     trained = results[results["full_precision_params"].notna() & results["method"].isin(TRAINED_METHODS)]
+    # Times and memory compare only on one device: a table whose pieces ran on a GPU and on a CPU shows the
+    # device most of them ran on.
+    device = trained["device"].fillna("unknown").mode() if "device" in trained else pd.Series(dtype=str)
+    if len(device):
+        trained = trained[trained["device"].fillna("unknown") == device.iloc[0]]
     if trained["method"].nunique() < 2:
         return
+    on = f" on {device.iloc[0]}" if len(device) else ""
     title = (f"Accuracy against training cost (the paper's Table 2): {name}<br><sup>Param.*: parameters in full "
-             "precision with gradients; time per optimiser step and peak memory on the run's own device and "
-             "precision (mean, std over seeds)</sup>")
+             f"precision with gradients; time per optimiser step and peak memory{on} (mean, std over seeds)</sup>")
     _save(report, method_comparison(in_paper_order(trained), COST_METRICS, title=title, colours=METHOD_COLOURS),
           out / f"cost_{name}", png)
 

@@ -121,9 +121,12 @@ def remove_lora(model, merge: bool) -> None:
         # The LinearBridge holds its Linear as the registered submodule "_original_component".
         root.get_submodule(parent).add_module(child, layer.get_base_layer())
     # inject_adapter_in_model records its LoraConfig on the model; left there, the next attach_lora makes
-    # peft warn of "multiple adapters" although none is left.
-    if hasattr(root, "peft_config"):
-        del root.peft_config
+    # peft warn of "multiple adapters" although none is left. Only ours goes.
+    recorded = getattr(root, "peft_config", None)
+    if isinstance(recorded, dict):
+        recorded.pop(ADAPTER_NAME, None)
+        if not recorded:
+            del root.peft_config
 
 
 @contextmanager

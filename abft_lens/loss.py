@@ -47,7 +47,7 @@ class AbftLossConfig:
     floor (>= 0), so that punishing wrong labels can never turn into rewarding them.
 
     ``pid_input`` "relative" (ours, not the paper's) feeds the controller ``pid_reference_heads * n_t / n_1``
-    instead of n_t (see ``pid_inputs``), so that its gains act alike whatever the number of heads.
+    (n_1 the first non-zero count, at least one head) instead of n_t (see ``pid_inputs``), so that its gains act alike whatever the number of heads.
     """
 
     terms: Terms = "both"
@@ -175,15 +175,20 @@ def pid_inputs(counts: Sequence[float], mode: PidInput = "count",
                reference_heads: float = PID_REFERENCE_HEADS) -> list[float]:
     """The PID controller's inputs for the flagged-head counts n_1, ..., n_t: the counts themselves
     ("count", the paper's), or ``reference_heads * n_i / n_ref`` ("relative"), n_ref the first non-zero
-    count (the first step's, unless no head was flagged then; inputs before it are 0). Relative inputs do
-    not change when every count is multiplied by the same factor: the gains act alike on 270 heads and on
-    1024. A pure function of the counts, so the controller's saved history is all a resumed run needs."""
+    count (the first step's, unless no head was flagged then; inputs before it are 0), at least one head.
+    Relative inputs do not change when every count is multiplied by the same factor: the gains act alike on
+    270 heads and on 1024. A pure function of the counts, so the controller's saved history is all a resumed run needs."""
     if mode == "count":
         return [float(n) for n in counts]
     if mode != "relative":
         raise ValueError(f"mode must be one of {get_args(PidInput)}, got {mode!r}")
     first = next((float(n) for n in counts if n > 0), None)
-    return [0.0 if first is None else reference_heads * float(n) / first for n in counts]
+    if first is None:
+        return [0.0 for _ in counts]
+    # Counts are means per prompt: a first count far below one head (a head flagged on a few prompts) would
+    # multiply every later input by a huge factor and throw A about; below one head the scale is one head.
+    reference = max(first, 1.0)
+    return [reference_heads * float(n) / reference for n in counts]
 
 
 class PunishWeightController:

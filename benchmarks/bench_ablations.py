@@ -50,7 +50,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from abft_lens.ablation_figures import STEPS_FILE, VALIDATION_FILE, ablation_figures, in_dataset_order
+from abft_lens.ablation_figures import STEPS_FILE, VALIDATION_FILE, ablation_figures, compared_rows, in_dataset_order
 from abft_lens.ablations import (
     EXPERIMENTS,
     FIG2_SIZES,
@@ -113,7 +113,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="every fine-tuning piece keeps its checkpoints (for `abft-lens validate-checkpoints`)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ablations"))
     parser.add_argument("--tiny", action="store_true", help="CI size: SST-2 only, a few prompts, 2 steps")
-    return paper_claim.parse_with_tiny(parser, argv, TINY)
+    args = paper_claim.parse_with_tiny(parser, argv, TINY)
+    from abft_lens.training import FinetuneConfig
+
+    search_steps = search_step(args, FinetuneConfig().lr_search_steps)
+    if "lr_choice" in args.experiments and search_steps % args.lr_checkpoint_every:
+        parser.error(f"--lr-checkpoint-every {args.lr_checkpoint_every} keeps no checkpoint at step {search_steps}, "
+                     "the lr search's trial length, which lr_choice's 'search' rule scores")
+    return args
+
+
+def search_step(args: argparse.Namespace, default_search_steps: int) -> int:
+    """The step whose validation accuracy the 8-step lr search would have seen (lr_choice's 'search' rule)."""
+    return min(args.lr_search_steps or default_search_steps, args.steps)
 
 
 def planned_pieces(args: argparse.Namespace) -> tuple[list[tuple[str, str, int]], dict[str, Setting]]:
@@ -141,7 +153,8 @@ def planned_pieces(args: argparse.Namespace) -> tuple[list[tuple[str, str, int]]
 
 def run_piece(args: argparse.Namespace, dataset: str, setting: Setting, seed: int, model=None) -> list[dict[str, object]]:
     """One piece's results row; its per-step metrics go to steps.csv and, for a run that kept checkpoints with
-    a validation split, their validation accuracy to validation.csv. ``model`` is left trained."""
+    a validation split, their validation accuracy to validation.csv. ``model`` is left trained, or, after a
+    validation trajectory, with the base weights again."""
     from abft_lens.evaluation import run_evaluation
     from abft_lens.models import load_model
     from abft_lens.runs import read_metrics, run_payload, run_record
@@ -163,10 +176,6 @@ def run_piece(args: argparse.Namespace, dataset: str, setting: Setting, seed: in
     if args.keep_checkpoints:
         overrides["keep_checkpoints"] = True
     given_lr = "lr" in overrides
-    if overrides.get("n_val") == 0 and not given_lr and paper_claim.piece_lr(args, dataset, setting.method)[0] is None:
-        raise DataError(f"{dataset} {setting.name}: the training-size pieces train on the whole pool (no validation "
-                        "split to search an lr on): name results with a chosen lr in --lr-from, or give "
-                        f"--{setting.method}-lr.")
     base = snapshot(trainable_parameters(model, "qk"))
     trained, evaluation, lr_source = paper_claim.finetune_and_evaluate(
         args, dataset, setting.method, seed, run_dir, model, extras=False, **overrides)
@@ -188,6 +197,20 @@ def run_piece(args: argparse.Namespace, dataset: str, setting: Setting, seed: in
         flagged_heads_first=steps[0]["flagged_heads"], flagged_heads_last=steps[-1]["flagged_heads"],
         punish_weight_last=punish[-1], steps_at_zero_punish_weight=sum(weight == 0 for weight in punish),
         precision=config["precision"])]
+
+
+def check_lrs_known(args: argparse.Namespace, pieces: list[tuple[str, str, int]], settings: dict[str, Setting]) -> None:
+    """Before any piece runs: the training-size pieces train on the whole pool, with no validation split to
+    search an lr on, so each needs a given or reused lr. Found missing in a piece, it would stop the benchmark
+    part-way, after hours of the other experiments."""
+    for dataset, name, _ in pieces:
+        setting = settings[name]
+        overrides = setting.fields()
+        if setting.method != "vanilla" and overrides.get("n_val") == 0 and "lr" not in overrides \
+                and paper_claim.piece_lr(args, dataset, setting.method)[0] is None:
+            raise DataError(f"{dataset} {name}: the training-size pieces train on the whole pool (no validation "
+                            "split to search an lr on): name results with a chosen lr in --lr-from (a path from "
+                            f"the working directory), or give --{setting.method}-lr.")
 
 
 def finished_pieces(results: Path) -> set[tuple[str, str, int]]:
@@ -213,7 +236,7 @@ def relative_train_time(frame: pd.DataFrame) -> pd.Series:
 def settings_table(frame: pd.DataFrame, names: list[str]) -> pd.DataFrame:
     """Per (data set, setting) of ``names`` (the first is "paper"): seed_table's statistics, the mean training
     time relative to full ABFT, and each metric's difference from "paper" with its verdict (``compare``)."""
-    rows = frame[frame["setting"].isin(names)]
+    rows = compared_rows(frame, names)
     if rows.empty:
         return pd.DataFrame()
     rows = rows.assign(relative_train_time=relative_train_time(rows))
@@ -245,7 +268,8 @@ def lr_choice_table(results: pd.DataFrame, validation: pd.DataFrame, search_step
     ``full_length`` (the last step)."""
     runs = results[results["setting"].map(is_lr_setting)]
     test = runs.groupby(["dataset", "lr"])["accuracy"].mean()
-    validation = validation[validation["step"] > 0]
+    # Other settings kept checkpoints too (--keep-checkpoints) at the same lrs: only the lr runs choose.
+    validation = validation[validation["setting"].map(is_lr_setting) & (validation["step"] > 0)]
     mean = validation.groupby(["dataset", "lr", "step"])["validation_accuracy"].mean().reset_index()
     rows = []
     for dataset, part in mean.groupby("dataset"):
@@ -310,6 +334,7 @@ def main(argv: list[str] | None = None, model=None) -> None:
     command = shlex.join([sys.executable, sys.argv[0] if argv is None else __file__, *given])
     started = time.perf_counter()
     if not args.summarise_only:
+        check_lrs_known(args, pieces, settings)
         run_pieces(pieces, lambda: finished_pieces(results), run_one, model=model,
                    load_model=lambda: load_model(args.model, device=args.device),
                    child_command=None if args.in_process else
@@ -321,8 +346,7 @@ def main(argv: list[str] | None = None, model=None) -> None:
     if frame.empty:
         print("no finished piece yet")
         return
-    summary, tables = summarise(frame, validation, min(args.lr_search_steps or FinetuneConfig().lr_search_steps,
-                                                       args.steps))
+    summary, tables = summarise(frame, validation, search_step(args, FinetuneConfig().lr_search_steps))
     for name, table in tables.items():
         atomic_write_text(args.out / f"{name}.csv", table.to_csv(index=False, float_format="%.4g"))
     atomic_write_text(args.out / "seed_table.csv", seed_table(frame, by="setting").to_csv(index=False, float_format="%.4g"))

@@ -408,7 +408,7 @@ def seed_table_markdown(table: pd.DataFrame, metric: str = "accuracy") -> str:
     data set in the paper's order and the mean over data sets; a cell is ``mean ± std (seeds)``, marked
     ``†`` when a seed's run collapsed onto one label. The mean column averages the data sets that have
     a value and says how many."""
-    from abft_lens.figures import PAPER_DATASET_ORDER
+    from abft_lens.paper_numbers import PAPER_DATASET_ORDER
 
     datasets = [d for d in PAPER_DATASET_ORDER if d in set(table["dataset"])]
     datasets += [d for d in dict.fromkeys(table["dataset"]) if d not in datasets]

@@ -271,6 +271,11 @@ def test_settings_table_gives_time_relative_to_full_abft_and_verdicts_against_it
     assert table.loc["reward_only", "macro_f1_verdict"] == "within the spread"
     assert pd.isna(table.loc["paper", "macro_f1_verdict"])
 
+    # The paper's piece is shared with the remedies (8 data sets): Table 4 keeps it only where an ablation ran.
+    remedies_only = frame[frame["setting"] == "paper"].assign(dataset="mr", accuracy=0.3, macro_f1=0.3)
+    table = ablations.settings_table(pd.concat([frame, remedies_only]), ["paper", "no_pid", "reward_only"])
+    assert set(table["dataset"]) == {"sst2"}
+
 
 def test_lr_choice_table_scores_each_rule_by_the_test_accuracy_of_the_lr_it_picks(ablations):
     validation = pd.DataFrame([dict(dataset="trec", setting=f"lr={lr:g}", seed=42, lr=lr, step=step, validation_accuracy=v)
@@ -278,7 +283,10 @@ def test_lr_choice_table_scores_each_rule_by_the_test_accuracy_of_the_lr_it_pick
                                for step, v in zip((0, 8, 16, 24, 32), values, strict=True)])
     results = pd.DataFrame([dict(dataset="trec", setting="lr=0.0001", seed=42, lr=1e-4, accuracy=0.55),
                             dict(dataset="trec", setting="lr=0.001", seed=42, lr=1e-3, accuracy=0.45)])
-    table = ablations.lr_choice_table(results, validation, search_step=8).set_index("rule")
+    # Another setting kept checkpoints at one of the grid's lrs (--keep-checkpoints): it chooses nothing.
+    other = pd.DataFrame([dict(dataset="trec", setting="no_pid", seed=42, lr=1e-4, step=step, validation_accuracy=0.99)
+                          for step in (8, 16, 24, 32)])
+    table = ablations.lr_choice_table(results, pd.concat([validation, other]), search_step=8).set_index("rule")
     assert table.loc["search", "lr"] == 1e-3 and table.loc["search", "regret"] == pytest.approx(0.10)
     assert table.loc["full_length", "lr"] == 1e-4 and table.loc["full_length", "regret"] == 0.0
     # Mean over steps 8-32: 0.55 at 1e-4, 0.525 at 1e-3 (step 0, the base model, is left out).

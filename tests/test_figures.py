@@ -151,14 +151,18 @@ def test_cost_figure_puts_each_fine_tuning_methods_cost_beside_its_accuracy(tmp_
     bench.mkdir(parents=True)
     cost = {"abft": 13_271_040, "e2e": 41_582_592, "e2e-lora": 29_745_024}
     rows = [dict(dataset=d, method=m, seed=42, accuracy=0.8, macro_f1=0.7, full_precision_params=cost.get(m),
-                 seconds_per_step=None if m == "vanilla" else 9.5, peak_memory_mb=None if m == "vanilla" else 2100.0)
+                 seconds_per_step=None if m == "vanilla" else 9.5, peak_memory_mb=None if m == "vanilla" else 2100.0,
+                 device="cpu")
             for d in ("sst2", "trec") for m in ("vanilla", "abft", "e2e", "e2e-lora")]
+    # One piece ran on a GPU: its time is not set beside the CPU's.
+    rows.append(dict(rows[-1], dataset="mr", seconds_per_step=0.123, device="cuda:0"))
     pd.DataFrame(rows).to_csv(bench / "results.csv", index=False)
     report = make_figures([tmp_path / "runs"], tmp_path / "figures", png=False)
     page = {path.name: path for path in report.written}["cost_bench.html"].read_text()
     assert '"name":"e2e-lora"' in page and '"name":"vanilla"' not in page  # only what was trained has a cost
     assert "full precision params" in page and "seconds per step" in page
     assert "41582592" in page  # the recorded Param.* itself is drawn
+    assert "0.123" not in page and "on cpu" in page
 
     # A table whose runs recorded no cost (older benchmarks) draws no cost figure.
     pd.DataFrame(rows).drop(columns=["full_precision_params"]).to_csv(bench / "results.csv", index=False)

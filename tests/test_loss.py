@@ -282,6 +282,8 @@ def test_relative_inputs_are_the_reference_times_the_count_over_the_first_non_ze
     assert pid_inputs([0, 0, 4, 2, 6], "relative", reference_heads=50) == [0.0, 0.0, 50.0, 25.0, 75.0]
     assert pid_inputs([8, 2], "relative", reference_heads=10) == [10.0, 2.5]
     assert pid_inputs([0, 0], "relative", reference_heads=10) == [0.0, 0.0]
+    # A first count of a fraction of a head (one flagged on a few prompts) is scaled as one head, not blown up.
+    assert pid_inputs([0.03, 1.0, 1.2], "relative", reference_heads=50) == pytest.approx([1.5, 50.0, 60.0])
     assert pid_inputs([3, 5], "count") == [3.0, 5.0]
 
 

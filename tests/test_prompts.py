@@ -157,6 +157,18 @@ def test_label_covering_prompts_show_the_query_label_on_real_trec(gpt2_tokenizer
     assert all(len(set(prompt.label_positions)) == 4 for prompt in covering.prompts)
 
 
+def test_label_covering_never_shows_a_query_as_its_own_demonstration(gpt2_tokenizer, sst2):
+    # Training prompts draw demonstrations from the queries' own pool. Each label has three examples, so a
+    # sampler that did not exclude the query would pick it as its label's demonstration a third of the time.
+    words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot"]
+    pool = [Example(word, index % 2) for index, word in enumerate(words)]
+    prompts = build_prompts(gpt2_tokenizer, sst2, pool, k=2, seed=3, repeats=20, demo_sampling="label_covering")
+    for prompt in prompts.prompts:
+        text = gpt2_tokenizer.decode(list(prompt.tokens))
+        assert max(text.count(word) for word in words) == 1, text
+        assert prompt.query_label in prompt.demo_labels
+
+
 def test_share_without_query_label_counts_prompts_with_no_correct_demonstration():
     def prompt(demo_labels, query_label):
         return ICLPrompt((1, 2, 3), (0, 1), demo_labels, query_label)
