@@ -23,6 +23,7 @@ import json
 import os
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from abft_lens.data import load_dataset
 from abft_lens.evaluation import EvaluateConfig, evaluate
 from abft_lens.find_heads import FindHeadsConfig, find_heads
 from abft_lens.heads import induction_head_mask, label_attention
+from abft_lens.lora import attach_lora, remove_lora
 from abft_lens.loss import abft_loss
 from abft_lens.models import load_model
 from abft_lens.plots import save_figure
@@ -44,6 +46,7 @@ from abft_lens.training import (
     FinetuneRunner,
     apply_tensors,
     only_these_require_grad,
+    parameters_to_train,
     plan_heads,
     run_finetune,
     snapshot,
@@ -212,36 +215,46 @@ def part_heads(model, out: Path, n_prompts: int) -> dict:
     return summary
 
 
-def _timed_steps(model, method: str, precision: str, train, repeats: int) -> tuple[list[float], float]:
-    config = FinetuneConfig(method=method, lr=1e-4, batch_size=32, micro_batch_size=8, steps=repeats,
+@contextmanager
+def step_runner(model, method: str, precision: str, train, batch_size: int = 32, micro_batch: int = 8, steps: int = 1):
+    """A FinetuneRunner for ``method`` (full-rank or LoRA) at lr 1e-4 on ``train``, its parameters made the
+    only ones with gradients; afterwards the trained tensors are restored and any adapter removed, so the
+    model is as it was."""
+    config = FinetuneConfig(method=method, lr=1e-4, batch_size=batch_size, micro_batch_size=micro_batch, steps=steps,
                             precision=precision, n_val=0)
-    params = trainable_parameters(model, "qk")
-    initial = snapshot(params)
-    plan = plan_heads(config.heads, model.cfg.n_layers, model.cfg.n_heads)
-    runner = FinetuneRunner(model, train, config, 1e-4, plan, params)
+    if config.uses_lora:
+        attach_lora(model, config.lora_settings(), config.seed)
+    try:
+        params = parameters_to_train(model, config)
+        initial = snapshot(params)
+        runner = FinetuneRunner(model, train, config, 1e-4, plan_heads(config.heads, model.cfg.n_layers,
+                                                                       model.cfg.n_heads), params)
+        with only_these_require_grad(model, params):
+            yield runner
+        apply_tensors(model, initial)
+    finally:
+        if config.uses_lora:
+            remove_lora(model, merge=False)
+
+
+def _timed_steps(model, method: str, precision: str, train, repeats: int) -> tuple[list[float], float]:
+    """Seconds of ``repeats`` optimiser steps of 32 prompts (micro-batch 8) and the largest added peak RSS."""
     seconds, peak = [], 0.0
-    with only_these_require_grad(model, params):
+    with step_runner(model, method, precision, train, steps=repeats) as runner:
         for _ in range(repeats):
             with PeakRss() as rss:
                 row = runner.step()
             seconds.append(row["seconds"])
             peak = max(peak, rss.added_mb)
-    apply_tensors(model, initial)
     return seconds, peak
 
 
 def saved_activation_mb(model, method: str, precision: str, train, micro_batch: int = 8) -> float:
     """Activation memory of one micro-batch's forward (``SavedForBackward``): one step of one
     micro-batch, so no storage is freed and reused inside the measured block."""
-    config = FinetuneConfig(method=method, lr=1e-4, batch_size=micro_batch, micro_batch_size=micro_batch, steps=1,
-                            precision=precision, n_val=0)
-    params = trainable_parameters(model, "qk")
-    initial = snapshot(params)
-    runner = FinetuneRunner(model, train, config, 1e-4, plan_heads(config.heads, model.cfg.n_layers,
-                                                                   model.cfg.n_heads), params)
-    with only_these_require_grad(model, params), SavedForBackward(model) as saved:
+    with step_runner(model, method, precision, train, batch_size=micro_batch, micro_batch=micro_batch) as runner, \
+            SavedForBackward(model) as saved:
         runner.step()
-    apply_tensors(model, initial)
     return saved.mb
 
 

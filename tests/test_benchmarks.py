@@ -341,3 +341,36 @@ def test_tiny_ablation_benchmark_runs_every_experiment_in_process_and_resumes(ab
     assert "accuracy_ablations.html" not in written  # not the paper-claim figure
     html = (tmp_path / "figures" / "fig6_sst2_ablations.html").read_text()
     assert "Fig. 6 (paper)" in html
+
+
+# --- bench_cost (issue 14): each method's step time, activation memory and Param.* --------------------------
+
+
+def test_cost_benchmark_measures_every_method_and_leaves_the_model_as_it_was(tiny_gpt2, tiny_gpt2_dir, tmp_path):
+    from abft_lens.lora import has_lora
+
+    cost = load_script("bench_cost")
+    precision = sys.modules["bench_precision"]
+    train, _ = precision.speed_prompts(tiny_gpt2)
+    before = {name: p.detach().clone() for name, p in tiny_gpt2.named_parameters()}
+    counts = {method: cost.parameter_counts(tiny_gpt2, method, "fp32", train) for method in cost.METHODS}
+    assert precision.saved_activation_mb(tiny_gpt2, "e2e-lora", "fp32", train) > 0
+    precision._timed_steps(tiny_gpt2, "abft-lora", "fp32", train, 2)
+    assert not has_lora(tiny_gpt2)
+    after = dict(tiny_gpt2.named_parameters())
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+    # Param.*: E2E adds the LM head to what it trains, ABFT does not; LoRA trains far fewer parameters.
+    lm_head = tiny_gpt2.W_U.numel()
+    assert counts["abft"]["full_precision_params"] == counts["abft"]["trainable_params"]
+    assert counts["e2e"]["full_precision_params"] == counts["e2e"]["trainable_params"] + lm_head
+    assert counts["e2e-lora"]["full_precision_params"] == counts["e2e-lora"]["trainable_params"] + lm_head
+    assert counts["abft-lora"]["trainable_params"] < counts["abft"]["trainable_params"]
+
+    out = tmp_path / "cost"
+    cost.main(["--model", str(tiny_gpt2_dir), "--precision", "fp32", "--repeats", "1", "--out", str(out)])
+    table = pd.read_csv(out / "summary.csv").set_index("method")
+    assert list(table.index) == list(cost.METHODS)
+    assert table.loc["abft", "seconds_per_step_vs_abft"] == 1.0 and (table["seconds_per_step"] > 0).all()
+    assert json.loads((out / "summary.json").read_text())["command"].endswith(f"--out {out}")
+    with pytest.raises(SystemExit):  # never into a folder that holds results
+        cost.parse_args(["--out", str(out)])
