@@ -13,6 +13,8 @@ present, PNG:
   and ``ood_<name>``: out-of-domain harm from the benchmark's ``ood.csv`` beside it;
 - ``cost_<name>``: accuracy and macro-F1 of each fine-tuning method (full-rank and LoRA) beside its
   Param.*, seconds per step and peak memory (the paper's Table 2), where two or more methods recorded them;
+- ``table2_cost_<root>``: Param.*, step time and activation memory per method and model from every
+  ``benchmarks/bench_cost.py`` folder under a root;
 - ``icl_tests_<name>``: flipped-label and symbol-label accuracy and the memorised share (issue 15) from
   the same table, where its runs measured them;
 - ``training_<name>``: correct and wrong label mass of the induction heads per step of every
@@ -198,7 +200,7 @@ def _icl_test_figure(report: FiguresReport, results: pd.DataFrame, name: str, ou
     tested = in_paper_order(results[results["flipped_accuracy"].notna() & (results["method"] != "calibration")],
                             "dataset")
     title = (f"In-context learning that memorising cannot pass: {name}<br><sup>flipped: label words permuted "
-             "(demonstrations and answer key); symbols: neutral one-token labels; memorised share: flipped "
+             "(demonstrations and answer key); symbols: neutral one-token labels;<br>memorised share: flipped "
              "answers that give the usual meaning; chance = 1 / number of labels</sup>")
     _save(report, method_comparison(tested, ICL_TEST_METRICS, title=title, colours=METHOD_COLOURS),
           out / f"icl_tests_{name}", png)
@@ -221,9 +223,36 @@ def _cost_figure(report: FiguresReport, results: pd.DataFrame, name: str, out: P
         return
     on = f" on {device.iloc[0]}" if len(device) else ""
     title = (f"Accuracy against training cost (the paper's Table 2): {name}<br><sup>Param.*: parameters in full "
-             f"precision with gradients; time per optimiser step and peak memory{on} (mean, std over seeds)</sup>")
+             f"precision with gradients;<br>time per optimiser step and peak memory{on} (mean, std over seeds)</sup>")
     _save(report, method_comparison(in_paper_order(trained), COST_METRICS, title=title, colours=METHOD_COLOURS),
           out / f"cost_{name}", png)
+
+
+def method_cost_figure(root: Path) -> go.Figure | None:
+    """``table2_cost``, from every ``benchmarks/bench_cost.py`` folder under ``root`` (``cost.csv`` beside a
+    ``summary.json`` naming the model): per model, each method's Param.* (log scale), seconds per optimiser
+    step (mean and std over the measured rounds; the warm-up round left out) and activation memory of one
+    micro-batch. None where no such folder is found."""
+    from abft_lens.report import read_json_object
+
+    frames = []
+    for path in sorted(root.rglob("cost.csv")):
+        rounds = pd.read_csv(path)
+        if not {"round", "method", "seconds_per_step", "full_precision_params"} <= set(rounds.columns):
+            continue
+        model = read_json_object(path.parent / "summary.json").get("model", path.parent.name)
+        once = rounds.loc[rounds["round"] == 0, ["method", "full_precision_params", "saved_activation_mb"]]
+        timed = rounds.loc[rounds["round"] > 0, ["method", "seconds_per_step"]]
+        frames.append(timed.merge(once, on="method").assign(model=model))
+    if not frames:
+        return None
+    title = ("What each fine-tuning method costs (the paper's Table 2 columns)<br><sup>Param.*: parameters in full "
+             "precision with gradients (E2E's include the LM head);<br>seconds of one optimiser step of 32 prompts; "
+             "activation memory of one micro-batch of 8</sup>")
+    figure = method_comparison(pd.concat(frames), COST_METRICS[2:4] + ("saved_activation_mb",), group="model",
+                               title=title, colours=METHOD_COLOURS)
+    figure.update_yaxes(type="log", row=1, col=1)
+    return figure
 
 
 def in_paper_order(table: pd.DataFrame, dataset_column: str = "dataset") -> pd.DataFrame:
@@ -274,6 +303,9 @@ def _make_figures(roots: Sequence[Path], out: Path, png: bool) -> FiguresReport:
             _robustness_figures(report, results, path.parent / "ood.csv", name, out, png)
             _icl_test_figure(report, results, name, out, png)
             _cost_figure(report, results, name, out, png)
+        cost = method_cost_figure(root)
+        if cost is not None:
+            _save(report, cost, out / f"table2_cost_{figure_name(root, root)}", png)
         for path in sorted(root.rglob(METRICS_FILE)):
             metrics = pd.DataFrame(read_metrics(path))
             if metrics.empty or not {"step", "correct_mass", "wrong_mass"} <= set(metrics.columns):

@@ -93,9 +93,12 @@ def method_comparison(
             ), row=row, col=1)
         fraction = results[metric].dropna().between(0, 1).all()
         figure.update_yaxes(title_text=metric, range=[0, 1] if fraction else None, row=row, col=1)
+    # Each extra title line (a <br> subtitle) needs room above the first panel's own title.
+    title_lines = (title or "").count("<br>")
     figure.update_layout(barmode="group", template="plotly_white", title=title or "Methods compared",
-                         height=260 * len(shown) + 120, width=max(600, 45 * len(groups) * len(methods)),
-                         legend_title_text=method)
+                         height=260 * len(shown) + 120 + 30 * title_lines,
+                         width=max(720, 45 * len(groups) * len(methods)),
+                         margin={"t": 90 + 30 * title_lines}, legend_title_text=method)
     return figure
 
 

@@ -374,3 +374,9 @@ def test_cost_benchmark_measures_every_method_and_leaves_the_model_as_it_was(tin
     assert json.loads((out / "summary.json").read_text())["command"].endswith(f"--out {out}")
     with pytest.raises(SystemExit):  # never into a folder that holds results
         cost.parse_args(["--out", str(out)])
+
+    from abft_lens.figures import make_figures
+
+    written = make_figures([tmp_path], tmp_path / "figures", png=False).written
+    page = next(path for path in written if path.name.startswith("table2_cost")).read_text()
+    assert all(f'"name":"{method}"' in page for method in cost.METHODS)
