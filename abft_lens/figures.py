@@ -43,7 +43,7 @@ from abft_lens.ablation_figures import ablation_figures, read_ablation_tables
 from abft_lens.figure_sources import _SOURCES, FigureSource, figure_sources, register_figure_source  # noqa: F401
 from abft_lens.paper_numbers import PAPER_DATASET_ORDER, PAPER_GPT2_XL
 from abft_lens.plots import head_heatmap, method_comparison, save_figure
-from abft_lens.runs import METRICS_FILE, read_metrics
+from abft_lens.runs import METRICS_FILE, read_json_object, read_metrics
 
 
 # Run folders, and the results committed with the repository (benchmarks, analysis).
@@ -233,8 +233,6 @@ def method_cost_figure(root: Path) -> go.Figure | None:
     ``summary.json`` naming the model): per model, each method's Param.* (log scale), seconds per optimiser
     step (mean and std over the measured rounds; the warm-up round left out) and activation memory of one
     micro-batch. None where no such folder is found."""
-    from abft_lens.report import read_json_object
-
     frames = []
     for path in sorted(root.rglob("cost.csv")):
         rounds = pd.read_csv(path)

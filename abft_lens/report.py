@@ -25,7 +25,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from abft_lens.runs import atomic_write_text, read_metrics, write_json
+from abft_lens.runs import atomic_write_text, read_json_object, read_metrics, write_json
 
 REPORT_FILE = "report.html"
 INDEX_FILE = "index.html"
@@ -70,13 +70,6 @@ def read_record(run_dir: Path) -> dict[str, object]:
     return read_json_object(run_dir / "config.json")
 
 
-def read_json_object(path: Path) -> dict[str, object]:
-    """A JSON object saved by a job, or {} where the file is missing or is not one."""
-    try:
-        payload = json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError:
-        return {}
-    return payload if isinstance(payload, dict) else {}
 
 
 def run_kind(run_dir: Path) -> str:

@@ -56,6 +56,15 @@ _VERSIONED = ("abft-lens", "torch", "transformer-lens", "transformers", "peft", 
               "plotly")
 
 
+def read_json_object(path: Path) -> dict[str, object]:
+    """A JSON object saved by a job, or {} where the file is missing or is not one."""
+    try:
+        payload = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        return {}
+    return payload if isinstance(payload, dict) else {}
+
+
 def package_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in _VERSIONED:
