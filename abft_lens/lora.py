@@ -130,6 +130,21 @@ def remove_lora(model, merge: bool) -> None:
 
 
 @contextmanager
+def lora_attached(model, settings: LoraSettings | None, seed: int) -> Iterator[None]:
+    """Adapters on the q/k projections for the duration (``attach_lora``), taken out unmerged afterwards,
+    also on an error, so the model is a plain one again; nothing happens for ``settings`` None (a full-rank
+    method). For work that scores or times a LoRA run without keeping its adapters."""
+    if settings is None:
+        yield
+        return
+    attach_lora(model, settings, seed)
+    try:
+        yield
+    finally:
+        remove_lora(model, merge=False)
+
+
+@contextmanager
 def lora_dropout_active(model) -> Iterator[None]:
     """The adapters' dropout on for the duration. Fine-tuning runs the model in eval mode (no dropout
     in the frozen model; DESIGN_CHOICES), which would silently switch a LoRA dropout off too."""

@@ -47,7 +47,8 @@ class AbftLossConfig:
     floor (>= 0), so that punishing wrong labels can never turn into rewarding them.
 
     ``pid_input`` "relative" (ours, not the paper's) feeds the controller ``pid_reference_heads * n_t / n_1``
-    (n_1 the first non-zero count, at least one head) instead of n_t (see ``pid_inputs``), so that its gains act alike whatever the number of heads.
+    (n_1 the first non-zero count, at least one head) instead of n_t (see ``pid_inputs``), so that its gains
+    act alike whatever the number of heads.
     """
 
     terms: Terms = "both"
@@ -177,7 +178,8 @@ def pid_inputs(counts: Sequence[float], mode: PidInput = "count",
     ("count", the paper's), or ``reference_heads * n_i / n_ref`` ("relative"), n_ref the first non-zero
     count (the first step's, unless no head was flagged then; inputs before it are 0), at least one head.
     Relative inputs do not change when every count is multiplied by the same factor: the gains act alike on
-    270 heads and on 1024. A pure function of the counts, so the controller's saved history is all a resumed run needs."""
+    270 heads and on 1024. A pure function of the counts, so the controller's saved history is all a resumed
+    run needs."""
     if mode == "count":
         return [float(n) for n in counts]
     if mode != "relative":

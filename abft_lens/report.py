@@ -70,8 +70,6 @@ def read_record(run_dir: Path) -> dict[str, object]:
     return read_json_object(run_dir / "config.json")
 
 
-
-
 def run_kind(run_dir: Path) -> str:
     """finetune, evaluate, find-heads, benchmark, or "" (not a run folder)."""
     if (run_dir / "metrics.jsonl").is_file() or (run_dir / "trained.safetensors").is_file():

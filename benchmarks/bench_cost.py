@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for round_ in range(args.repeats + 1):
         for method in args.methods:
-            seconds, peak = bench_precision._timed_steps(model, method, args.precision, train, 1)
+            seconds, peak = bench_precision.timed_steps(model, method, args.precision, train, 1)
             row = {"round": round_, "method": method, "seconds_per_step": seconds[0], "added_peak_rss_mb": peak}
             if round_ == 0:
                 row["saved_activation_mb"] = bench_precision.saved_activation_mb(model, method, args.precision, train)

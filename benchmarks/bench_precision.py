@@ -35,7 +35,7 @@ from abft_lens.data import load_dataset
 from abft_lens.evaluation import EvaluateConfig, evaluate
 from abft_lens.find_heads import FindHeadsConfig, find_heads
 from abft_lens.heads import induction_head_mask, label_attention
-from abft_lens.lora import attach_lora, remove_lora
+from abft_lens.lora import lora_attached
 from abft_lens.loss import abft_loss
 from abft_lens.models import load_model
 from abft_lens.plots import save_figure
@@ -222,22 +222,19 @@ def step_runner(model, method: str, precision: str, train, batch_size: int = 32,
     model is as it was."""
     config = FinetuneConfig(method=method, lr=1e-4, batch_size=batch_size, micro_batch_size=micro_batch, steps=steps,
                             precision=precision, n_val=0)
-    if config.uses_lora:
-        attach_lora(model, config.lora_settings(), config.seed)
-    try:
+    with lora_attached(model, config.lora_settings(), config.seed):
         params = parameters_to_train(model, config)
         initial = snapshot(params)
-        runner = FinetuneRunner(model, train, config, 1e-4, plan_heads(config.heads, model.cfg.n_layers,
-                                                                       model.cfg.n_heads), params)
-        with only_these_require_grad(model, params):
-            yield runner
-        apply_tensors(model, initial)
-    finally:
-        if config.uses_lora:
-            remove_lora(model, merge=False)
+        try:
+            runner = FinetuneRunner(model, train, config, 1e-4, plan_heads(config.heads, model.cfg.n_layers,
+                                                                           model.cfg.n_heads), params)
+            with only_these_require_grad(model, params):
+                yield runner
+        finally:
+            apply_tensors(model, initial)
 
 
-def _timed_steps(model, method: str, precision: str, train, repeats: int) -> tuple[list[float], float]:
+def timed_steps(model, method: str, precision: str, train, repeats: int) -> tuple[list[float], float]:
     """Seconds of ``repeats`` optimiser steps of 32 prompts (micro-batch 8) and the largest added peak RSS."""
     seconds, peak = [], 0.0
     with step_runner(model, method, precision, train, steps=repeats) as runner:
@@ -274,7 +271,7 @@ def part_speed(model, out: Path, repeats: int) -> dict:
     for repeat in range(repeats + 1):
         for precision in PRECISIONS:  # alternating, so drift in the machine's speed hits both alike
             for method in ("abft", "e2e"):
-                seconds, peak = _timed_steps(model, method, precision, train, 1)
+                seconds, peak = timed_steps(model, method, precision, train, 1)
                 rows.append({"repeat": repeat, "precision": precision, "what": f"{method}_step_32_prompts",
                              "seconds": seconds[0], "added_peak_rss_mb": peak})
             config = FindHeadsConfig(n_prompts=32, precision=precision, out=str(out / "scratch_heads"))

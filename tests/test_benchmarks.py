@@ -355,7 +355,7 @@ def test_cost_benchmark_measures_every_method_and_leaves_the_model_as_it_was(tin
     before = {name: p.detach().clone() for name, p in tiny_gpt2.named_parameters()}
     counts = {method: cost.parameter_counts(tiny_gpt2, method, "fp32", train) for method in cost.METHODS}
     assert precision.saved_activation_mb(tiny_gpt2, "e2e-lora", "fp32", train) > 0
-    precision._timed_steps(tiny_gpt2, "abft-lora", "fp32", train, 2)
+    precision.timed_steps(tiny_gpt2, "abft-lora", "fp32", train, 2)
     assert not has_lora(tiny_gpt2)
     after = dict(tiny_gpt2.named_parameters())
     assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)

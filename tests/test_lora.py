@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from abft_lens.errors import AbftLensError, ConfigError
 from abft_lens.evaluation import EvaluateConfig, label_logits, run_evaluation
 from abft_lens.forward import pattern_hook_name
-from abft_lens.lora import LoraSettings, attach_lora, has_lora, lora_parameters, remove_lora
+from abft_lens.lora import LoraSettings, attach_lora, has_lora, lora_attached, lora_parameters, remove_lora
 from abft_lens.models import load_model
 from abft_lens.training import (
     TRAINED_FILE,
@@ -254,6 +254,20 @@ def test_a_model_with_adapters_is_not_given_a_second_set(model):
     attach_lora(model, SETTINGS, seed=0)
     with pytest.raises(AbftLensError, match="already carries"):
         attach_lora(model, SETTINGS, seed=0)
+
+
+def test_lora_attached_takes_the_adapters_off_again_even_on_an_error(model):
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with lora_attached(model, SETTINGS, seed=0):
+        assert has_lora(model)
+    assert not has_lora(model)
+    with pytest.raises(RuntimeError, match="inside"), lora_attached(model, SETTINGS, seed=0):
+        raise RuntimeError("inside")
+    assert not has_lora(model)
+    with lora_attached(model, None, seed=0):  # a full-rank method: nothing attached
+        assert not has_lora(model)
+    after = dict(model.named_parameters())
+    assert weights.keys() == after.keys() and all(torch.equal(weights[n], after[n]) for n in weights)
 
 
 def test_the_weight_landscape_refuses_a_lora_run_by_name(lora_run):

@@ -34,7 +34,7 @@ def validation_trajectory(run_dir: str | Path, model=None, device: str | None = 
     ``validation_accuracy``, ``n_validation``, ``lr``. Written to the run folder's
     validation_trajectory.csv. ``model`` (the run's base model) is left as it was given. A LoRA run's
     adapters are attached for the scoring (B = 0 at step 0: the base model) and removed afterwards."""
-    from abft_lens.lora import attach_lora, remove_lora
+    from abft_lens.lora import lora_attached
     from abft_lens.models import load_model
     from abft_lens.precision import WEIGHT_DTYPES, resolve_config_precision
 
@@ -47,21 +47,19 @@ def validation_trajectory(run_dir: str | Path, model=None, device: str | None = 
     _, validation = training_prompts(model, config)
     if validation is None:
         raise DataError(f"{run_dir} was trained with n_val = 0: it has no validation split to score.")
-    lora = config.lora_settings()
-    if lora is not None:
-        attach_lora(model, lora, seed=config.seed)  # each file's tensors replace the adapters' initial values
-    base = snapshot(parameters_to_train(model, config))
-    config, _ = resolve_config_precision(config, next(model.parameters()).device, announce=False)
-    rows = []
-    try:
-        for step, path in tqdm([(0, None), *files], desc="validation", unit="checkpoint", disable=not progress):
-            apply_tensors(model, base if path is None else read_trained_tensors(path))
-            rows.append({"step": step, "validation_accuracy": validation_accuracy(
-                model, validation, config.micro_batch_size, config.precision), "n_validation": len(validation)})
-    finally:
-        apply_tensors(model, base)
-        if lora is not None:
-            remove_lora(model, merge=False)
+    # Each file's tensors replace the adapters' initial values.
+    with lora_attached(model, config.lora_settings(), seed=config.seed):
+        base = snapshot(parameters_to_train(model, config))
+        config, _ = resolve_config_precision(config, next(model.parameters()).device, announce=False)
+        rows = []
+        try:
+            steps = tqdm([(0, None), *files], desc="validation", unit="checkpoint", disable=not progress)
+            for step, path in steps:
+                apply_tensors(model, base if path is None else read_trained_tensors(path))
+                accuracy = validation_accuracy(model, validation, config.micro_batch_size, config.precision)
+                rows.append({"step": step, "validation_accuracy": accuracy, "n_validation": len(validation)})
+        finally:
+            apply_tensors(model, base)
     frame = pd.DataFrame(rows).assign(lr=run_payload(run_dir).get("lr"))
     atomic_write_text(run_dir / VALIDATION_TRAJECTORY_FILE, frame.to_csv(index=False, float_format="%.6g"))
     return frame
