@@ -38,6 +38,41 @@ PLUGIN_GROUP = "abft_lens.commands"
 DEBUG_ENV = "ABFT_LENS_DEBUG"
 
 
+# Options several commands share, defined once (each call gives a command its own typer.Option).
+def device_option(help: str = "cpu, cuda, ..."):
+    return typer.Option(None, help=help)
+
+
+def label_words_option():
+    return typer.Option(None, help="comma-separated label words replacing the data set's")
+
+
+def precision_option():
+    return typer.Option(None, callback=checked("precision", Precision),
+                        help="auto (bf16 where the CPU has AMX/avx512_bf16 or the GPU bf16, else fp32), fp32, or "
+                             "bf16 (autocast mixed precision) [default: auto]")
+
+
+def dtype_option():
+    return typer.Option(None, callback=checked("dtype", WeightDtype),
+                        help="how the frozen weights are held: float32 or bfloat16 (half the memory; implies bf16 "
+                             "matmuls) [default: float32]")
+
+
+def overwrite_option():
+    return typer.Option(None, "--overwrite/--no-overwrite",
+                        help="replace the files of an existing non-empty --out folder [default: refuse it]")
+
+
+def threshold_option():
+    return typer.Option(None, callback=checked("threshold", ThresholdKind),
+                        help="paper: k/(k+ln n_t); uniform: tau*k/n_t [default: paper]")
+
+
+def tau_option():
+    return typer.Option(None, help="multiple of uniform attention for --threshold uniform")
+
+
 @app.callback()
 def _commands(
     debug: bool = typer.Option(False, "--debug", help=f"show the traceback of an error instead of one line "
@@ -60,26 +95,21 @@ def find_heads_command(
                                                      "hate_speech18, or a CSV/JSONL file [default: sst2]"),
     k: Optional[int] = typer.Option(None, help="demonstrations per prompt [default: 4]"),
     n_prompts: Optional[int] = typer.Option(None, help="probe prompts [default: 256]"),
-    threshold: Optional[str] = typer.Option(None, callback=checked("threshold", ThresholdKind), help="paper: k/(k+ln n_t); uniform: tau*k/n_t [default: paper]"),
-    tau: Optional[float] = typer.Option(None, help="multiple of uniform attention for --threshold uniform"),
+    threshold: Optional[str] = threshold_option(),
+    tau: Optional[float] = tau_option(),
     rank_by: Optional[str] = typer.Option(None, callback=checked("rank_by", RankBy), help="pass_rate, label_mass or correctness [default: pass_rate]"),
     top: Optional[int] = typer.Option(None, help="heads to print [default: 20]"),
     seed: Optional[int] = typer.Option(None, help="[default: 42]"),
     batch_size: Optional[int] = typer.Option(None, help="[default: 8]"),
-    label_words: Optional[str] = typer.Option(None, help="comma-separated label words replacing the data set's"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
+    label_words: Optional[str] = label_words_option(),
+    device: Optional[str] = device_option(),
     device_map: Optional[str] = typer.Option(None, help="spread or offload a large model (accelerate): auto, "
                                                         "balanced, cpu, or a JSON map; excludes --device"),
     n_devices: Optional[int] = typer.Option(None, help="split the model over this many GPUs; excludes --device"),
     out: Optional[Path] = typer.Option(None, help="run folder [default: runs/find-heads_<model>_<dataset>]"),
-    precision: Optional[str] = typer.Option(None, callback=checked("precision", Precision), help="auto (bf16 where the CPU has AMX/avx512_bf16 or the GPU "
-                                                       "bf16, else fp32), fp32, or bf16 (autocast mixed precision) "
-                                                       "[default: auto]"),
-    dtype: Optional[str] = typer.Option(None, callback=checked("dtype", WeightDtype), help="how the frozen weights are held: float32 or bfloat16 (half "
-                                                   "the memory; implies bf16 matmuls) [default: float32]"),
-    overwrite: Optional[bool] = typer.Option(None, "--overwrite/--no-overwrite",
-                                             help="replace the files of an existing non-empty --out folder "
-                                                  "[default: refuse it]"),
+    precision: Optional[str] = precision_option(),
+    dtype: Optional[str] = dtype_option(),
+    overwrite: Optional[bool] = overwrite_option(),
     config: Optional[Path] = typer.Option(None, help="a FindHeadsConfig JSON (or a run folder's config.json)"),
 ) -> None:
     """Rank every attention head by how much it attends to the demonstration labels."""
@@ -149,8 +179,8 @@ def finetune_command(
     heads: Optional[str] = typer.Option(None, help="per-prompt (the paper's threshold on each prompt), all (no head "
                                                    "filter) or a heads.csv (a fixed set) [default: per-prompt]"),
     head_top: Optional[int] = typer.Option(None, help="with a heads.csv: its first N rows [default: 20]"),
-    threshold: Optional[str] = typer.Option(None, callback=checked("threshold", ThresholdKind), help="paper: k/(k+ln n_t); uniform: tau*k/n_t [default: paper]"),
-    tau: Optional[float] = typer.Option(None, help="multiple of uniform attention for --threshold uniform"),
+    threshold: Optional[str] = threshold_option(),
+    tau: Optional[float] = tau_option(),
     pid: Optional[bool] = typer.Option(None, "--pid/--no-pid", help="adapt A by the PID controller [default: on]"),
     pid_input: Optional[str] = typer.Option(None, callback=checked("pid_input", PidInput),
                                             help="the PID's input: count (mean flagged heads per prompt, the "
@@ -176,17 +206,14 @@ def finetune_command(
                                                          "not only the latest [default: off]"),
     seed: Optional[int] = typer.Option(None, help="prompts, data order [default: 42]"),
     pool_seed: Optional[int] = typer.Option(None, help="the train/demo/test split [default: 42]"),
-    label_words: Optional[str] = typer.Option(None, help="comma-separated label words replacing the data set's"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
+    label_words: Optional[str] = label_words_option(),
+    device: Optional[str] = device_option(),
     out: Optional[Path] = typer.Option(None, help="run folder [default: runs/finetune_<method>_<model>_<dataset>"
                                                   "_seed<seed>]"),
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume",
                                           help="continue a killed run from its last checkpoint"),
-    precision: Optional[str] = typer.Option(None, callback=checked("precision", Precision), help="auto (bf16 where the CPU has AMX/avx512_bf16 or the GPU "
-                                                       "bf16, else fp32), fp32, or bf16 (autocast mixed precision) "
-                                                       "[default: auto]"),
-    dtype: Optional[str] = typer.Option(None, callback=checked("dtype", WeightDtype), help="how the frozen weights are held: float32 or bfloat16 (half "
-                                                   "the memory; implies bf16 matmuls) [default: float32]"),
+    precision: Optional[str] = precision_option(),
+    dtype: Optional[str] = dtype_option(),
     lora_rank: Optional[int] = typer.Option(None, help="LoRA rank r of the q/k adapters; with --method abft or e2e it "
                                                        "trains that method as LoRA [default: 16]"),
     lora_alpha: Optional[float] = typer.Option(None, help="LoRA alpha (update scale alpha / r) [default: 32]"),
@@ -248,7 +275,7 @@ def finetune_command(
 @app.command("validate-checkpoints")
 def validate_checkpoints_command(
     run_dir: Path = typer.Argument(..., help="a fine-tuning run folder (best one run with --keep-checkpoints)"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
+    device: Optional[str] = device_option(),
 ) -> None:
     """Validation accuracy of the base model and of every checkpoint a run kept, on the run's own validation
     queries (from the training pool; the test pool is never used): RUN_DIR/validation_trajectory.csv."""
@@ -283,18 +310,13 @@ def evaluate_command(
     icl_tests: Optional[bool] = typer.Option(None, "--icl-tests/--no-icl-tests",
                                              help="flipped and symbol labels, every label shown: does the model "
                                                   "follow the prompt's mapping or its memory? [default: off]"),
-    label_words: Optional[str] = typer.Option(None, help="comma-separated label words replacing the data set's"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
+    label_words: Optional[str] = label_words_option(),
+    device: Optional[str] = device_option(),
     out: Optional[Path] = typer.Option(None, help="output folder [default: RUN_DIR/evaluate_<dataset>, or "
                                                   "runs/evaluate_<model>_<dataset> for a bare model]"),
-    precision: Optional[str] = typer.Option(None, callback=checked("precision", Precision), help="auto (bf16 where the CPU has AMX/avx512_bf16 or the GPU "
-                                                       "bf16, else fp32), fp32, or bf16 (autocast mixed precision) "
-                                                       "[default: auto]"),
-    dtype: Optional[str] = typer.Option(None, callback=checked("dtype", WeightDtype), help="how the frozen weights are held: float32 or bfloat16 (half "
-                                                   "the memory; implies bf16 matmuls) [default: float32]"),
-    overwrite: Optional[bool] = typer.Option(None, "--overwrite/--no-overwrite",
-                                             help="replace the files of an existing non-empty --out folder "
-                                                  "[default: refuse it]"),
+    precision: Optional[str] = precision_option(),
+    dtype: Optional[str] = dtype_option(),
+    overwrite: Optional[bool] = overwrite_option(),
     config: Optional[Path] = typer.Option(None, help="an EvaluateConfig JSON (or an evaluation's config.json)"),
 ) -> None:
     """Accuracy, macro-F1 and, on request, calibration, robustness and the unseen-label test."""
@@ -382,7 +404,7 @@ def show_attention_command(
     seed: Optional[int] = typer.Option(None, help="demonstration sampling [default: the run's, else 42]"),
     pool_seed: Optional[int] = typer.Option(None, help="pool split [default: the run's, else --seed]"),
     threshold: str = typer.Option("paper", help="paper: k/(k+ln n_t); uniform: tau*k/n_t"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
+    device: Optional[str] = device_option(),
     out: Path = typer.Option(Path("attention.html"), help="the HTML file to write (plotly.js inside it)"),
     overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", help="replace an existing --out file"),
 ) -> None:
@@ -462,7 +484,7 @@ def report_command(
     attention: bool = typer.Option(False, "--attention/--no-attention",
                                    help="recompute the attention views first (loads the run's models)"),
     rebuild: bool = typer.Option(False, "--rebuild/--no-rebuild", help="with --index: rebuild every report"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (for --attention)"),
+    device: Optional[str] = device_option("cpu, cuda, ... (for --attention)"),
 ) -> None:
     """Rebuild a run folder's report.html from its saved files, or write an index page over many runs."""
     from abft_lens.report import build_index, build_report, compute_attention_examples, run_kind

@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 
+from abft_lens.cli import device_option
 from abft_lens.runs import load_config, with_overrides
 
 
@@ -39,7 +40,7 @@ def register(app: typer.Typer) -> None:
         sign_test_eps: Optional[float] = typer.Option(None, help="finite-difference step relative to ||W_QK|| "
                                                                  "[default: 1e-3]"),
         seed: Optional[int] = typer.Option(None, help="demonstration sampling [default: 42]"),
-        device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
+        device: Optional[str] = device_option(),
         out: Optional[Path] = typer.Option(None, help="output folder [default: runs/analyze-gradients_<model>_<dataset>]"),
         precision: Optional[str] = typer.Option(None, help="fp32, bf16 (autocast mixed precision) or auto "
                                                            "(bf16 where the hardware runs it fast) [default: fp32: the sign test's finite differences need it]"),
@@ -77,7 +78,7 @@ def register(app: typer.Typer) -> None:
         n_test: Optional[int] = typer.Option(None, help="test queries [default: 128]"),
         demo_sets: Optional[int] = typer.Option(None, help="demonstration sets per query [default: 1]"),
         batch_size: Optional[int] = typer.Option(None, help="[default: 8]"),
-        device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
+        device: Optional[str] = device_option(),
         out: Optional[Path] = typer.Option(None, help="output folder [default: runs/landscape_<abft>_<e2e>]"),
         precision: Optional[str] = typer.Option(None, help="fp32, bf16 (autocast mixed precision) or auto "
                                                            "(bf16 where the hardware runs it fast) [default: auto]"),
