@@ -1,11 +1,13 @@
 """What the resumable benchmark scripts (benchmarks/bench_paper_claim.py, benchmarks/bench_ablations.py)
 share: a results table that finished pieces are appended to under a file lock (so a re-run skips them and
 parallel processes may share it), the loop that runs the pieces left, each in a fresh subprocess or in this
-process with one model, and the statistics over seeds that every claim is checked with."""
+process with one model, the statistics over seeds that every claim is checked with, and the peak-memory
+sampler of the speed benchmarks."""
 
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
@@ -140,3 +142,40 @@ def compare(table: pd.DataFrame, first: str, second: str, metric: str, by: str =
     both["verdict"] = [("ahead" if d > 0 else "behind") if beyond else "within the spread"
                        for d, beyond in zip(both["difference"], both["beyond_spread"], strict=True)]
     return both.reset_index()
+
+
+# --- memory ------------------------------------------------------------------------------------------------
+
+
+class PeakRSS:
+    """Peak resident memory of this process during a block, sampled by a thread every ``interval``
+    seconds (and once more at the end); ``added_mb`` is the peak above the resident size at the start.
+    Blurred by the allocator reusing freed pages: a measure to report beside exact counts, not alone."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        import psutil  # a dev dependency: only the benchmarks measure memory this way
+
+        self.process, self.interval = psutil.Process(), interval
+        self.baseline = self.peak = 0
+        self.running = False
+
+    def __enter__(self) -> PeakRSS:
+        self.baseline = self.peak = self.process.memory_info().rss
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc) -> None:
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+    @property
+    def added_mb(self) -> float:
+        return (self.peak - self.baseline) / 2**20

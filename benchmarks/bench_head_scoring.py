@@ -23,7 +23,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -35,40 +34,10 @@ METHODS = ("naive", "cache_batched", "ours", "ours_bf16")
 MEASURING_ENV = {"HF_HUB_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
-class PeakRSS:
-    """Samples this process's resident set size in a thread; ``peak`` is the highest seen."""
-
-    def __init__(self, interval: float = 0.002) -> None:
-        import psutil
-
-        self.process, self.interval, self.peak = psutil.Process(), interval, 0
-        self.running = False
-
-    def __enter__(self) -> PeakRSS:
-        self.baseline = self.peak = self.process.memory_info().rss
-        self.running = True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc) -> None:
-        self.running = False
-        self.thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
-
-    @property
-    def added_mb(self) -> float:
-        return (self.peak - self.baseline) / 2**20
-
-
 def measure(method: str, n_prompts: int, batch_size: int) -> dict:
     import torch
 
+    from abft_lens.benchmarking import PeakRSS
     from abft_lens.data import load_dataset, split_pools
     from abft_lens.heads import HeadScoreConfig, HeadStatistics, accumulate_head_statistics
     from abft_lens.models import load_model

@@ -21,16 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import psutil
 import torch
 
+from abft_lens.benchmarking import PeakRSS
 from abft_lens.data import load_dataset
 from abft_lens.evaluation import EvaluateConfig, evaluate
 from abft_lens.find_heads import FindHeadsConfig, find_heads
@@ -75,36 +74,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
     return args
-
-
-class PeakRss:
-    """Peak resident memory added during a block, sampled every 2 ms by a thread."""
-
-    def __init__(self) -> None:
-        self.process = psutil.Process()
-        self.peak = 0
-
-    def __enter__(self) -> PeakRss:
-        self.base = self.process.memory_info().rss
-        self.peak = self.base
-        self.running = True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(0.002)
-
-    def __exit__(self, *exc) -> None:
-        self.running = False
-        self.thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
-
-    @property
-    def added_mb(self) -> float:
-        return (self.peak - self.base) / 2**20
 
 
 class SavedForBackward:
@@ -239,7 +208,7 @@ def timed_steps(model, method: str, precision: str, train, repeats: int) -> tupl
     seconds, peak = [], 0.0
     with step_runner(model, method, precision, train, steps=repeats) as runner:
         for _ in range(repeats):
-            with PeakRss() as rss:
+            with PeakRSS() as rss:
                 row = runner.step()
             seconds.append(row["seconds"])
             peak = max(peak, rss.added_mb)
@@ -275,12 +244,12 @@ def part_speed(model, out: Path, repeats: int) -> dict:
                 rows.append({"repeat": repeat, "precision": precision, "what": f"{method}_step_32_prompts",
                              "seconds": seconds[0], "added_peak_rss_mb": peak})
             config = FindHeadsConfig(n_prompts=32, precision=precision, out=str(out / "scratch_heads"))
-            with PeakRss() as rss:
+            with PeakRSS() as rss:
                 seconds = find_heads(config, model=model, progress=False).seconds
             rows.append({"repeat": repeat, "precision": precision, "what": "find_heads_32_prompts",
                          "seconds": seconds, "added_peak_rss_mb": rss.added_mb})
             started = time.perf_counter()
-            with PeakRss() as rss:
+            with PeakRSS() as rss:
                 evaluate(model, sst2, EvaluateConfig(n_test=32, demo_sets=2, precision=precision), progress=False)
             rows.append({"repeat": repeat, "precision": precision, "what": "evaluate_64_inputs",
                          "seconds": time.perf_counter() - started, "added_peak_rss_mb": rss.added_mb})

@@ -380,3 +380,13 @@ def test_cost_benchmark_measures_every_method_and_leaves_the_model_as_it_was(tin
     written = make_figures([tmp_path], tmp_path / "figures", png=False).written
     page = next(path for path in written if path.name.startswith("table2_cost")).read_text()
     assert all(f'"name":"{method}"' in page for method in cost.METHODS)
+
+
+def test_peak_rss_sees_memory_allocated_inside_the_block():
+    from abft_lens.benchmarking import PeakRSS
+
+    with PeakRSS() as memory:
+        block = b"\x01" * (64 * 2**20)  # filled, so every page is resident
+    assert len(block) == 64 * 2**20
+    assert memory.added_mb >= 60
+    assert memory.peak >= memory.baseline
