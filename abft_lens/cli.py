@@ -29,7 +29,7 @@ from abft_lens.choices import (
 from abft_lens.errors import AbftLensError, ConfigError
 from abft_lens.runs import check_out_dir, load_config, with_overrides
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Find, score and fine-tune the induction heads behind in-context learning.")
 
 PLUGIN_GROUP = "abft_lens.commands"
@@ -47,10 +47,11 @@ def label_words_option():
     return typer.Option(None, help="comma-separated label words replacing the data set's")
 
 
-def precision_option():
+def precision_option(default: str = "auto"):
+    """``default`` is only the help's text: the command's config holds the real default."""
     return typer.Option(None, callback=checked("precision", Precision),
                         help="auto (bf16 where the CPU has AMX/avx512_bf16 or the GPU bf16, else fp32), fp32, or "
-                             "bf16 (autocast mixed precision) [default: auto]")
+                             f"bf16 (autocast mixed precision) [default: {default}]")
 
 
 def dtype_option():
@@ -403,7 +404,7 @@ def show_attention_command(
     k: Optional[int] = typer.Option(None, help="demonstrations per prompt [default: the run's, else 4]"),
     seed: Optional[int] = typer.Option(None, help="demonstration sampling [default: the run's, else 42]"),
     pool_seed: Optional[int] = typer.Option(None, help="pool split [default: the run's, else --seed]"),
-    threshold: str = typer.Option("paper", help="paper: k/(k+ln n_t); uniform: tau*k/n_t"),
+    threshold: Optional[str] = threshold_option(),
     device: Optional[str] = device_option(),
     out: Path = typer.Option(Path("attention.html"), help="the HTML file to write (plotly.js inside it)"),
     overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", help="replace an existing --out file"),
@@ -419,8 +420,7 @@ def show_attention_command(
         raise ConfigError(f"pattern: name one head, e.g. L20H5; got {pattern!r}.")
     if prompt < 0:
         raise ConfigError(f"prompt: must be 0 or more, got {prompt}.")
-    if threshold not in ("paper", "uniform"):
-        raise ConfigError(f"threshold: paper or uniform, got {threshold!r}.")
+    threshold = threshold or "paper"
     source = Path(model_or_run)
     kind = run_kind(source) if source.is_dir() else ""
     record = read_record(source).get("config", {}) if kind else {}

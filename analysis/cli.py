@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from abft_lens.cli import device_option
+from abft_lens.cli import device_option, precision_option
 from abft_lens.runs import load_config, with_overrides
 
 
@@ -42,8 +42,7 @@ def register(app: typer.Typer) -> None:
         seed: Optional[int] = typer.Option(None, help="demonstration sampling [default: 42]"),
         device: Optional[str] = device_option(),
         out: Optional[Path] = typer.Option(None, help="output folder [default: runs/analyze-gradients_<model>_<dataset>]"),
-        precision: Optional[str] = typer.Option(None, help="fp32, bf16 (autocast mixed precision) or auto "
-                                                           "(bf16 where the hardware runs it fast) [default: fp32: the sign test's finite differences need it]"),
+        precision: Optional[str] = precision_option("fp32: the sign test's finite differences need it"),
         config: Optional[Path] = typer.Option(None, help="an AnalyzeGradientsConfig JSON (or an output's config.json)"),
     ) -> None:
         """Split the E2E gradient on W_Q/W_K into its label-attention paths and compare it with ABFT's."""
@@ -80,8 +79,7 @@ def register(app: typer.Typer) -> None:
         batch_size: Optional[int] = typer.Option(None, help="[default: 8]"),
         device: Optional[str] = device_option(),
         out: Optional[Path] = typer.Option(None, help="output folder [default: runs/landscape_<abft>_<e2e>]"),
-        precision: Optional[str] = typer.Option(None, help="fp32, bf16 (autocast mixed precision) or auto "
-                                                           "(bf16 where the hardware runs it fast) [default: auto]"),
+        precision: Optional[str] = precision_option(),
         config: Optional[Path] = typer.Option(None, help="a LandscapeConfig JSON (or an output's config.json)"),
     ) -> None:
         """Accuracy on the plane base + l_E (E2E - base) + l_A (ABFT - base) of W_Q/W_K."""

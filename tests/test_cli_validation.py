@@ -119,11 +119,27 @@ def test_check_out_dir_refuses_files_paths_under_files_and_unwritable_places(tmp
     (("finetune", "--pid-input", "nonsense"), "pid_input"),
     (("finetune", "--training-demos", "nonsense"), "training_demos"),
     (("evaluate", "--precision", "nonsense"), "precision"),
+    (("show-attention", "--threshold", "nonsense"), "threshold"),
+    (("analyze-gradients", "--precision", "nonsense"), "precision"),
 ])
 def test_a_bad_choice_is_one_line_naming_field_and_value(args, field, capsys, tmp_path):
     command, *flags = args
     code, err = run_main(capsys, command, MISSING_MODEL, *flags, "--out", str(tmp_path / "out"))
     assert_one_line_error(code, err, f"{field} must be one of", "'nonsense'")
+
+
+@pytest.mark.parametrize("command, default", [("finetune", "[default: auto]"), ("find-heads", "[default: paper]"),
+                                              ("analyze-gradients", "[default: fp32")])
+def test_help_shows_the_defaults_its_options_name(command, default, capsys):
+    # Rich markup read "[default: ...]" as a tag and dropped it from every option's help.
+    with pytest.raises(SystemExit) as stop:
+        cli.main([command, "--help"])
+    assert stop.value.code == 0 and default in capsys.readouterr().out
+
+
+def test_landscape_rejects_a_bad_precision_while_parsing(capsys, tmp_path):
+    code, err = run_main(capsys, "landscape", "--precision", "nonsense", "--out", str(tmp_path / "out"))
+    assert_one_line_error(code, err, "precision must be one of", "'nonsense'")
 
 
 def test_every_job_config_raises_config_error():
