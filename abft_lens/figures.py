@@ -42,7 +42,7 @@ import plotly.graph_objects as go
 from abft_lens.ablation_figures import ablation_figures, read_ablation_tables
 from abft_lens.figure_sources import _SOURCES, FigureSource, figure_sources, register_figure_source  # noqa: F401
 from abft_lens.paper_numbers import PAPER_DATASET_ORDER, PAPER_GPT2_XL
-from abft_lens.plots import head_heatmap, method_comparison, save_figure
+from abft_lens.plots import binomial_standard_error, head_heatmap, method_comparison, save_figure
 from abft_lens.runs import METRICS_FILE, read_json_object, read_metrics
 
 
@@ -80,8 +80,7 @@ def accuracy_with_paper(results: pd.DataFrame, title: str = "Accuracy per data s
         n_inputs=("n_inputs", "mean"),
     ).reset_index()
     if metric == "accuracy":  # one seed: the binomial standard error of the accuracy instead of a seed std
-        binomial = (ours["mean"] * (1 - ours["mean"]) / ours["n_inputs"]) ** 0.5
-        ours["std"] = ours["std"].where(ours["seeds"] > 1, binomial)
+        ours["std"] = ours["std"].where(ours["seeds"] > 1, binomial_standard_error(ours["mean"], ours["n_inputs"]))
     datasets = [d for d in PAPER_DATASET_ORDER if d in set(ours["dataset"])]
     datasets += [d for d in dict.fromkeys(ours["dataset"]) if d not in datasets]
     figure = go.Figure()
@@ -94,7 +93,7 @@ def accuracy_with_paper(results: pd.DataFrame, title: str = "Accuracy per data s
                                 marker_color=METHOD_COLOURS.get(method), text=marks, textposition="outside",
                                 textfont={"size": 9}, customdata=part["seeds"],
                                 hovertemplate="%{x}: %{y:.3f} (%{customdata} seeds) %{text}",
-                                error_y={"type": "data", "array": part["std"].fillna(0)}))
+                                error_y={"type": "data", "array": [None if pd.isna(x) else x for x in part["std"]]}))
     if metric != "accuracy":  # the paper quotes accuracy only
         figure.update_layout(barmode="group", template="plotly_white", title=title, yaxis_title=metric,
                              yaxis_range=[0, 1], width=max(700, 110 * len(datasets) + 300), height=480)
@@ -201,9 +200,24 @@ def _icl_test_figure(report: FiguresReport, results: pd.DataFrame, name: str, ou
                             "dataset")
     title = (f"In-context learning that memorising cannot pass: {name}<br><sup>flipped: label words permuted "
              "(demonstrations and answer key); symbols: neutral one-token labels;<br>memorised share: flipped "
-             "answers that give the usual meaning; chance = 1 / number of labels</sup>")
-    _save(report, method_comparison(tested, ICL_TEST_METRICS, title=title, colours=METHOD_COLOURS),
-          out / f"icl_tests_{name}", png)
+             "answers that give the usual meaning; dashed: chance (1 / number of labels);<br>error bars: std over "
+             "seeds, or for one seed the binomial standard error</sup>")
+    figure = method_comparison(tested, ICL_TEST_METRICS, title=title, colours=METHOD_COLOURS, binomial=ICL_TEST_METRICS)
+    if "label_words" in tested:
+        _draw_chance(figure, tested, [m for m in ICL_TEST_METRICS if m in tested and tested[m].notna().any()])
+    _save(report, figure, out / f"icl_tests_{name}", png)
+
+
+def _draw_chance(figure: go.Figure, results: pd.DataFrame, panels: list[str]) -> None:
+    """A dashed line at chance, 1 / the number of label words, across each data set's group of bars in
+    every accuracy panel (``panels``: the figure's metrics, top to bottom)."""
+    labels = results.groupby("dataset", sort=False)["label_words"].first().str.split(",").str.len()
+    for row, metric in enumerate(panels, start=1):
+        if not metric.endswith("accuracy"):
+            continue
+        for position, count in enumerate(labels):
+            figure.add_shape(type="line", x0=position - 0.45, x1=position + 0.45, y0=1 / count, y1=1 / count,
+                             line={"dash": "dash", "color": "black", "width": 1}, row=row, col=1)
 
 
 def _cost_figure(report: FiguresReport, results: pd.DataFrame, name: str, out: Path, png: bool) -> None:

@@ -53,6 +53,12 @@ def save_figure(figure: go.Figure, path_without_suffix: Path, png: bool = False)
     return written
 
 
+def binomial_standard_error(share, n):
+    """The standard error sqrt(p (1 - p) / n) of a share ``p`` of ``n`` independent inputs: what one seed's
+    accuracy can be trusted to, where there is no seed spread to show."""
+    return (share * (1 - share) / n) ** 0.5
+
+
 def method_comparison(
     results: pd.DataFrame,
     metrics: tuple[str, ...] = ("accuracy", "macro_f1", "consistency"),
@@ -60,12 +66,14 @@ def method_comparison(
     group: str = "dataset",
     title: str | None = None,
     colours: dict[str, str] | None = None,
+    binomial: tuple[str, ...] = (),
 ) -> go.Figure:
     """Grouped bars comparing methods: one panel per metric, one group of bars per ``group`` value
     (data set), one bar colour per ``method`` (``colours`` by name, else a fixed palette), both in
     their order of first appearance. Several rows per (group, method), e.g. seeds, are averaged and
-    their standard deviation drawn as error bars. Metrics missing from ``results`` (or all NaN) are
-    left out."""
+    their standard deviation drawn as error bars. A single row has no spread to show: for the metrics in
+    ``binomial`` (shares of the ``n_inputs`` scored inputs) its bar carries the binomial standard error,
+    for the others none. Metrics missing from ``results`` (or all NaN) are left out."""
     from plotly.subplots import make_subplots
 
     missing = [column for column in (method, group) if column not in results]
@@ -75,6 +83,11 @@ def method_comparison(
     if not shown:
         raise ValueError(f"results has none of the metrics {list(metrics)}.")
     stats = results.groupby([group, method], sort=False)[shown].agg(["mean", "std"])
+    if binomial and "n_inputs" in results:
+        inputs = results.groupby([group, method], sort=False)["n_inputs"].agg(["mean", "count"])
+        for metric in (m for m in binomial if m in shown):
+            stats[(metric, "std")] = stats[(metric, "std")].where(
+                inputs["count"] > 1, binomial_standard_error(stats[(metric, "mean")], inputs["mean"]))
     groups = list(dict.fromkeys(results[group]))
     methods = list(dict.fromkeys(results[method]))
     palette = ("#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2", "#FF9DA6", "#9D755D")
@@ -88,7 +101,7 @@ def method_comparison(
             figure.add_trace(go.Bar(
                 x=[str(g) for g in present], y=means, name=str(name), legendgroup=str(name),
                 showlegend=row == 1, marker_color=(colours or {}).get(name, palette[index % len(palette)]),
-                error_y={"type": "data", "array": [0 if pd.isna(s) else s for s in stds], "visible": True},
+                error_y={"type": "data", "array": [None if pd.isna(s) else s for s in stds], "visible": True},
                 hovertemplate=f"{name}<br>%{{x}}<br>{metric} %{{y:.3f}}<extra></extra>",
             ), row=row, col=1)
         fraction = results[metric].dropna().between(0, 1).all()

@@ -241,6 +241,8 @@ def test_method_comparison_figure_groups_methods_by_dataset():
     abft_accuracy = next(t for t in figure.data if t.name == "abft" and t.yaxis == "y")
     assert list(abft_accuracy.x) == ["sst2"] and abft_accuracy.y[0] == pytest.approx(0.85)
     assert abft_accuracy.error_y.array[0] == pytest.approx(pd.Series([0.8, 0.9]).std())
+    vanilla_accuracy = next(t for t in figure.data if t.name == "vanilla" and t.yaxis == "y")
+    assert vanilla_accuracy.error_y.array == (None, None)  # one seed and no n_inputs: no spread to draw
 
 
 # --- behaviour of the real embedded model (SmolLM2-135M) -----------------------------------------

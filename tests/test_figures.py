@@ -146,6 +146,30 @@ def test_icl_test_figure_shows_the_tested_runs_beside_their_accuracy(tmp_path):
     assert not any(path.name.startswith("icl_tests") for path in again.written)
 
 
+def test_one_seed_icl_test_bars_carry_the_binomial_standard_error_and_chance_is_drawn(tmp_path):
+    bench = tmp_path / "runs" / "bench"
+    bench.mkdir(parents=True)
+    rows = [dict(dataset=dataset, method="abft", seed=42, accuracy=0.8, flipped_accuracy=0.3,
+                 flipped_memorised_share=0.7, symbols_accuracy=0.6, n_inputs=1024, label_words=words)
+            for dataset, words in (("sst2", "negative,positive"), ("trec", "a,b,c,d,e,f"))]
+    rows.append(dict(rows[0], seed=43, symbols_accuracy=0.7))
+    pd.DataFrame(rows).to_csv(bench / "results.csv", index=False)
+    from abft_lens.figures import _icl_test_figure
+
+    captured = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("abft_lens.figures._save", lambda report, figure, target, png: captured.setdefault("f", figure))
+        _icl_test_figure(None, pd.read_csv(bench / "results.csv"), "bench", tmp_path, png=False)
+    figure = captured["f"]
+    symbols = next(t for t in figure.data if t.yaxis == "y4")
+    # sst2 has two seeds: their std; trec one: sqrt(p (1 - p) / n)
+    assert list(symbols.x) == ["sst2", "trec"]
+    assert symbols.error_y.array[0] == pytest.approx(pd.Series([0.6, 0.7]).std())
+    assert symbols.error_y.array[1] == pytest.approx((0.6 * 0.4 / 1024) ** 0.5)
+    chance = sorted({round(shape.y0, 3) for shape in figure.layout.shapes})
+    assert chance == [0.167, 0.5] and len(figure.layout.shapes) == 3 * 2  # three accuracy panels, two data sets
+
+
 def test_cost_figure_puts_each_fine_tuning_methods_cost_beside_its_accuracy(tmp_path):
     bench = tmp_path / "runs" / "bench"
     bench.mkdir(parents=True)
