@@ -49,8 +49,9 @@ def compared_rows(results: pd.DataFrame, names) -> pd.DataFrame:
 
 
 def settings_figure(results: pd.DataFrame, title: str) -> go.Figure:
-    """Accuracy and macro-F1 per data set, one bar per setting (mean over seeds, their std as error bar)."""
-    return method_comparison(results, ("accuracy", "macro_f1"), method="setting", title=title)
+    """Accuracy and macro-F1 per data set, one bar per setting (mean over seeds, their std as error bar; for
+    one seed, accuracy's binomial standard error)."""
+    return method_comparison(results, ("accuracy", "macro_f1"), method="setting", title=title, binomial=("accuracy",))
 
 
 def flagged_heads_figure(steps: pd.DataFrame, title: str) -> go.Figure:

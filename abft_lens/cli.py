@@ -29,8 +29,9 @@ from abft_lens.choices import (
 from abft_lens.errors import AbftLensError, ConfigError
 from abft_lens.runs import check_out_dir, load_config, with_overrides
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
-                  help="Find, score and fine-tune the induction heads behind in-context learning.")
+# Plain click help: rich markup would read each "[default: ...]" in a help text as a tag and drop it.
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, help="Find, score and fine-tune the induction heads behind in-context learning.")
 
 PLUGIN_GROUP = "abft_lens.commands"
 
@@ -65,9 +66,10 @@ def overwrite_option():
                         help="replace the files of an existing non-empty --out folder [default: refuse it]")
 
 
-def threshold_option():
+def threshold_option(default: str = "paper"):
+    """``default`` is only the help's text, as for ``precision_option``."""
     return typer.Option(None, callback=checked("threshold", ThresholdKind),
-                        help="paper: k/(k+ln n_t); uniform: tau*k/n_t [default: paper]")
+                        help=f"paper: k/(k+ln n_t); uniform: tau*k/n_t [default: {default}]")
 
 
 def tau_option():
@@ -404,7 +406,8 @@ def show_attention_command(
     k: Optional[int] = typer.Option(None, help="demonstrations per prompt [default: the run's, else 4]"),
     seed: Optional[int] = typer.Option(None, help="demonstration sampling [default: the run's, else 42]"),
     pool_seed: Optional[int] = typer.Option(None, help="pool split [default: the run's, else --seed]"),
-    threshold: Optional[str] = threshold_option(),
+    threshold: Optional[str] = threshold_option("the run's, else paper"),
+    tau: Optional[float] = tau_option(),
     device: Optional[str] = device_option(),
     out: Path = typer.Option(Path("attention.html"), help="the HTML file to write (plotly.js inside it)"),
     overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", help="replace an existing --out file"),
@@ -420,10 +423,13 @@ def show_attention_command(
         raise ConfigError(f"pattern: name one head, e.g. L20H5; got {pattern!r}.")
     if prompt < 0:
         raise ConfigError(f"prompt: must be 0 or more, got {prompt}.")
-    threshold = threshold or "paper"
+    if tau is not None and not tau > 0:
+        raise ConfigError(f"tau must be a number > 0; got {tau!r}.")
     source = Path(model_or_run)
     kind = run_kind(source) if source.is_dir() else ""
     record = read_record(source).get("config", {}) if kind else {}
+    threshold = threshold or record.get("threshold", "paper")
+    tau = tau if tau is not None else float(record.get("tau", 2.0))
     if kind == "evaluate":
         raise ConfigError(f"{source} is an evaluation folder; pass the model or fine-tuning run it evaluated "
                           f"({record.get('model_or_run')}).")
@@ -461,7 +467,7 @@ def show_attention_command(
         check_heads_exist(shown, first.cfg.n_layers, first.cfg.n_heads)
     prompts = example_prompts(first, data_name, record.get("label_words"), pools_seed,
                               k if k is not None else int(record.get("k", 4)), seed, n=prompt + 1)
-    example = capture_example(models, prompts, wanted, prompt, threshold,
+    example = capture_example(models, prompts, wanted, prompt, threshold, tau,
                               title=f"{data.name} test prompt {prompt}")
     figures = [attention_figure(example)]
     if shown is not None:

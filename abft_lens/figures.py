@@ -80,7 +80,11 @@ def accuracy_with_paper(results: pd.DataFrame, title: str = "Accuracy per data s
         n_inputs=("n_inputs", "mean"),
     ).reset_index()
     if metric == "accuracy":  # one seed: the binomial standard error of the accuracy instead of a seed std
-        ours["std"] = ours["std"].where(ours["seeds"] > 1, binomial_standard_error(ours["mean"], ours["n_inputs"]))
+        binomial = binomial_standard_error(ours["mean"], ours["n_inputs"])
+        ours["std"] = ours["std"].where(ours["seeds"] > 1, binomial)
+    if ours["std"].notna().any():
+        title += ("<br><sup>error bars: std over seeds, or for one seed the binomial standard error (a lower bound: "
+                  "queries repeat)</sup>")
     datasets = [d for d in PAPER_DATASET_ORDER if d in set(ours["dataset"])]
     datasets += [d for d in dict.fromkeys(ours["dataset"]) if d not in datasets]
     figure = go.Figure()
@@ -93,7 +97,8 @@ def accuracy_with_paper(results: pd.DataFrame, title: str = "Accuracy per data s
                                 marker_color=METHOD_COLOURS.get(method), text=marks, textposition="outside",
                                 textfont={"size": 9}, customdata=part["seeds"],
                                 hovertemplate="%{x}: %{y:.3f} (%{customdata} seeds) %{text}",
-                                error_y={"type": "data", "array": [None if pd.isna(x) else x for x in part["std"]]}))
+                                error_y={"type": "data", "visible": bool(part["std"].notna().any()),
+                                         "array": [None if pd.isna(x) else x for x in part["std"]]}))
     if metric != "accuracy":  # the paper quotes accuracy only
         figure.update_layout(barmode="group", template="plotly_white", title=title, yaxis_title=metric,
                              yaxis_range=[0, 1], width=max(700, 110 * len(datasets) + 300), height=480)
@@ -178,8 +183,11 @@ def _robustness_figures(report: FiguresReport, results: pd.DataFrame, ood_path: 
     measured = in_paper_order(results[results["method"] != "calibration"], "dataset")
     shown = tuple(m for m in ROBUSTNESS_METRICS if m in measured and measured[m].notna().any())
     if shown:
+        # Unseen-label accuracy is a share of the scored inputs; consistency is not, and the 0-shot test asks
+        # each query once, so n_inputs is not its count.
         _save(report, method_comparison(measured, shown, title=f"Robustness and label bias: {name}",
-                                        colours=METHOD_COLOURS), out / f"robustness_{name}", png)
+                                        colours=METHOD_COLOURS, binomial=("unseen_label_accuracy",)),
+              out / f"robustness_{name}", png)
     if ood_path.is_file():
         harm = in_paper_order(out_of_domain_harm(pd.read_csv(ood_path)).dropna(subset=["harm"]), "trained_on")
         if len(harm):
@@ -201,8 +209,9 @@ def _icl_test_figure(report: FiguresReport, results: pd.DataFrame, name: str, ou
     title = (f"In-context learning that memorising cannot pass: {name}<br><sup>flipped: label words permuted "
              "(demonstrations and answer key); symbols: neutral one-token labels;<br>memorised share: flipped "
              "answers that give the usual meaning; dashed: chance (1 / number of labels);<br>error bars: std over "
-             "seeds, or for one seed the binomial standard error</sup>")
-    figure = method_comparison(tested, ICL_TEST_METRICS, title=title, colours=METHOD_COLOURS, binomial=ICL_TEST_METRICS)
+             "seeds, or for one seed the binomial standard error (a lower bound: queries repeat)</sup>")
+    figure = method_comparison(tested, ICL_TEST_METRICS, title=title, colours=METHOD_COLOURS,
+                               binomial=ICL_TEST_METRICS)
     if "label_words" in tested:
         _draw_chance(figure, tested, [m for m in ICL_TEST_METRICS if m in tested and tested[m].notna().any()])
     _save(report, figure, out / f"icl_tests_{name}", png)
@@ -216,6 +225,8 @@ def _draw_chance(figure: go.Figure, results: pd.DataFrame, panels: list[str]) ->
         if not metric.endswith("accuracy"):
             continue
         for position, count in enumerate(labels):
+            if pd.isna(count):  # label words not recorded: no line
+                continue
             figure.add_shape(type="line", x0=position - 0.45, x1=position + 0.45, y0=1 / count, y1=1 / count,
                              line={"dash": "dash", "color": "black", "width": 1}, row=row, col=1)
 
@@ -238,8 +249,8 @@ def _cost_figure(report: FiguresReport, results: pd.DataFrame, name: str, out: P
     on = f" on {device.iloc[0]}" if len(device) else ""
     title = (f"Accuracy against training cost (the paper's Table 2): {name}<br><sup>Param.*: parameters in full "
              f"precision with gradients;<br>time per optimiser step and peak memory{on} (mean, std over seeds)</sup>")
-    _save(report, method_comparison(in_paper_order(trained), COST_METRICS, title=title, colours=METHOD_COLOURS),
-          out / f"cost_{name}", png)
+    _save(report, method_comparison(in_paper_order(trained), COST_METRICS, title=title, colours=METHOD_COLOURS,
+                                    binomial=("accuracy",)), out / f"cost_{name}", png)
 
 
 def method_cost_figure(root: Path) -> go.Figure | None:

@@ -53,9 +53,10 @@ def save_figure(figure: go.Figure, path_without_suffix: Path, png: bool = False)
     return written
 
 
-def binomial_standard_error(share, n):
+def binomial_standard_error(share: float | pd.Series, n: float | pd.Series) -> float | pd.Series:
     """The standard error sqrt(p (1 - p) / n) of a share ``p`` of ``n`` independent inputs: what one seed's
-    accuracy can be trusted to, where there is no seed spread to show."""
+    accuracy can be trusted to, where there is no seed spread to show. Inputs that repeat a query with
+    other demonstrations are not independent, so there it is a lower bound (by up to sqrt(repeats))."""
     return (share * (1 - share) / n) ** 0.5
 
 
@@ -83,11 +84,11 @@ def method_comparison(
     if not shown:
         raise ValueError(f"results has none of the metrics {list(metrics)}.")
     stats = results.groupby([group, method], sort=False)[shown].agg(["mean", "std"])
-    if binomial and "n_inputs" in results:
-        inputs = results.groupby([group, method], sort=False)["n_inputs"].agg(["mean", "count"])
+    if binomial and "n_inputs" in results:  # where no spread exists (one row with the metric): the binomial error
+        inputs = results.groupby([group, method], sort=False)["n_inputs"].mean()
         for metric in (m for m in binomial if m in shown):
-            stats[(metric, "std")] = stats[(metric, "std")].where(
-                inputs["count"] > 1, binomial_standard_error(stats[(metric, "mean")], inputs["mean"]))
+            spread = stats[(metric, "std")]
+            stats[(metric, "std")] = spread.fillna(binomial_standard_error(stats[(metric, "mean")], inputs))
     groups = list(dict.fromkeys(results[group]))
     methods = list(dict.fromkeys(results[method]))
     palette = ("#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2", "#FF9DA6", "#9D755D")
@@ -101,9 +102,15 @@ def method_comparison(
             figure.add_trace(go.Bar(
                 x=[str(g) for g in present], y=means, name=str(name), legendgroup=str(name),
                 showlegend=row == 1, marker_color=(colours or {}).get(name, palette[index % len(palette)]),
-                error_y={"type": "data", "array": [None if pd.isna(s) else s for s in stds], "visible": True},
+                # plotly draws a missing error as a flat cap, which reads as "no spread": hide a trace's
+                # bars where none of them has one.
+                error_y={"type": "data", "array": [None if pd.isna(s) else s for s in stds],
+                         "visible": bool(pd.Series(stds, dtype=float).notna().any())},
                 hovertemplate=f"{name}<br>%{{x}}<br>{metric} %{{y:.3f}}<extra></extra>",
             ), row=row, col=1)
+        # In the order of ``groups`` even where the first method lacks a group (plotly would take the
+        # traces' order of appearance), so that shapes drawn at a group's position land on it.
+        figure.update_xaxes(categoryorder="array", categoryarray=[str(g) for g in groups], row=row, col=1)
         fraction = results[metric].dropna().between(0, 1).all()
         figure.update_yaxes(title_text=metric, range=[0, 1] if fraction else None, row=row, col=1)
     # Each extra title line (a <br> subtitle) needs room above the first panel's own title.

@@ -242,7 +242,10 @@ def test_method_comparison_figure_groups_methods_by_dataset():
     assert list(abft_accuracy.x) == ["sst2"] and abft_accuracy.y[0] == pytest.approx(0.85)
     assert abft_accuracy.error_y.array[0] == pytest.approx(pd.Series([0.8, 0.9]).std())
     vanilla_accuracy = next(t for t in figure.data if t.name == "vanilla" and t.yaxis == "y")
-    assert vanilla_accuracy.error_y.array == (None, None)  # one seed and no n_inputs: no spread to draw
+    # one seed and no n_inputs: no spread to draw, and no flat cap that would read as a spread of 0
+    assert vanilla_accuracy.error_y.array == (None, None) and not vanilla_accuracy.error_y.visible
+    # The axis keeps the data sets' order even where the first method lacks one (abft has no mr).
+    assert list(figure.layout.xaxis.categoryarray) == ["sst2", "mr"]
 
 
 # --- behaviour of the real embedded model (SmolLM2-135M) -----------------------------------------

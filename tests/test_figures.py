@@ -124,8 +124,12 @@ def test_robustness_and_out_of_domain_figures_come_from_the_benchmark_tables(tmp
 
 def test_one_seed_accuracy_bars_carry_the_binomial_standard_error():
     results = pd.DataFrame([dict(dataset="sst2", method="abft", seed=42, accuracy=0.8, n_inputs=1024)])
-    bar = accuracy_with_paper(results).data[0]
-    assert bar.error_y.array[0] == pytest.approx((0.8 * 0.2 / 1024) ** 0.5)
+    figure = accuracy_with_paper(results)
+    assert figure.data[0].error_y.array[0] == pytest.approx((0.8 * 0.2 / 1024) ** 0.5)
+    assert "binomial standard error" in figure.layout.title.text
+    # Without n_inputs (tables older than the column) there is no error to draw, and the title says none.
+    bare = accuracy_with_paper(results.drop(columns=["n_inputs"]))
+    assert not bare.data[0].error_y.visible and "error bars" not in bare.layout.title.text
 
 
 def test_icl_test_figure_shows_the_tested_runs_beside_their_accuracy(tmp_path):

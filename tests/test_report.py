@@ -202,7 +202,8 @@ def test_show_attention_rejects_bad_input_before_loading_a_model(tmp_path, capsy
     taken.write_text("keep me")
     cases = [(["--heads", "L1"], "is not a head"), (["--out", str(taken)], "already exists; pass --overwrite"),
              (["--out", str(tmp_path / "x.png")], "should end in .html"), (["--prompt", "99999"], "past the test pool"),
-             (["--pattern", "L1H1,L2H2"], "name one head")]
+             (["--pattern", "L1H1,L2H2"], "name one head"), (["--tau", "0"], "tau must be a number > 0"),
+             (["--threshold", "nonsense"], "threshold must be one of")]
     for args, message in cases:
         with pytest.raises(SystemExit) as stop:
             main(["show-attention", "no-such-model", "--out", str(tmp_path / "a.html"), *args])
