@@ -1,0 +1,108 @@
+"""The committed benchmark results agree with their run records and with what RESULTS.md quotes.
+
+The bf16 grid (issues 13-15) commits a results table, each run's evaluation ``metrics.json`` and a
+hand-written table in benchmarks/RESULTS.md. An audit once found 24 places where the text and the tables
+disagreed; these tests make such a drift fail CI. They read files only (no model).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from abft_lens.data import load_dataset
+from abft_lens.evaluation.metrics import collapsed_label
+
+ROOT = Path(__file__).resolve().parents[1]
+GRID = ROOT / "benchmarks" / "results" / "paper_claim_smollm2_bf16"
+RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
+DISPLAY_NAMES = {"SST-2": "sst2", "SST-5": "sst5", "TREC": "trec", "SUBJ": "subj", "MR": "mr", "FP": "fp",
+                 "TEE": "tee", "TEH": "teh"}
+
+
+@pytest.fixture(scope="module")
+def grid() -> pd.DataFrame:
+    return pd.read_csv(GRID / "results.csv")
+
+
+def _evaluation_metrics(row: pd.Series) -> dict | None:
+    """The ``metrics.json`` the row was read from: the base model's own for vanilla and calibration, the
+    run's evaluation folder for a fine-tuned model; None where the folder was not committed."""
+    run_dir = ROOT / str(row["run_dir"])
+    path = run_dir / "metrics.json" if row["method"] in ("vanilla", "calibration") \
+        else run_dir / f"evaluate_{row['dataset']}" / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def test_every_grid_row_used_the_data_sets_paper_label_words(grid):
+    # Issue 13: SUBJ had been scored with StaICC's false/true instead of the paper's objective/subjective.
+    for dataset, words in grid.groupby("dataset")["label_words"]:
+        assert set(words) == {",".join(load_dataset(dataset).label_words)}, dataset
+
+
+def test_grid_rows_match_their_run_records_and_collapse_rule(grid):
+    checked = 0
+    for _, row in grid.iterrows():
+        metrics = _evaluation_metrics(row)
+        if metrics is None:
+            continue
+        prefix = "calibrated_" if row["method"] == "calibration" else ""
+        assert row["accuracy"] == pytest.approx(metrics[f"{prefix}accuracy"], abs=1e-5), row["run_dir"]  # results.csv keeps 6 digits
+        assert row["macro_f1"] == pytest.approx(metrics[f"{prefix}macro_f1"], abs=1e-5), row["run_dir"]  # results.csv keeps 6 digits
+        predicted = metrics[f"{prefix}predicted_distribution"]
+        assert json.loads(row["predicted_distribution"]) == pytest.approx(predicted)
+        words = list(predicted)
+        top = collapsed_label(torch.tensor([predicted[w] for w in words]),
+                              torch.tensor([metrics["true_distribution"][w] for w in words]))
+        expected = None if top is None else words[top]
+        assert (None if pd.isna(row["collapsed_onto"]) else row["collapsed_onto"]) == expected, row["run_dir"]
+        checked += 1
+    assert checked >= 10  # the run folders are committed from SST-2 on
+
+
+def _results_md_grid_rows() -> list[dict[str, str]]:
+    """The rows of RESULTS.md's bf16 grid table, as {column: cell}."""
+    text = RESULTS_MD.read_text()
+    section = text[text.index("### The three-seed grid in bf16"):]
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert header[:5] == ["data set", "method", "seed", "accuracy", "macro-F1"], header
+    rows = []
+    for line in lines[2:]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if cells[0] not in DISPLAY_NAMES:  # the next table of the file
+            break
+        rows.append(dict(zip(header, cells, strict=True)))
+    return rows
+
+
+def _numbers(cell: str) -> list[float]:
+    return [float(x) for x in re.findall(r"\d+\.\d+", cell)]
+
+
+def test_results_md_quotes_the_committed_grid(grid):
+    rows = _results_md_grid_rows()
+    assert len(rows) >= 20
+    indexed = grid.set_index(["dataset", "method", "seed"])
+    for row in rows:
+        method = row["method"].split(" (")[0].lower()
+        key = (DISPLAY_NAMES[row["data set"]], method, int(row["seed"]))
+        assert key in indexed.index, f"RESULTS.md quotes {key}, which results.csv does not have"
+        committed = indexed.loc[key]
+        quoted = {"accuracy": _numbers(row["accuracy"]), "macro_f1": _numbers(row["macro-F1"]),
+                  "flipped": _numbers(row["flipped acc. (memorised)"]),
+                  "symbols": _numbers(row["symbols acc. / macro-F1"]),
+                  "zero_shot_accuracy": _numbers(row["0-shot acc."])}
+        expected = {"accuracy": [committed["accuracy"]], "macro_f1": [committed["macro_f1"]],
+                    "flipped": [committed["flipped_accuracy"], committed["flipped_memorised_share"]],
+                    "symbols": [committed["symbols_accuracy"], committed["symbols_macro_f1"]],
+                    "zero_shot_accuracy": [committed["zero_shot_accuracy"]]}
+        for column, numbers in quoted.items():
+            if not numbers:  # "-": not measured for this row
+                continue
+            assert numbers == pytest.approx(expected[column], abs=0.0006), (key, column)
