@@ -108,6 +108,13 @@ class _InProcess:
 # --- statistics over seeds ---------------------------------------------------------------------------------
 
 
+def binomial_standard_error(share: float | pd.Series, n: float | pd.Series) -> float | pd.Series:
+    """The standard error sqrt(p (1 - p) / n) of a share ``p`` of ``n`` independent inputs: what one seed's
+    accuracy can be trusted to, where there is no seed spread to show. Inputs that repeat a query with
+    other demonstrations are not independent, so there it is a lower bound (by up to sqrt(repeats))."""
+    return (share * (1 - share) / n) ** 0.5
+
+
 def seed_table(frame: pd.DataFrame, by: str = "method") -> pd.DataFrame:
     """Per (dataset, ``by``): mean and standard deviation over seeds of accuracy and macro-F1, the number of
     seeds, the binomial standard error of one run's accuracy, and how many seeds collapsed."""
@@ -119,7 +126,7 @@ def seed_table(frame: pd.DataFrame, by: str = "method") -> pd.DataFrame:
     table["collapsed_seeds"] = grouped["collapsed"].sum().astype(int)
     n_inputs = grouped["n_inputs"].mean() if "n_inputs" in frame else pd.Series(float("nan"), index=table.index)
     mean = table["accuracy_mean"]
-    table["accuracy_se"] = (mean * (1 - mean) / n_inputs) ** 0.5
+    table["accuracy_se"] = binomial_standard_error(mean, n_inputs)
     return table.reset_index()
 
 

@@ -42,7 +42,8 @@ import plotly.graph_objects as go
 from abft_lens.ablation_figures import ablation_figures, read_ablation_tables
 from abft_lens.figure_sources import _SOURCES, FigureSource, figure_sources, register_figure_source  # noqa: F401
 from abft_lens.paper_numbers import PAPER_DATASET_ORDER, PAPER_GPT2_XL
-from abft_lens.plots import binomial_standard_error, head_heatmap, method_comparison, save_figure
+from abft_lens.benchmarking import binomial_standard_error
+from abft_lens.plots import head_heatmap, method_comparison, save_figure
 from abft_lens.runs import METRICS_FILE, read_json_object, read_metrics
 
 
@@ -95,7 +96,9 @@ def accuracy_with_paper(results: pd.DataFrame, title: str = "Accuracy per data s
         marks = ["collapsed" if count and count > 0 else "" for count in part["collapsed"].fillna(0)]
         figure.add_trace(go.Bar(x=datasets, y=part["mean"], name=f"{method} (ours)",
                                 marker_color=METHOD_COLOURS.get(method), text=marks, textposition="outside",
-                                textfont={"size": 9}, customdata=part["seeds"],
+                                # Upright, plotly shrinks an outside label to the bar's width: unreadable.
+                                textangle=-90, constraintext="none", cliponaxis=False,
+                                textfont={"size": 10}, customdata=part["seeds"],
                                 hovertemplate="%{x}: %{y:.3f} (%{customdata} seeds) %{text}",
                                 error_y={"type": "data", "visible": bool(part["std"].notna().any()),
                                          "array": [None if pd.isna(x) else x for x in part["std"]]}))
@@ -321,6 +324,10 @@ def _make_figures(roots: Sequence[Path], out: Path, png: bool) -> FiguresReport:
                 for stem, figure in ablation_figures(results, *read_ablation_tables(path.parent), name=name).items():
                     _save(report, figure, out / f"{stem}_{name}", png)
                 continue
+            if "run_dir" in results:  # a table older than its collapse and count columns: from its run folders
+                from abft_lens.evaluation.records import with_prediction_columns  # torch-heavy: only here
+
+                results = with_prediction_columns(results)
             _save(report, accuracy_with_paper(results, title=f"Accuracy per data set: {name} (k = 4)"),
                   out / f"accuracy_{name}", png)
             _robustness_figures(report, results, path.parent / "ood.csv", name, out, png)

@@ -9,6 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
+from abft_lens.benchmarking import binomial_standard_error
 from abft_lens.runs import atomic_write_text
 
 
@@ -51,13 +52,6 @@ def save_figure(figure: go.Figure, path_without_suffix: Path, png: bool = False)
             ) from error
         written.append(target)
     return written
-
-
-def binomial_standard_error(share: float | pd.Series, n: float | pd.Series) -> float | pd.Series:
-    """The standard error sqrt(p (1 - p) / n) of a share ``p`` of ``n`` independent inputs: what one seed's
-    accuracy can be trusted to, where there is no seed spread to show. Inputs that repeat a query with
-    other demonstrations are not independent, so there it is a lower bound (by up to sqrt(repeats))."""
-    return (share * (1 - share) / n) ** 0.5
 
 
 def method_comparison(

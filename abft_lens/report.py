@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import html
 import json
-import math
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
+from abft_lens.benchmarking import binomial_standard_error
 from abft_lens.runs import atomic_write_text, read_json_object, read_metrics, write_json
 
 REPORT_FILE = "report.html"
@@ -95,7 +95,7 @@ def standard_errors(metrics: Mapping[str, object], predictions: pd.DataFrame | N
     for name, count in BINOMIAL.items():
         value, n = metrics.get(name), metrics.get(count)
         if isinstance(value, (int, float)) and isinstance(n, (int, float)) and n > 0:
-            errors[name] = math.sqrt(value * (1 - value) / n)
+            errors[name] = binomial_standard_error(value, n)
     if predictions is not None and {"true_label", "predicted_label"} <= set(predictions.columns) and len(predictions):
         true, predicted = predictions["true_label"].to_numpy(), predictions["predicted_label"].to_numpy()
         labels = np.unique(true)

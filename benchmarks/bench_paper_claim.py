@@ -354,35 +354,14 @@ def append_results(path: Path, rows: list[dict[str, object]]) -> pd.DataFrame:
 
 
 def with_prediction_columns(frame: pd.DataFrame) -> pd.DataFrame:
-    """Rows written before the predicted-label columns existed get them from their run folders'
-    metrics.json (the evaluation's predicted and true distributions); their precision is fp32 (the
+    """The table in this benchmark's columns, rows written before the predicted-label columns existed
+    completed from their run folders (``abft_lens.evaluation.records``); their precision is fp32 (the
     only one there was)."""
-    from abft_lens.evaluation import collapsed_label
+    from abft_lens.evaluation.records import with_prediction_columns as completed
 
-    frame = frame.reindex(columns=list(dict.fromkeys([*frame.columns, *COLUMNS]))).copy()
-    for column in ("predicted_distribution", "collapsed_onto", "label_words", "precision"):
-        frame[column] = frame[column].astype(object)
-    for index, row in frame[frame["predicted_distribution"].isna()].iterrows():
-        run_dir = Path(str(row["run_dir"]))
-        path = run_dir / "metrics.json" if row["method"] in ("vanilla", "calibration") \
-            else run_dir / f"evaluate_{row['dataset']}" / "metrics.json"
-        if not path.is_file():
-            continue
-        metrics = json.loads(path.read_text())
-        key = "calibrated_predicted_distribution" if row["method"] == "calibration" else "predicted_distribution"
-        predicted, true = metrics[key], metrics["true_distribution"]
-        words = list(predicted)
-        top = collapsed_label(*(torch_tensor([d[w] for w in words]) for d in (predicted, true)))
-        frame.loc[index, ["predicted_distribution", "collapsed_onto", "n_inputs", "label_words"]] = [
-            json.dumps(predicted), None if top is None else words[top], metrics["n_inputs"], ",".join(words)]
-    frame["precision"] = frame["precision"].fillna("fp32")
+    frame = completed(frame.reindex(columns=list(dict.fromkeys([*frame.columns, *COLUMNS]))))
+    frame["precision"] = frame["precision"].astype(object).fillna("fp32")
     return frame
-
-
-def torch_tensor(values: list[float]):
-    import torch
-
-    return torch.tensor(values, dtype=torch.float64)
 
 
 def _both(wide: pd.DataFrame, first: str, second: str) -> pd.DataFrame | None:

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from abft_lens.benchmarking import PeakRSS
+from abft_lens.benchmarking import PeakRSS, binomial_standard_error
 from abft_lens.data import load_dataset
 from abft_lens.evaluation import EvaluateConfig, evaluate
 from abft_lens.find_heads import FindHeadsConfig, find_heads
@@ -319,7 +319,7 @@ def part_train(model, out: Path, steps: int, n_test: int) -> dict:
                 apply_tensors(model, base)
             row = {"method": method, "precision": precision, "accuracy": metrics["accuracy"],
                    "macro_f1": metrics["macro_f1"], "n_inputs": metrics["n_inputs"],
-                   "accuracy_se": float(np.sqrt(metrics["accuracy"] * (1 - metrics["accuracy"]) / metrics["n_inputs"])),
+                   "accuracy_se": binomial_standard_error(metrics["accuracy"], metrics["n_inputs"]),
                    "predicted_distribution": json.dumps(metrics["predicted_distribution"]),
                    "collapsed_onto": metrics["collapsed_onto"], "train_seconds": result.train_seconds,
                    "seconds_per_step": result.seconds_per_step, "eval_seconds": metrics["seconds"]}

@@ -17,6 +17,7 @@ import torch
 
 from abft_lens.data import load_dataset
 from abft_lens.evaluation.metrics import collapsed_label
+from abft_lens.evaluation.records import evaluation_metrics_path
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ROOT / "benchmarks" / "results" / "paper_claim_smollm2_bf16"
@@ -31,11 +32,8 @@ def grid() -> pd.DataFrame:
 
 
 def _evaluation_metrics(row: pd.Series) -> dict | None:
-    """The ``metrics.json`` the row was read from: the base model's own for vanilla and calibration, the
-    run's evaluation folder for a fine-tuned model; None where the folder was not committed."""
-    run_dir = ROOT / str(row["run_dir"])
-    path = run_dir / "metrics.json" if row["method"] in ("vanilla", "calibration") \
-        else run_dir / f"evaluate_{row['dataset']}" / "metrics.json"
+    """The ``metrics.json`` the row was read from; None where its folder was not committed."""
+    path = ROOT / evaluation_metrics_path(str(row["run_dir"]), row["method"], row["dataset"])
     return json.loads(path.read_text()) if path.is_file() else None
 
 

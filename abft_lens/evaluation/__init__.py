@@ -18,7 +18,9 @@ One module per part:
 - ``metrics``: the metric math (macro-F1, consistency, calibration, induction-head masses), pure
   tensor code;
 - ``prediction``: ``predict``, the one loop that runs the model, and the content-free queries;
-- ``job``: ``EvaluateConfig``, ``evaluate`` and ``run_evaluation`` (the `evaluate` command's job).
+- ``job``: ``EvaluateConfig``, ``evaluate`` and ``run_evaluation`` (the `evaluate` command's job);
+- ``records``: a benchmark's results table completed from the run folders its rows name (imported on
+  its own: the figures need it without the rest).
 """
 
 from abft_lens.evaluation.job import (

@@ -1,0 +1,47 @@
+"""Results tables and the run folders they point to: a benchmark row names its run folder (``run_dir``),
+whose evaluation ``metrics.json`` holds more than the row. Tables written before the predicted-label
+columns existed are completed from there, so that every table shows the collapse flag and the count
+behind its standard errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from abft_lens.evaluation.metrics import collapsed_label
+
+BASE_MODEL_METHODS = ("vanilla", "calibration")  # evaluated in the base model's folder, not a run's
+RECORD_COLUMNS = ("predicted_distribution", "collapsed_onto", "n_inputs", "label_words")
+
+
+def evaluation_metrics_path(run_dir: str | Path, method: str, dataset: str) -> Path:
+    """Where a row's evaluation was written: the base model's own ``metrics.json`` for vanilla and
+    calibration, the run's ``evaluate_<dataset>/metrics.json`` for a fine-tuned model."""
+    run_dir = Path(run_dir)
+    return run_dir / "metrics.json" if method in BASE_MODEL_METHODS else run_dir / f"evaluate_{dataset}" / "metrics.json"
+
+
+def with_prediction_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with ``RECORD_COLUMNS``; rows without a predicted distribution get all four from their
+    run folder's ``metrics.json`` (a calibration row its calibrated distribution) where the folder is
+    there. The collapse flag is ``collapsed_label``'s rule on the predicted and true distributions."""
+    frame = frame.reindex(columns=list(dict.fromkeys([*frame.columns, *RECORD_COLUMNS]))).copy()
+    for column in ("predicted_distribution", "collapsed_onto", "label_words"):
+        frame[column] = frame[column].astype(object)
+    if "run_dir" not in frame:
+        return frame
+    for index, row in frame[frame["predicted_distribution"].isna()].iterrows():
+        path = evaluation_metrics_path(str(row["run_dir"]), row["method"], row["dataset"])
+        if not path.is_file():
+            continue
+        metrics = json.loads(path.read_text())
+        key = "calibrated_predicted_distribution" if row["method"] == "calibration" else "predicted_distribution"
+        predicted, true = metrics[key], metrics["true_distribution"]
+        words = list(predicted)
+        top = collapsed_label(*(torch.tensor([d[w] for w in words], dtype=torch.float64) for d in (predicted, true)))
+        frame.loc[index, list(RECORD_COLUMNS)] = [json.dumps(predicted), None if top is None else words[top],
+                                                  metrics["n_inputs"], ",".join(words)]
+    return frame
