@@ -104,3 +104,19 @@ def test_results_md_quotes_the_committed_grid(grid):
             if not numbers:  # "-": not measured for this row
                 continue
             assert numbers == pytest.approx(expected[column], abs=0.0006), (key, column)
+
+
+def test_readme_headline_table_is_the_mean_of_the_committed_fp32_table():
+    results = pd.read_csv(ROOT / "benchmarks" / "results" / "paper_claim_smollm2" / "results.csv")
+    means = results.groupby("method")[["accuracy", "macro_f1", "consistency", "unseen_label_accuracy"]].mean()
+    readme = (ROOT / "README.md").read_text()
+    rows = {"mean accuracy, 8 data sets": "accuracy", "mean macro-F1, 8 data sets": "macro_f1",
+            "prediction consistency": "consistency", "unseen-label accuracy": "unseen_label_accuracy"}
+    for label, column in rows.items():
+        line = next(line for line in readme.splitlines() if line.startswith(f"| {label} |"))
+        cells = [cell.strip().strip("*") for cell in line.strip("|").split("|")][1:]
+        for method, cell in zip(("vanilla", "calibration", "abft", "e2e"), cells, strict=True):
+            if cell == "-":
+                assert pd.isna(means.loc[method, column]), (label, method)
+            else:
+                assert float(cell) == pytest.approx(means.loc[method, column], abs=0.0006), (label, method)
