@@ -324,10 +324,11 @@ def _make_figures(roots: Sequence[Path], out: Path, png: bool) -> FiguresReport:
                 for stem, figure in ablation_figures(results, *read_ablation_tables(path.parent), name=name).items():
                     _save(report, figure, out / f"{stem}_{name}", png)
                 continue
-            if "run_dir" in results:  # a table older than its collapse and count columns: from its run folders
-                from abft_lens.evaluation.records import with_prediction_columns  # torch-heavy: only here
+            if "run_dir" in results and results.get("predicted_distribution", pd.Series([None])).isna().any():
+                # A table older than its collapse and count columns: completed from its run folders.
+                from abft_lens.evaluation.records import with_prediction_columns  # imports torch: only here
 
-                results = with_prediction_columns(results)
+                results = with_prediction_columns(results, base=path.parent)
             _save(report, accuracy_with_paper(results, title=f"Accuracy per data set: {name} (k = 4)"),
                   out / f"accuracy_{name}", png)
             _robustness_figures(report, results, path.parent / "ood.csv", name, out, png)

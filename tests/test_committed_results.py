@@ -55,28 +55,39 @@ def test_grid_rows_match_their_run_records_and_collapse_rule(grid):
         predicted = metrics[f"{prefix}predicted_distribution"]
         assert json.loads(row["predicted_distribution"]) == pytest.approx(predicted)
         words = list(predicted)
-        top = collapsed_label(torch.tensor([predicted[w] for w in words]),
-                              torch.tensor([metrics["true_distribution"][w] for w in words]))
+        top = collapsed_label(torch.tensor([predicted[w] for w in words], dtype=torch.float64),
+                              torch.tensor([metrics["true_distribution"][w] for w in words], dtype=torch.float64))
         expected = None if top is None else words[top]
         assert (None if pd.isna(row["collapsed_onto"]) else row["collapsed_onto"]) == expected, row["run_dir"]
+        assert metrics[f"{prefix}collapsed_onto"] == expected, row["run_dir"]
         checked += 1
     assert checked >= 10  # the run folders are committed from SST-2 on
 
 
 def _results_md_grid_rows() -> list[dict[str, str]]:
-    """The rows of RESULTS.md's bf16 grid table, as {column: cell}."""
+    """The rows of RESULTS.md's bf16 grid table (the first table of its section), as {column: cell}."""
     text = RESULTS_MD.read_text()
-    section = text[text.index("### The three-seed grid in bf16"):]
-    lines = [line for line in section.splitlines() if line.startswith("| ")]
-    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    section = text[text.index("### The three-seed grid in bf16"):].splitlines()
+    first = next(i for i, line in enumerate(section) if line.startswith("| "))
+    lines = section[first:]
+    table = lines[:next((i for i, line in enumerate(lines) if not line.startswith("|")), len(lines))]
+    header = [cell.strip() for cell in table[0].strip("|").split("|")]
     assert header[:5] == ["data set", "method", "seed", "accuracy", "macro-F1"], header
-    rows = []
-    for line in lines[2:]:
-        cells = [cell.strip() for cell in line.strip("|").split("|")]
-        if cells[0] not in DISPLAY_NAMES:  # the next table of the file
-            break
-        rows.append(dict(zip(header, cells, strict=True)))
+    assert set(table[1]) <= set("|-: "), "the line under the header is the separator"
+    rows = [dict(zip(header, [cell.strip() for cell in line.strip("|").split("|")], strict=True))
+            for line in table[2:]]
+    unknown = {row["data set"] for row in rows} - set(DISPLAY_NAMES)
+    assert not unknown, f"data sets not in DISPLAY_NAMES: {unknown}"
     return rows
+
+
+# RESULTS.md's grid columns, by the results.csv values they quote.
+GRID_COLUMNS = {"accuracy": "accuracy", "macro_f1": "macro-F1", "flipped": "flipped acc. (memorised)",
+                "symbols": "symbols acc. / macro-F1", "zero_shot_accuracy": "0-shot acc."}
+
+
+def cell_of(row: dict[str, str], column: str) -> str:
+    return row[GRID_COLUMNS[column]]
 
 
 def _numbers(cell: str) -> list[float]:
@@ -92,23 +103,24 @@ def test_results_md_quotes_the_committed_grid(grid):
         key = (DISPLAY_NAMES[row["data set"]], method, int(row["seed"]))
         assert key in indexed.index, f"RESULTS.md quotes {key}, which results.csv does not have"
         committed = indexed.loc[key]
-        quoted = {"accuracy": _numbers(row["accuracy"]), "macro_f1": _numbers(row["macro-F1"]),
-                  "flipped": _numbers(row["flipped acc. (memorised)"]),
-                  "symbols": _numbers(row["symbols acc. / macro-F1"]),
-                  "zero_shot_accuracy": _numbers(row["0-shot acc."])}
+        quoted = {column: _numbers(cell_of(row, column)) for column in GRID_COLUMNS}
         expected = {"accuracy": [committed["accuracy"]], "macro_f1": [committed["macro_f1"]],
                     "flipped": [committed["flipped_accuracy"], committed["flipped_memorised_share"]],
                     "symbols": [committed["symbols_accuracy"], committed["symbols_macro_f1"]],
                     "zero_shot_accuracy": [committed["zero_shot_accuracy"]]}
         for column, numbers in quoted.items():
-            if not numbers:  # "-": not measured for this row
+            if not numbers:
+                assert cell_of(row, column) == "-", (key, column)  # not measured for this row
                 continue
             assert numbers == pytest.approx(expected[column], abs=0.0006), (key, column)
 
 
 def test_readme_headline_table_is_the_mean_of_the_committed_fp32_table():
     results = pd.read_csv(ROOT / "benchmarks" / "results" / "paper_claim_smollm2" / "results.csv")
-    means = results.groupby("method")[["accuracy", "macro_f1", "consistency", "unseen_label_accuracy"]].mean()
+    columns = ["accuracy", "macro_f1", "consistency", "unseen_label_accuracy"]
+    per_dataset = results.groupby(["method", "dataset"])[columns].mean()  # seeds first, then data sets
+    assert (per_dataset.groupby("method").size() == 8).all()
+    means = per_dataset.groupby("method").mean()
     readme = (ROOT / "README.md").read_text()
     rows = {"mean accuracy, 8 data sets": "accuracy", "mean macro-F1, 8 data sets": "macro_f1",
             "prediction consistency": "consistency", "unseen-label accuracy": "unseen_label_accuracy"}

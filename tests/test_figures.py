@@ -135,14 +135,16 @@ def test_one_seed_accuracy_bars_carry_the_binomial_standard_error():
 def test_a_table_older_than_its_collapse_columns_is_completed_from_its_run_folders(tmp_path):
     from abft_lens.evaluation.records import with_prediction_columns
 
-    run = tmp_path / "runs" / "sst5_abft_seed42"
+    run = tmp_path / "records_test_runs" / "sst5_abft_seed42"
     (run / "evaluate_sst5").mkdir(parents=True)
     (run / "evaluate_sst5" / "metrics.json").write_text(json.dumps(
         {"n_inputs": 1024, "predicted_distribution": {"bad": 0.8, "good": 0.2},
          "true_distribution": {"bad": 0.4, "good": 0.6}}))
-    rows = [dict(dataset="sst5", method="abft", seed=42, accuracy=0.3, run_dir=str(run)),
-            dict(dataset="sst5", method="vanilla", seed=42, accuracy=0.3, run_dir=str(tmp_path / "gone"))]
-    completed = with_prediction_columns(pd.DataFrame(rows))
+    # Named from the directory the benchmark ran in (tmp_path), found from the table's folder below it.
+    rows = [dict(dataset="sst5", method="abft", seed=42, accuracy=0.3, run_dir="records_test_runs/sst5_abft_seed42"),
+            dict(dataset="sst5", method="vanilla", seed=42, accuracy=0.3, run_dir="records_test_runs/gone")]
+    assert pd.isna(with_prediction_columns(pd.DataFrame(rows)).loc[0, "collapsed_onto"])  # not from here
+    completed = with_prediction_columns(pd.DataFrame(rows), base=tmp_path / "results" / "bench")
     assert completed.loc[0, "collapsed_onto"] == "bad" and completed.loc[0, "n_inputs"] == 1024
     assert completed.loc[0, "label_words"] == "bad,good"
     assert pd.isna(completed.loc[1, "predicted_distribution"])  # no folder: left as it was

@@ -19,8 +19,8 @@ One module per part:
   tensor code;
 - ``prediction``: ``predict``, the one loop that runs the model, and the content-free queries;
 - ``job``: ``EvaluateConfig``, ``evaluate`` and ``run_evaluation`` (the `evaluate` command's job);
-- ``records``: a benchmark's results table completed from the run folders its rows name (imported on
-  its own: the figures need it without the rest).
+- ``records``: a benchmark's results table completed from the run folders its rows name (not
+  re-exported here: the figures import it only for a table that needs it).
 """
 
 from abft_lens.evaluation.job import (

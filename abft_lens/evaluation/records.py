@@ -24,18 +24,28 @@ def evaluation_metrics_path(run_dir: str | Path, method: str, dataset: str) -> P
     return run_dir / "metrics.json" if method in BASE_MODEL_METHODS else run_dir / f"evaluate_{dataset}" / "metrics.json"
 
 
-def with_prediction_columns(frame: pd.DataFrame) -> pd.DataFrame:
+def _found(relative: Path, base: Path | None) -> Path | None:
+    """``relative`` as it is (from the working directory), else under ``base`` or one of its parents
+    (a table's run folders are named from the directory the benchmark ran in, usually the repository's)."""
+    for start in ([Path()] + ([base, *base.resolve().parents] if base is not None else [])):
+        if (start / relative).is_file():
+            return start / relative
+    return None
+
+
+def with_prediction_columns(frame: pd.DataFrame, base: Path | None = None) -> pd.DataFrame:
     """``frame`` with ``RECORD_COLUMNS``; rows without a predicted distribution get all four from their
     run folder's ``metrics.json`` (a calibration row its calibrated distribution) where the folder is
-    there. The collapse flag is ``collapsed_label``'s rule on the predicted and true distributions."""
+    found (from the working directory, else from ``base``, e.g. the table's folder, or a parent of it).
+    The collapse flag is ``collapsed_label``'s rule on the predicted and true distributions."""
     frame = frame.reindex(columns=list(dict.fromkeys([*frame.columns, *RECORD_COLUMNS]))).copy()
     for column in ("predicted_distribution", "collapsed_onto", "label_words"):
         frame[column] = frame[column].astype(object)
     if "run_dir" not in frame:
         return frame
     for index, row in frame[frame["predicted_distribution"].isna()].iterrows():
-        path = evaluation_metrics_path(str(row["run_dir"]), row["method"], row["dataset"])
-        if not path.is_file():
+        path = _found(evaluation_metrics_path(str(row["run_dir"]), row["method"], row["dataset"]), base)
+        if path is None:
             continue
         metrics = json.loads(path.read_text())
         key = "calibrated_predicted_distribution" if row["method"] == "calibration" else "predicted_distribution"
