@@ -43,7 +43,7 @@ from abft_lens.ablation_figures import ablation_figures, read_ablation_tables
 from abft_lens.figure_sources import _SOURCES, FigureSource, figure_sources, register_figure_source  # noqa: F401
 from abft_lens.paper_numbers import PAPER_DATASET_ORDER, PAPER_GPT2_XL
 from abft_lens.benchmarking import binomial_standard_error
-from abft_lens.plots import head_heatmap, method_comparison, save_figure
+from abft_lens.plots import error_bars, head_heatmap, method_comparison, plotted_metrics, save_figure
 from abft_lens.runs import METRICS_FILE, read_json_object, read_metrics
 
 
@@ -100,8 +100,7 @@ def accuracy_with_paper(results: pd.DataFrame, title: str = "Accuracy per data s
                                 textangle=-90, constraintext="none", cliponaxis=False,
                                 textfont={"size": 10}, customdata=part["seeds"],
                                 hovertemplate="%{x}: %{y:.3f} (%{customdata} seeds) %{text}",
-                                error_y={"type": "data", "visible": bool(part["std"].notna().any()),
-                                         "array": [None if pd.isna(x) else x for x in part["std"]]}))
+                                error_y=error_bars(part["std"])))
     if metric != "accuracy":  # the paper quotes accuracy only
         figure.update_layout(barmode="group", template="plotly_white", title=title, yaxis_title=metric,
                              yaxis_range=[0, 1], width=max(700, 110 * len(datasets) + 300), height=480)
@@ -216,7 +215,7 @@ def _icl_test_figure(report: FiguresReport, results: pd.DataFrame, name: str, ou
     figure = method_comparison(tested, ICL_TEST_METRICS, title=title, colours=METHOD_COLOURS,
                                binomial=ICL_TEST_METRICS)
     if "label_words" in tested:
-        _draw_chance(figure, tested, [m for m in ICL_TEST_METRICS if m in tested and tested[m].notna().any()])
+        _draw_chance(figure, tested, plotted_metrics(tested, ICL_TEST_METRICS))
     _save(report, figure, out / f"icl_tests_{name}", png)
 
 
@@ -324,7 +323,8 @@ def _make_figures(roots: Sequence[Path], out: Path, png: bool) -> FiguresReport:
                 for stem, figure in ablation_figures(results, *read_ablation_tables(path.parent), name=name).items():
                     _save(report, figure, out / f"{stem}_{name}", png)
                 continue
-            if "run_dir" in results and results.get("predicted_distribution", pd.Series([None])).isna().any():
+            lacking = "predicted_distribution" not in results or results["predicted_distribution"].isna().any()
+            if "run_dir" in results and lacking:
                 # A table older than its collapse and count columns: completed from its run folders.
                 from abft_lens.evaluation.records import with_prediction_columns  # imports torch: only here
 

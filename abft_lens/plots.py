@@ -54,6 +54,18 @@ def save_figure(figure: go.Figure, path_without_suffix: Path, png: bool = False)
     return written
 
 
+def error_bars(spread) -> dict[str, object]:
+    """A bar trace's ``error_y`` from its bars' spreads (NaN where a bar has none). plotly draws a missing
+    error as a flat cap, which reads as "no spread": a trace none of whose bars has one draws no error bars."""
+    values = [None if pd.isna(value) else float(value) for value in spread]
+    return {"type": "data", "array": values, "visible": any(value is not None for value in values)}
+
+
+def plotted_metrics(results: pd.DataFrame, metrics: tuple[str, ...]) -> list[str]:
+    """The panels ``method_comparison`` draws, top to bottom: the ``metrics`` that ``results`` has values of."""
+    return [m for m in metrics if m in results and results[m].notna().any()]
+
+
 def method_comparison(
     results: pd.DataFrame,
     metrics: tuple[str, ...] = ("accuracy", "macro_f1", "consistency"),
@@ -74,7 +86,7 @@ def method_comparison(
     missing = [column for column in (method, group) if column not in results]
     if missing:
         raise ValueError(f"results has no column(s) {missing}; columns are {list(results.columns)}.")
-    shown = [m for m in metrics if m in results and results[m].notna().any()]
+    shown = plotted_metrics(results, metrics)
     if not shown:
         raise ValueError(f"results has none of the metrics {list(metrics)}.")
     stats = results.groupby([group, method], sort=False)[shown].agg(["mean", "std"])
@@ -96,10 +108,7 @@ def method_comparison(
             figure.add_trace(go.Bar(
                 x=[str(g) for g in present], y=means, name=str(name), legendgroup=str(name),
                 showlegend=row == 1, marker_color=(colours or {}).get(name, palette[index % len(palette)]),
-                # plotly draws a missing error as a flat cap, which reads as "no spread": hide a trace's
-                # bars where none of them has one.
-                error_y={"type": "data", "array": [None if pd.isna(s) else s for s in stds],
-                         "visible": bool(pd.Series(stds, dtype=float).notna().any())},
+                error_y=error_bars(stds),
                 hovertemplate=f"{name}<br>%{{x}}<br>{metric} %{{y:.3f}}<extra></extra>",
             ), row=row, col=1)
         # In the order of ``groups`` even where the first method lacks a group (plotly would take the

@@ -13,11 +13,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from abft_lens.data import load_dataset
-from abft_lens.evaluation.metrics import collapsed_label
-from abft_lens.evaluation.records import evaluation_metrics_path
+from abft_lens.evaluation.records import collapsed_word, evaluation_metrics_path
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ROOT / "benchmarks" / "results" / "paper_claim_smollm2_bf16"
@@ -54,10 +52,7 @@ def test_grid_rows_match_their_run_records_and_collapse_rule(grid):
         assert row["macro_f1"] == pytest.approx(metrics[f"{prefix}macro_f1"], abs=1e-5), row["run_dir"]  # results.csv keeps 6 digits
         predicted = metrics[f"{prefix}predicted_distribution"]
         assert json.loads(row["predicted_distribution"]) == pytest.approx(predicted)
-        words = list(predicted)
-        top = collapsed_label(torch.tensor([predicted[w] for w in words], dtype=torch.float64),
-                              torch.tensor([metrics["true_distribution"][w] for w in words], dtype=torch.float64))
-        expected = None if top is None else words[top]
+        expected = collapsed_word(predicted, metrics["true_distribution"])
         assert (None if pd.isna(row["collapsed_onto"]) else row["collapsed_onto"]) == expected, row["run_dir"]
         assert metrics[f"{prefix}collapsed_onto"] == expected, row["run_dir"]
         checked += 1

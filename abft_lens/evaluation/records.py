@@ -24,6 +24,14 @@ def evaluation_metrics_path(run_dir: str | Path, method: str, dataset: str) -> P
     return run_dir / "metrics.json" if method in BASE_MODEL_METHODS else run_dir / f"evaluate_{dataset}" / "metrics.json"
 
 
+def collapsed_word(predicted: dict[str, float], true: dict[str, float]) -> str | None:
+    """The label word a predicted distribution collapsed onto (``collapsed_label``'s rule), from the
+    ``{word: share}`` distributions a ``metrics.json`` holds; None when it did not collapse."""
+    words = list(predicted)
+    top = collapsed_label(*(torch.tensor([d[w] for w in words], dtype=torch.float64) for d in (predicted, true)))
+    return None if top is None else words[top]
+
+
 def _found(relative: Path, base: Path | None) -> Path | None:
     """``relative`` as it is (from the working directory), else under ``base`` or one of its parents
     (a table's run folders are named from the directory the benchmark ran in, usually the repository's)."""
@@ -49,9 +57,8 @@ def with_prediction_columns(frame: pd.DataFrame, base: Path | None = None) -> pd
             continue
         metrics = json.loads(path.read_text())
         key = "calibrated_predicted_distribution" if row["method"] == "calibration" else "predicted_distribution"
-        predicted, true = metrics[key], metrics["true_distribution"]
-        words = list(predicted)
-        top = collapsed_label(*(torch.tensor([d[w] for w in words], dtype=torch.float64) for d in (predicted, true)))
-        frame.loc[index, list(RECORD_COLUMNS)] = [json.dumps(predicted), None if top is None else words[top],
-                                                  metrics["n_inputs"], ",".join(words)]
+        predicted = metrics[key]
+        frame.loc[index, list(RECORD_COLUMNS)] = [json.dumps(predicted),
+                                                  collapsed_word(predicted, metrics["true_distribution"]),
+                                                  metrics["n_inputs"], ",".join(predicted)]
     return frame
