@@ -433,11 +433,13 @@ def summarise(frame: pd.DataFrame, ood: pd.DataFrame | None = None) -> dict[str,
             versus = compare(table, "abft", other, metric)
             if versus.empty:
                 continue
-            wins = [d for d, v in zip(versus["dataset"], versus["verdict"], strict=True)
-                    if v == "ahead" and (d, "abft") not in collapsed]
+            # A collapsed ABFT run that is "ahead" says so where it is read, not only in the count.
+            verdicts = {d: f"{v}, but collapsed: not a win" if v == "ahead" and (d, "abft") in collapsed else v
+                        for d, v in zip(versus["dataset"], versus["verdict"], strict=True)}
+            wins = [d for d, v in verdicts.items() if v == "ahead"]
             summary[f"abft_minus_{other}_{metric}"] = float(versus["difference"].mean())
             summary[f"abft_wins_over_{other}_{metric}"] = f"{len(wins)} of {len(versus)}"
-            summary[f"abft_vs_{other}_{metric}"] = dict(zip(versus["dataset"], versus["verdict"], strict=True))
+            summary[f"abft_vs_{other}_{metric}"] = verdicts
     if "abft_minus_vanilla_accuracy" in summary:
         summary["abft_minus_vanilla"] = summary["abft_minus_vanilla_accuracy"]
     pivot = frame.pivot_table(index=["dataset", "seed"], columns="method", values="accuracy")

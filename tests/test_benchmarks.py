@@ -185,7 +185,7 @@ def test_seed_table_gives_mean_and_spread_and_a_claim_needs_more_than_the_spread
 def test_a_collapsed_run_is_never_counted_as_a_win(bench):
     frame = _seed_rows({("sst5", "vanilla"): [0.30], ("sst5", "abft"): [0.45]}, collapsed={("sst5", "abft", 42)})
     summary = bench.summarise(frame)
-    assert summary["abft_vs_vanilla_accuracy"] == {"sst5": "ahead"}
+    assert summary["abft_vs_vanilla_accuracy"] == {"sst5": "ahead, but collapsed: not a win"}
     assert summary["abft_wins_over_vanilla_accuracy"] == "0 of 1"
     assert summary["collapsed_runs"] == {"abft": 1, "vanilla": 0}
 
