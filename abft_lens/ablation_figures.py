@@ -55,23 +55,26 @@ def settings_figure(results: pd.DataFrame, title: str) -> go.Figure:
 
 
 def flagged_heads_figure(steps: pd.DataFrame, title: str) -> go.Figure:
-    """Per data set (columns): the mean heads flagged per prompt (top) and the punishment weight A (bottom)
-    per optimiser step, one line per setting, the mean over seeds."""
+    """Per data set (columns): the mean induction heads per prompt, the PID's input (top), and the punishment
+    weight A (bottom) per optimiser step, one line per setting, the mean over seeds. Steps logged before
+    ``induction_heads`` existed give their flagged heads, the same count wherever the head filter was on."""
     datasets = list(dict.fromkeys(in_dataset_order(steps)["dataset"]))
     settings = list(dict.fromkeys(steps["setting"]))
     figure = make_subplots(rows=2, cols=len(datasets), shared_xaxes=True, subplot_titles=datasets,
                            vertical_spacing=0.08, horizontal_spacing=0.06)
-    mean = steps.groupby(["dataset", "setting", "step"], sort=False)[["flagged_heads", "punish_weight"]].mean()
+    counted = steps["induction_heads"] if "induction_heads" in steps else pd.Series(float("nan"), index=steps.index)
+    steps = steps.assign(induction_heads=counted.fillna(steps["flagged_heads"]))
+    mean = steps.groupby(["dataset", "setting", "step"], sort=False)[["induction_heads", "punish_weight"]].mean()
     for column, dataset in enumerate(datasets, start=1):
         for index, setting in enumerate(settings):
             if (dataset, setting) not in mean.droplevel("step").index:
                 continue
             part = mean.loc[(dataset, setting)].reset_index()
-            for row, value in ((1, "flagged_heads"), (2, "punish_weight")):
+            for row, value in ((1, "induction_heads"), (2, "punish_weight")):
                 figure.add_trace(go.Scatter(x=part["step"], y=part[value], mode="lines+markers", name=setting,
                                             legendgroup=setting, showlegend=row == 1 and column == 1,
                                             line={"color": PALETTE[index % len(PALETTE)]}), row=row, col=column)
-    figure.update_yaxes(title_text="flagged heads per prompt", row=1, col=1)
+    figure.update_yaxes(title_text="induction heads per prompt", row=1, col=1)
     figure.update_yaxes(title_text="punishment weight A", row=2, col=1)
     figure.update_xaxes(title_text="optimiser step", row=2)
     figure.update_layout(template="plotly_white", title=title, width=max(700, 480 * len(datasets)), height=650)
@@ -178,7 +181,7 @@ def ablation_figures(results: pd.DataFrame, steps: pd.DataFrame | None = None,
     if steps is not None and len(steps):
         ablated = compared_rows(steps, [s.name for s in TABLE4])
         if len(ablated):
-            figures["fig5"] = flagged_heads_figure(ablated, f"Fig. 5 (paper): flagged heads per step under the "
+            figures["fig5"] = flagged_heads_figure(ablated, f"Fig. 5 (paper): induction heads per step under the "
                                                             f"Table 4 ablations{suffix}")
     weights = results[results["setting"].map(is_weight_setting) & results["method"].eq("abft")]
     for dataset, part in in_dataset_order(weights).groupby("dataset", sort=False):

@@ -9,11 +9,13 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Hashable, Sequence
+import sys
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
 
 import pandas as pd
 
+from abft_lens.errors import AbftLensError, DataError
 from abft_lens.runs import atomic_write_text
 
 METRICS = ("accuracy", "macro_f1")
@@ -53,6 +55,36 @@ def timed_rows(rows_of: Callable[[], list[dict[str, object]]]) -> list[dict[str,
     started = time.perf_counter()
     rows = rows_of()
     return [{**row, "piece_seconds": time.perf_counter() - started} for row in rows]
+
+
+def run_script(main: Callable[[], None]) -> None:
+    """A benchmark script's entry point: bad input (an ``AbftLensError``, found before the work starts) is one
+    line on stderr and exit status 2, as in the CLI."""
+    try:
+        main()
+    except AbftLensError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_finished_precision(frame: pd.DataFrame, keys: Sequence[str], pieces: Iterable[tuple], precision: str) -> None:
+    """Before a benchmark resumes: the finished pieces of ``pieces`` that it will skip ran in ``precision``
+    (this run's, resolved), or a ``DataError`` names them. A results table keys its rows by data set,
+    method or setting and seed, not precision, so a resumed run in another precision would otherwise mix the
+    two in one table (and compare their timings) without saying so. A row without a precision is fp32, the
+    only precision before the column existed."""
+    if frame.empty:
+        return
+    wanted = set(pieces)
+    index = zip(*(frame[key].astype(int) if key == "seed" else frame[key] for key in keys), strict=True)
+    finished = frame[[key in wanted for key in index]]
+    ran_in = finished.get("precision", pd.Series(index=finished.index, dtype=object)).fillna("fp32")
+    other = finished[ran_in != precision]
+    if len(other):
+        example = " ".join(str(other.iloc[0][key]) for key in keys)
+        raise DataError(f"{len(other)} finished piece(s) of this command ran in {', '.join(sorted(set(ran_in[other.index])))} "
+                        f"(e.g. {example}), and this run would use {precision}: pass --precision "
+                        f"{ran_in[other.index].iloc[0]}, or --out another folder.")
 
 
 def run_pieces(pieces: Sequence[Hashable], finished: Callable[[], set],

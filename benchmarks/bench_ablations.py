@@ -8,7 +8,9 @@ default):
 - ``table4`` (paper Table 4), on SST-2, TREC and SUBJ: full ABFT ("paper") beside no PID (A = 0.5, B = 1
   fixed), no head filter (every head gets the loss), reward only (A = 0) and punish only (B = 0); accuracy,
   macro-F1, collapse, and training time relative to full ABFT (``table4.csv``). Fig. 5 is drawn from the
-  same runs: flagged heads and A per step (``steps.csv``, from each run's metrics.jsonl);
+  same runs: induction heads per prompt (the PID's input) and A per step (``steps.csv``, from each run's
+  metrics.jsonl; without the head filter the loss acts on every head, and the PID still counts the heads
+  above the induction threshold);
 - ``fig6`` (paper Fig. 6), on SST-2: a 3 x 3 grid of initial weights (A0, B0), with and without PID;
 - ``fig2`` (paper Fig. 2), on SST-2 and TREC: accuracy against 32, 128, 512 and 1024 training prompts for
   ABFT, E2E and vanilla ICL (the same 32 steps of 32 at every size; training queries from the whole
@@ -24,8 +26,10 @@ default):
 Every ABFT/E2E piece takes the lr that the paper-claim benchmark's search chose for the same data set and
 method (``--lr-from``, default its committed results.csv), so that no ablation re-runs the search; where
 none is found the piece searches on its validation split. Pieces are appended to ``<out>/results.csv`` as
-they finish (under a file lock), a re-run skips finished pieces, each runs in a fresh subprocess (or, with
-``--in-process``, with one loaded model). ``summary.json`` holds the headline and the command; the figures
+they finish (under a file lock), a re-run skips finished pieces (and refuses to resume pieces finished in
+another precision), each runs in a fresh subprocess (or, with ``--in-process``, with one loaded model). The
+tables, ``summary.json`` (the headline and the command) and the figures cover every piece in the folder, so
+one experiment at a time builds them up; the figures
 (HTML here; `abft-lens figures` redraws them) come from ``abft_lens.ablation_figures``.
 
 Full size on the embedded model (seed 42; add seeds with --seeds 42 43 44 where time allows), one
@@ -62,7 +66,17 @@ from abft_lens.ablations import (
     experiment_settings,
     is_lr_setting,
 )
-from abft_lens.benchmarking import METRICS, append_rows, compare, read_table, run_pieces, seed_table, timed_rows
+from abft_lens.benchmarking import (
+    METRICS,
+    append_rows,
+    check_finished_precision,
+    compare,
+    read_table,
+    run_pieces,
+    run_script,
+    seed_table,
+    timed_rows,
+)
 from abft_lens.data import PAPER_DATASETS
 from abft_lens.errors import DataError
 from abft_lens.runs import atomic_write_text, package_versions, write_json
@@ -79,10 +93,13 @@ COLUMNS = ["dataset", "setting", "seed", "method", "accuracy", "macro_f1", "coll
            "induction_heads_per_prompt", "induction_correct_mass", "induction_wrong_mass", "peak_memory_mb",
            "trainable_params", "eval_seconds", "piece_seconds", "run_dir", "device", "precision", "model"]
 KEYS = ("dataset", "setting", "seed")
-STEP_COLUMNS = ["dataset", "setting", "seed", "step", "flagged_heads", "prompts_with_flagged", "punish_weight", "loss",
-                "correct_mass", "wrong_mass"]
+STEP_COLUMNS = ["dataset", "setting", "seed", "step", "flagged_heads", "induction_heads", "prompts_with_flagged",
+                "punish_weight", "loss", "correct_mass", "wrong_mass"]
 VALIDATION_COLUMNS = ["dataset", "setting", "seed", "lr", "step", "validation_accuracy", "n_validation"]
-LR_FROM = Path("benchmarks/results/paper_claim_smollm2/results.csv")
+# The fp32 table's searches, then the bf16 grid's: SUBJ's only search with the paper's words is in the latter
+# (the fp32 rows used false/true, which reused_lr leaves out), as in the grid's own --lr-from.
+LR_FROM = [Path("benchmarks/results/paper_claim_smollm2/results.csv"),
+           Path("benchmarks/results/paper_claim_smollm2_bf16/results.csv")]
 TINY = dict(n_train=8, steps=2, batch_size=4, micro_batch_size=4, n_val=8, k=2, n_test=8, demo_sets=1,
             abft_lr="1e-3", e2e_lr="1e-3", eval_batch_size=8, lr_grid=[1e-3, 1e-2], lr_checkpoint_every=1,
             sizes=[4, 8], table4_datasets=["sst2"], fig6_datasets=["sst2"], fig2_datasets=["sst2"],
@@ -93,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     paper_claim.add_run_arguments(parser)
-    parser.set_defaults(lr_from=[LR_FROM])
+    parser.set_defaults(lr_from=list(LR_FROM))
     parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=EXPERIMENTS)
     parser.add_argument("--table4-datasets", nargs="+", default=["sst2", "trec", "subj"])
     parser.add_argument("--fig6-datasets", nargs="+", default=["sst2"])
@@ -253,13 +270,6 @@ def settings_table(frame: pd.DataFrame, names: list[str]) -> pd.DataFrame:
     return in_dataset_order(table.sort_values("setting", key=lambda column: column.map(order), kind="stable"))
 
 
-def planned(frame: pd.DataFrame, pieces: list[tuple[str, str, int]]) -> pd.DataFrame:
-    """The rows of ``frame`` that belong to ``pieces`` (a results file may hold other runs' pieces too)."""
-    wanted = set(pieces)
-    keys = zip(frame["dataset"], frame["setting"], frame["seed"].astype(int))
-    return frame.loc[pd.Series([key in wanted for key in keys], index=frame.index, dtype=bool)]
-
-
 def lr_choice_table(results: pd.DataFrame, validation: pd.DataFrame, search_step: int) -> pd.DataFrame:
     """Per data set and rule, the lr that rule picks from the validation accuracies (means over seeds; ties:
     the smaller lr, as the search does) and the test accuracy of that lr's full-length run, beside the best
@@ -335,14 +345,17 @@ def main(argv: list[str] | None = None, model=None) -> None:
     started = time.perf_counter()
     if not args.summarise_only:
         check_lrs_known(args, pieces, settings)
+        check_finished_precision(read_table(results, COLUMNS), KEYS, pieces, paper_claim.run_precision(args))
         run_pieces(pieces, lambda: finished_pieces(results), run_one, model=model,
                    load_model=lambda: load_model(args.model, device=args.device),
                    child_command=None if args.in_process else
                    lambda piece: [sys.executable, __file__, "--piece", ":".join(map(str, piece)), *given])
 
-    frame = planned(read_table(results, COLUMNS), pieces)
-    steps = planned(read_table(args.out / STEPS_FILE, STEP_COLUMNS), pieces)
-    validation = planned(read_table(args.out / VALIDATION_FILE, VALIDATION_COLUMNS), pieces)
+    # Every piece the folder holds, not only this command's: the tables and summary.json are rewritten
+    # whole, so a command that runs one experiment must not drop the others' rows from them.
+    frame = read_table(results, COLUMNS)
+    steps = read_table(args.out / STEPS_FILE, STEP_COLUMNS)
+    validation = read_table(args.out / VALIDATION_FILE, VALIDATION_COLUMNS)
     if frame.empty:
         print("no finished piece yet")
         return
@@ -363,4 +376,4 @@ def main(argv: list[str] | None = None, model=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

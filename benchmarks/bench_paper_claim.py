@@ -62,9 +62,11 @@ import pandas as pd
 from abft_lens.benchmarking import (
     METRICS,
     append_rows,
+    check_finished_precision,
     compare,
     read_table,
     run_pieces,
+    run_script,
     seed_table,
     timed_rows,
 )
@@ -224,6 +226,17 @@ def reused_lr(paths: list[Path], dataset: str, method: str) -> tuple[float, str]
             row = rows.iloc[0]
             return float(row["lr"]), f"reused: chosen by the search of seed {int(row['seed'])} in {path}"
     return None
+
+
+def run_precision(args: argparse.Namespace) -> str:
+    """The precision this command's pieces will run in: ``--precision`` with ``auto`` resolved for the device
+    the model will be on (a piece's config resolves it the same way)."""
+    import torch
+
+    from abft_lens.precision import resolve_precision
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_precision(args.precision, device).precision
 
 
 def device_name(device: str | None) -> str:
@@ -488,6 +501,9 @@ def main(argv: list[str] | None = None, model=None) -> None:
                 pieces.append((dataset, piece, seed))
     if args.summarise_only:
         pieces = []
+    finished = read_results(results)
+    check_finished_precision(finished.assign(piece=finished["method"].map(piece_of)), ("dataset", "piece", "seed"),
+                             pieces, run_precision(args))
     if args.in_process:
         run_pieces_in_process(args, pieces, results, model)
     else:
@@ -524,4 +540,4 @@ def main(argv: list[str] | None = None, model=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

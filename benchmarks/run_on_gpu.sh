@@ -59,7 +59,7 @@ assemble_model() {  # the embedded model's package from the staged parts, unless
     $PY -c "import time; t = time.time(); from abft_lens.models import load_model; load_model(); print(f'model cache ready in {time.time() - t:.0f} s')"
 }
 
-BENCH_ARGS=(--model smollm2-135m --device cuda --in-process --ood --n-train 512 --n-val 128 --steps 32
+BENCH_ARGS=(--model smollm2-135m --device cuda --precision fp32 --in-process --ood --n-train 512 --n-val 128 --steps 32
             --batch-size 32 --micro-batch-size 32 --k 4 --n-test 512 --demo-sets 2 --n-calibration 512
             --robustness-queries 128 --robustness-demo-sets 8 --eval-batch-size 64
             --lr-grid 1e-5 3e-5 1e-4 3e-4 1e-3 --lr-search-steps 8)

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
+from abft_lens.errors import DataError
 from abft_lens.evaluation import out_of_domain_harm
 from abft_lens.figures import in_paper_order
 from abft_lens.lora import has_lora
@@ -52,6 +55,32 @@ def test_append_rows_replaces_rows_with_the_same_key_and_keeps_the_rest(bench, t
     on_disk = pd.read_csv(path).set_index(["dataset", "seed"])["accuracy"].to_dict()
     assert on_disk == {("mr", 42): 0.6, ("sst2", 42): 0.9, ("sst2", 43): 0.7}
     assert bench.finished_pieces(path) == {("mr", "abft", 42), ("sst2", "abft", 42), ("sst2", "abft", 43)}
+
+
+def test_resuming_finished_pieces_in_another_precision_is_refused():
+    from abft_lens.benchmarking import check_finished_precision
+
+    keys = ("dataset", "piece", "seed")
+    frame = pd.DataFrame([dict(dataset="sst2", piece="abft", seed=42, precision="bf16"),
+                          dict(dataset="mr", piece="abft", seed=42, precision=None)])  # before the column: fp32
+    check_finished_precision(frame, keys, [("sst2", "abft", 42), ("mr", "abft", 43)], "bf16")  # mr 43 not run yet
+    check_finished_precision(frame, keys, [("mr", "abft", 42)], "fp32")
+    with pytest.raises(DataError, match="1 finished piece.*ran in fp32 .e.g. mr abft 42.*would use bf16"):
+        check_finished_precision(frame, keys, [("sst2", "abft", 42), ("mr", "abft", 42)], "bf16")
+
+
+def test_a_benchmark_script_says_what_is_wrong_in_one_line_and_exits_with_status_2(tmp_path):
+    out = tmp_path / "ablations"
+    out.mkdir()
+    pd.DataFrame([dict(dataset="sst2", setting="paper", seed=42, precision="bf16")]).to_csv(out / "results.csv",
+                                                                                          index=False)
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_ablations.py"), "--experiments", "table4",
+               "--table4-datasets", "sst2", "--precision", "fp32", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: 1 finished piece(s) of this command ran in bf16")
+    assert not (out / "runs").exists()  # nothing ran
 
 
 def test_out_of_domain_harm_is_vanilla_minus_fine_tuned_on_the_same_data_set_and_seed():
@@ -329,10 +358,28 @@ def test_tiny_ablation_benchmark_runs_every_experiment_in_process_and_resumes(ab
     for name, value in snapshot(params).items():
         assert torch.equal(value, before[name]), f"{name} changed"
 
+    # Without the head filter the loss acts on every head; the PID counts those above the threshold.
+    all_heads = steps[steps["setting"] == "all_heads"]
+    assert (all_heads["flagged_heads"] == tiny_gpt2.cfg.n_layers * tiny_gpt2.cfg.n_heads).all()
+    assert (all_heads["induction_heads"] <= all_heads["flagged_heads"]).all()
+    paper = steps[steps["setting"] == "paper"]
+    assert paper["induction_heads"].tolist() == paper["flagged_heads"].tolist()
+
     # A second run finds every piece finished and trains nothing.
     mtime = (out / "results.csv").stat().st_mtime_ns
     ablations.main(argv, model=tiny_gpt2)
     assert (out / "results.csv").stat().st_mtime_ns == mtime
+
+    # One experiment at a time: its summary keeps the other experiments' tables whole.
+    ablations.main([*argv, "--experiments", "fig6", "--summarise-only"], model=tiny_gpt2)
+    assert set(pd.read_csv(out / "table4.csv")["setting"]) == set(table4.index)
+    assert json.loads((out / "summary.json").read_text())["pieces"] == len(results)
+
+    # Resuming the finished pieces in another precision is refused before anything runs.
+    in_bf16 = [("bf16" if previous == "--precision" else arg) for previous, arg in zip(["", *argv], argv)]
+    with warnings.catch_warnings(), pytest.raises(DataError, match="ran in fp32.*would use bf16"):
+        warnings.simplefilter("ignore")  # bf16 on a CPU without bf16 instructions warns
+        ablations.main(in_bf16, model=tiny_gpt2)
 
     # `abft-lens figures` draws the same figures, with the paper's figure or table number in each title.
     report = make_figures([tmp_path / "results"], tmp_path / "figures", png=False)
@@ -389,7 +436,11 @@ def test_peak_rss_sees_memory_allocated_and_freed_inside_the_block():
 
     with PeakRSS() as memory:
         block = b"\x01" * (64 * 2**20)  # filled, so every page is resident
-        time.sleep(0.05)  # many sampling intervals
+        # Held until the sampler has seen it (at most 5 s): a fixed 50 ms was sometimes too short for the
+        # sampling thread to get the GIL after the earlier tests of a full run, which made this test flaky.
+        deadline = time.monotonic() + 5
+        while memory.added_mb < 60 and time.monotonic() < deadline:
+            time.sleep(0.01)
         del block  # 64 MiB is above glibc's largest mmap threshold: freeing it returns the pages
     # Only the sampling thread saw the peak: at the block's end the memory is gone again.
     assert memory.added_mb >= 60

@@ -83,6 +83,43 @@ def test_label_covering_training_prompts_always_show_the_query_label(model, tiny
     assert saved["prompts"]["share_without_query_label"] == 0.0
 
 
+# --- what the PID counts ------------------------------------------------------------------------------
+
+
+def test_the_pid_counts_the_heads_above_the_threshold_whatever_the_loss_acts_on():
+    from abft_lens.heads import induction_head_mask
+    from abft_lens.training.head_plan import HeadPlan, counted_heads, head_mask_for
+
+    # One prompt of 10 tokens, 2 layers x 2 heads, k = 2: the paper's threshold 2 / (2 + ln 10) is about 0.46,
+    # so heads (0, 0) (mass 0.7) and (1, 0) (0.5) pass and (0, 1) (0.2) and (1, 1) (0.1) do not.
+    attention = torch.tensor([[[[0.4, 0.3], [0.1, 0.1]], [[0.3, 0.2], [0.0, 0.1]]]])
+    lengths = torch.tensor([10])
+    induction = induction_head_mask(attention, lengths)
+    assert induction.tolist() == [[[True, False], [True, False]]]
+
+    def counted(plan: HeadPlan) -> list:
+        mask = head_mask_for(plan, attention, lengths, "paper", 2.0)
+        return counted_heads(plan, mask, attention, lengths, "paper", 2.0).tolist()
+
+    assert counted(HeadPlan("per-prompt", (0, 1))) == induction.tolist()
+    # No head filter: the loss acts on all 4 heads, the PID still sees the 2 induction heads, not a constant 4.
+    assert head_mask_for(HeadPlan("all", (0, 1)), attention, lengths, "paper", 2.0).all()
+    assert counted(HeadPlan("all", (0, 1))) == induction.tolist()
+    # A fixed head set: those of its heads that are induction heads on the prompt.
+    assert counted(HeadPlan("fixed", (0, 1), ((0, 0), (0, 1)))) == [[[True, False], [False, False]]]
+
+
+def test_without_the_head_filter_the_controller_is_fed_the_induction_head_count(model, tiny_gpt2_dir, short_sst2,
+                                                                                tmp_path):
+    config = config_for(tiny_gpt2_dir, short_sst2, tmp_path / "run", heads="all", steps=3)
+    train, _ = training_prompts(model, config)
+    plan = plan_heads(config.heads, model.cfg.n_layers, model.cfg.n_heads, config.head_top)
+    runner = FinetuneRunner(model, train, config, 1e-2, plan, trainable_parameters(model, "qk"))
+    rows = [runner.step() for _ in range(config.steps)]  # the fixture puts the weights back
+    assert all(row["flagged_heads"] == model.cfg.n_layers * model.cfg.n_heads for row in rows)
+    assert runner.controller.history == [row["induction_heads"] for row in rows]
+
+
 # --- the relative PID input ---------------------------------------------------------------------------
 
 

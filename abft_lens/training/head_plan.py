@@ -65,6 +65,18 @@ def plan_heads(spec: str, n_layers: int, n_heads: int, top: int | None = None) -
     return HeadPlan("fixed", tuple(sorted({layer for layer, _ in unique})), unique)
 
 
+def counted_heads(plan: HeadPlan, mask: Bool[Tensor, "batch layer head"], attention: Float[Tensor, "batch layer head k"],
+                  prompt_lengths, threshold: ThresholdKind, tau: float) -> Bool[Tensor, "batch layer head"]:
+    """The heads the PID counts (method.md: n_t, the heads flagged as induction heads): those of the loss's
+    ``mask`` that pass the induction threshold on their prompt. With the paper's per-prompt filter that is
+    ``mask`` itself. Without a filter ("all") or with a fixed head set the loss also acts on heads that are
+    not induction heads on the prompt; counting those would feed the PID a constant (270 heads on SmolLM2),
+    A would never move, and "no head filter" would be "no PID" as well."""
+    if plan.mode == "per-prompt":
+        return mask
+    return mask & induction_head_mask(attention, prompt_lengths, threshold, tau)
+
+
 def head_mask_for(plan: HeadPlan, attention: Float[Tensor, "batch layer head k"],
                   prompt_lengths, threshold: ThresholdKind, tau: float) -> Bool[Tensor, "batch layer head"]:
     if plan.mode == "per-prompt":

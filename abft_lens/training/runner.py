@@ -20,7 +20,7 @@ from abft_lens.loss import PunishWeightController, abft_loss, e2e_loss, weights_
 from abft_lens.precision import autocast
 from abft_lens.prompts import PromptBatch, PromptSet
 from abft_lens.training.config import FinetuneConfig, Objective
-from abft_lens.training.head_plan import HeadPlan, head_mask_for
+from abft_lens.training.head_plan import HeadPlan, counted_heads, head_mask_for
 
 
 # --- data order -------------------------------------------------------------------------------------
@@ -48,7 +48,8 @@ class StepSums:
 
     prompts: int = 0
     loss: float = 0.0
-    flagged: float = 0.0
+    flagged: float = 0.0  # heads the loss acts on (all of them without the head filter)
+    induction: float = 0.0  # of those, the heads above the induction threshold: the PID's input
     prompts_with_flagged: int = 0
     correct_mass: float = 0.0  # summed over prompts with at least one flagged head
     wrong_mass: float = 0.0
@@ -63,6 +64,7 @@ class StepSums:
         row = {
             "loss": self.loss / n,
             "flagged_heads": self.flagged / n,
+            "induction_heads": self.induction / n,
             "prompts_with_flagged": self.prompts_with_flagged / n,
             "correct_mass": self.correct_mass / with_flagged,
             "wrong_mass": self.wrong_mass / with_flagged,
@@ -120,6 +122,8 @@ class FinetuneRunner:
         has_flagged = out.flagged_heads_per_prompt > 0
         sums.prompts += len(batch.query_labels)
         sums.flagged += float(out.flagged_heads_per_prompt.sum())
+        sums.induction += float(counted_heads(self.plan, mask, attention, batch.prompt_lengths, cfg.threshold,
+                                              cfg.tau).sum())
         sums.prompts_with_flagged += int(has_flagged.sum())
         sums.correct_mass += float(out.correct_mass[has_flagged].sum())
         sums.wrong_mass += float(out.wrong_mass[has_flagged].sum())
@@ -151,7 +155,7 @@ class FinetuneRunner:
         self.completed += 1
         row = {"step": self.completed, **sums.metrics(self.config.objective), "punish_weight": punish_weight}
         if self.config.objective == "abft":
-            self.controller.step(row["flagged_heads"])
+            self.controller.step(row["induction_heads"])
         row["seconds"] = time.perf_counter() - started
         return row
 
