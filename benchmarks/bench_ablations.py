@@ -361,7 +361,8 @@ def main(argv: list[str] | None = None, model=None) -> None:
         return
     summary, tables = summarise(frame, validation, search_step(args, FinetuneConfig().lr_search_steps))
     for name, table in tables.items():
-        atomic_write_text(args.out / f"{name}.csv", table.to_csv(index=False, float_format="%.4g"))
+        if len(table):  # an experiment with no finished comparison yet writes no empty file
+            atomic_write_text(args.out / f"{name}.csv", table.to_csv(index=False, float_format="%.4g"))
     atomic_write_text(args.out / "seed_table.csv", seed_table(frame, by="setting").to_csv(index=False, float_format="%.4g"))
     for stem, figure in ablation_figures(frame, steps, validation, name=args.model).items():
         save_figure(figure, args.out / stem)
