@@ -54,7 +54,7 @@ def settings_figure(results: pd.DataFrame, title: str) -> go.Figure:
     return method_comparison(results, ("accuracy", "macro_f1"), method="setting", title=title, binomial=("accuracy",))
 
 
-def flagged_heads_figure(steps: pd.DataFrame, title: str) -> go.Figure:
+def induction_heads_figure(steps: pd.DataFrame, title: str) -> go.Figure:
     """Per data set (columns): the mean induction heads per prompt, the PID's input (top), and the punishment
     weight A (bottom) per optimiser step, one line per setting, the mean over seeds. Steps logged before
     ``induction_heads`` existed give their flagged heads, the same count wherever the head filter was on."""
@@ -181,7 +181,7 @@ def ablation_figures(results: pd.DataFrame, steps: pd.DataFrame | None = None,
     if steps is not None and len(steps):
         ablated = compared_rows(steps, [s.name for s in TABLE4])
         if len(ablated):
-            figures["fig5"] = flagged_heads_figure(ablated, f"Fig. 5 (paper): induction heads per step under the "
+            figures["fig5"] = induction_heads_figure(ablated, f"Fig. 5 (paper): induction heads per step under the "
                                                             f"Table 4 ablations{suffix}")
     weights = results[results["setting"].map(is_weight_setting) & results["method"].eq("abft")]
     for dataset, part in in_dataset_order(weights).groupby("dataset", sort=False):

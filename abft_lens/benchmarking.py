@@ -7,15 +7,15 @@ sampler of the speed benchmarks."""
 from __future__ import annotations
 
 import subprocess
+import sys
 import threading
 import time
-import sys
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
 
 import pandas as pd
 
-from abft_lens.errors import AbftLensError, DataError
+from abft_lens.errors import AbftLensError, DataError, one_line
 from abft_lens.runs import atomic_write_text
 
 METRICS = ("accuracy", "macro_f1")
@@ -63,7 +63,7 @@ def run_script(main: Callable[[], None]) -> None:
     try:
         main()
     except AbftLensError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(str(error))}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -78,7 +78,7 @@ def check_finished_precision(frame: pd.DataFrame, keys: Sequence[str], pieces: I
     wanted = set(pieces)
     index = zip(*(frame[key].astype(int) if key == "seed" else frame[key] for key in keys), strict=True)
     finished = frame[[key in wanted for key in index]]
-    ran_in = finished.get("precision", pd.Series(index=finished.index, dtype=object)).fillna("fp32")
+    ran_in = finished.get("precision", pd.Series(index=finished.index, dtype=object)).astype(object).fillna("fp32")
     other = finished[ran_in != precision]
     if len(other):
         example = " ".join(str(other.iloc[0][key]) for key in keys)

@@ -26,7 +26,7 @@ from abft_lens.choices import (
     WeightDtype,
     checked,
 )
-from abft_lens.errors import AbftLensError, ConfigError
+from abft_lens.errors import AbftLensError, ConfigError, one_line
 from abft_lens.runs import check_out_dir, load_config, with_overrides
 
 # Plain click help: rich markup would read each "[default: ...]" in a help text as a tag and drop it.
@@ -516,10 +516,6 @@ def _load_plugins() -> None:
         entry_point.load()(app)
 
 
-def _one_line(text: str) -> str:
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())
-
-
 def _caused_by_interrupt(error: BaseException | None) -> bool:
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
@@ -557,11 +553,11 @@ def main(argv: list[str] | None = None) -> None:
     except AbftLensError as error:
         if debug:
             raise
-        typer.echo(f"error: {_one_line(str(error))}", err=True)
+        typer.echo(f"error: {one_line(str(error))}", err=True)
         sys.exit(2)
     except Exception as error:  # a bug or an unforeseen input: still one line, the traceback on request
         if debug:
             raise
-        typer.echo(f"error: {type(error).__name__}: {_one_line(str(error))} (rerun with --debug for the "
+        typer.echo(f"error: {type(error).__name__}: {one_line(str(error))} (rerun with --debug for the "
                    "traceback)", err=True)
         sys.exit(2)

@@ -1,6 +1,11 @@
 """Errors a user can act on. The CLI prints these as one clear message, without a stack trace."""
 
 
+def one_line(text: str) -> str:
+    """A message on one line (the CLI and the benchmark scripts print an error as one line)."""
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 class AbftLensError(Exception):
     """Base class for problems with the user's input or environment (not bugs)."""
 

@@ -174,7 +174,7 @@ def abft_loss(
 
 def pid_inputs(counts: Sequence[float], mode: PidInput = "count",
                reference_heads: float = PID_REFERENCE_HEADS) -> list[float]:
-    """The PID controller's inputs for the flagged-head counts n_1, ..., n_t: the counts themselves
+    """The PID controller's inputs for the induction-head counts n_1, ..., n_t: the counts themselves
     ("count", the paper's), or ``reference_heads * n_i / n_ref`` ("relative"), n_ref the first non-zero
     count (the first step's, unless no head was flagged then; inputs before it are 0), at least one head.
     Relative inputs do not change when every count is multiplied by the same factor: the gains act alike on
@@ -194,7 +194,9 @@ def pid_inputs(counts: Sequence[float], mode: PidInput = "count",
 
 
 class PunishWeightController:
-    """The paper's PID controller on A, driven by n_t = mean heads flagged per prompt at step t (or, with
+    """The paper's PID controller on A, driven by n_t = mean induction heads per prompt at step t among the
+    heads given the loss (the flagged heads, with the paper's per-prompt filter; the training runner counts
+    them with ``training.head_plan.counted_heads``) (or, with
     ``pid_input`` "relative", by ``pid_inputs``' scaled counts in place of every n).
 
     Call `step(n_t)` after optimiser step t = 1, 2, ...; it returns A_t for the next step. A is

@@ -223,12 +223,14 @@ def _mapping_table(mapping: Mapping[str, object]) -> str:
 
 
 def training_curves(metrics: pd.DataFrame, title: str) -> go.Figure:
-    """Loss, the PID-controlled punish weight A, flagged heads per prompt, and the flagged heads' mass on
-    correct and wrong labels, per optimiser step."""
+    """Loss, the PID-controlled punish weight A, induction heads per prompt (the PID's input; a run logged
+    before that column gives its flagged heads, the same count with the per-prompt filter), and the flagged
+    heads' mass on correct and wrong labels, per optimiser step."""
     from plotly.subplots import make_subplots
 
     panels = [("loss", ("loss",)), ("A (punish weight)", ("punish_weight",)),
-              ("flagged heads per prompt", ("flagged_heads",)), ("label mass of flagged heads",
+              ("induction heads per prompt", ("induction_heads" if "induction_heads" in metrics else "flagged_heads",)),
+              ("label mass of flagged heads",
                                                                  ("correct_mass", "wrong_mass"))]
     figure = make_subplots(rows=2, cols=2, subplot_titles=[name for name, _ in panels], vertical_spacing=0.14)
     for i, (_, columns) in enumerate(panels):

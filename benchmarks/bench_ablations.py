@@ -89,7 +89,8 @@ KNOBS = ("pid", "pid_input", "pid_reference_heads", "heads", "terms", "initial_p
          "training_demos", "n_train", "n_val", "steps", "keep_checkpoints")
 COLUMNS = ["dataset", "setting", "seed", "method", "accuracy", "macro_f1", "collapsed_onto", "predicted_distribution",
            "label_words", "n_inputs", "train_seconds", "lr", "lr_source", *KNOBS, "share_without_query_label",
-           "flagged_heads_first", "flagged_heads_last", "punish_weight_last", "steps_at_zero_punish_weight",
+           "flagged_heads_first", "flagged_heads_last", "induction_heads_first", "induction_heads_last",
+           "punish_weight_last", "steps_at_zero_punish_weight",
            "induction_heads_per_prompt", "induction_correct_mass", "induction_wrong_mass", "peak_memory_mb",
            "trainable_params", "eval_seconds", "piece_seconds", "run_dir", "device", "precision", "model"]
 KEYS = ("dataset", "setting", "seed")
@@ -212,6 +213,7 @@ def run_piece(args: argparse.Namespace, dataset: str, setting: Setting, seed: in
         lr_source="setting" if given_lr else lr_source, **{knob: config.get(knob) for knob in KNOBS},
         share_without_query_label=record["prompts"]["share_without_query_label"],
         flagged_heads_first=steps[0]["flagged_heads"], flagged_heads_last=steps[-1]["flagged_heads"],
+        induction_heads_first=steps[0]["induction_heads"], induction_heads_last=steps[-1]["induction_heads"],
         punish_weight_last=punish[-1], steps_at_zero_punish_weight=sum(weight == 0 for weight in punish),
         precision=config["precision"])]
 

@@ -501,9 +501,10 @@ def main(argv: list[str] | None = None, model=None) -> None:
                 pieces.append((dataset, piece, seed))
     if args.summarise_only:
         pieces = []
-    finished = read_results(results)
-    check_finished_precision(finished.assign(piece=finished["method"].map(piece_of)), ("dataset", "piece", "seed"),
-                             pieces, run_precision(args))
+    if pieces:  # (--summarise-only runs none: GPU results summarise on a machine without that GPU)
+        finished = read_results(results)
+        check_finished_precision(finished.assign(piece=finished["method"].map(piece_of)),
+                                 ("dataset", "piece", "seed"), pieces, run_precision(args))
     if args.in_process:
         run_pieces_in_process(args, pieces, results, model)
     else:

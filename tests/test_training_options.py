@@ -117,7 +117,16 @@ def test_without_the_head_filter_the_controller_is_fed_the_induction_head_count(
     runner = FinetuneRunner(model, train, config, 1e-2, plan, trainable_parameters(model, "qk"))
     rows = [runner.step() for _ in range(config.steps)]  # the fixture puts the weights back
     assert all(row["flagged_heads"] == model.cfg.n_layers * model.cfg.n_heads for row in rows)
+    assert any(row["induction_heads"] < row["flagged_heads"] for row in rows)  # else this could not tell them apart
     assert runner.controller.history == [row["induction_heads"] for row in rows]
+
+    # A checkpoint from before the PID counted induction heads holds the other count: it does not resume.
+    old = {key: value for key, value in runner.state_dict().items() if key != "pid_counts"}
+    with pytest.raises(AbftLensError, match="Cannot resume.*--heads all"):
+        runner.load_state_dict(old)
+    per_prompt = dataclasses.replace(config, heads="per-prompt")
+    plan = plan_heads("per-prompt", model.cfg.n_layers, model.cfg.n_heads)
+    FinetuneRunner(model, train, per_prompt, 1e-2, plan, trainable_parameters(model, "qk")).load_state_dict(old)
 
 
 # --- the relative PID input ---------------------------------------------------------------------------

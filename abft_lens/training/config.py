@@ -30,8 +30,10 @@ DESIGN_CHOICES = {
     "data_order": "a fresh seeded permutation of the training prompts per epoch; a pseudo-batch may span two",
     "validation_split": "the last n_val examples of the training pool are validation queries (never training "
                         "queries); training queries and all demonstrations come from the rest",
-    "pid_input": "mean number of flagged heads per prompt over the step's pseudo-batch (pid_input 'count', the "
-                 "paper's), or that mean over its value at the first step with any flagged head, times "
+    "pid_input": "mean number of induction heads per prompt among the heads given the loss (with the per-prompt "
+                 "filter, the flagged heads; with 'all' or a head set, those above the threshold) over the step's "
+                 "pseudo-batch (pid_input 'count', the paper's), or that mean over its value at the first step "
+                 "with any such head, times "
                  "pid_reference_heads ('relative', ours: the same gains on any number of heads)",
     "training_demos": "training prompts' demonstrations at random (the paper's) or, with 'label_covering', one of "
                       "them of the query's label; validation prompts always at random, as the test prompts are",

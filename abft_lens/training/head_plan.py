@@ -9,7 +9,7 @@ from typing import Literal
 
 import pandas as pd
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from abft_lens.errors import HeadSelectionError
@@ -66,7 +66,8 @@ def plan_heads(spec: str, n_layers: int, n_heads: int, top: int | None = None) -
 
 
 def counted_heads(plan: HeadPlan, mask: Bool[Tensor, "batch layer head"], attention: Float[Tensor, "batch layer head k"],
-                  prompt_lengths, threshold: ThresholdKind, tau: float) -> Bool[Tensor, "batch layer head"]:
+                  prompt_lengths: Int[Tensor, " batch"], threshold: ThresholdKind,
+                  tau: float) -> Bool[Tensor, "batch layer head"]:
     """The heads the PID counts (method.md: n_t, the heads flagged as induction heads): those of the loss's
     ``mask`` that pass the induction threshold on their prompt. With the paper's per-prompt filter that is
     ``mask`` itself. Without a filter ("all") or with a fixed head set the loss also acts on heads that are

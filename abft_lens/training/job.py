@@ -211,7 +211,7 @@ def _train(runner: FinetuneRunner, run_dir: Path, progress: bool) -> None:
             log.info("step %d: loss %.4f, flagged heads %.2f, correct mass %.3f, wrong mass %.3f",
                      row["step"], row["loss"], row["flagged_heads"], row["correct_mass"], row["wrong_mass"])
             bar.set_postfix(loss=f"{row['loss']:.3f}", A=f"{row['punish_weight']:.3f}",
-                            heads=f"{row['flagged_heads']:.1f}")
+                            heads=f"{row['induction_heads']:.1f}")
             bar.update(1)
             if (runner.completed % config.checkpoint_every == 0 or runner.completed == config.steps) \
                     and distributed.is_main_process():

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from abft_lens import distributed
-from abft_lens.errors import DataError
+from abft_lens.errors import AbftLensError, DataError
 from abft_lens.forward import query_logits_and_rows
 from abft_lens.heads import gather_label_attention, label_attention
 from abft_lens.lora import lora_dropout_active
@@ -21,6 +21,11 @@ from abft_lens.precision import autocast
 from abft_lens.prompts import PromptBatch, PromptSet
 from abft_lens.training.config import FinetuneConfig, Objective
 from abft_lens.training.head_plan import HeadPlan, counted_heads, head_mask_for
+
+
+# What the PID's history counts, saved with a checkpoint: the induction heads among the loss's heads
+# (``head_plan.counted_heads``). Checkpoints without it counted the loss's heads, the same only per prompt.
+PID_COUNTS = "induction heads"
 
 
 # --- data order -------------------------------------------------------------------------------------
@@ -161,9 +166,14 @@ class FinetuneRunner:
 
     def state_dict(self) -> dict[str, object]:
         return {"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                "completed": self.completed, "pid": self.controller.state_dict()}
+                "completed": self.completed, "pid": self.controller.state_dict(), "pid_counts": PID_COUNTS}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
+        if state.get("pid_counts") != PID_COUNTS and self.plan.mode != "per-prompt":
+            # Its PID history holds the loss's head count (a constant 270 without the filter); appending
+            # induction-head counts to it would drive A to its floor through the integral term.
+            raise AbftLensError(f"Cannot resume this run: it was started before the PID counted the induction "
+                                f"heads among the loss's heads (with --heads {self.config.heads}); start it over.")
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         self.completed = int(state["completed"])
