@@ -16,6 +16,7 @@ from plotly.subplots import make_subplots
 from abft_lens.ablations import REMEDIES, TABLE4, is_lr_setting, is_size_setting, is_weight_setting
 from abft_lens.paper_numbers import PAPER_DATASET_ORDER, PAPER_GPT2_XL, PAPER_N_TRAIN
 from abft_lens.plots import method_comparison
+from abft_lens.runs import pid_input_counts
 
 STEPS_FILE = "steps.csv"
 VALIDATION_FILE = "validation.csv"
@@ -56,14 +57,13 @@ def settings_figure(results: pd.DataFrame, title: str) -> go.Figure:
 
 def induction_heads_figure(steps: pd.DataFrame, title: str) -> go.Figure:
     """Per data set (columns): the mean induction heads per prompt, the PID's input (top), and the punishment
-    weight A (bottom) per optimiser step, one line per setting, the mean over seeds. Steps logged before
-    ``induction_heads`` existed give their flagged heads, the same count wherever the head filter was on."""
+    weight A (bottom) per optimiser step, one line per setting, the mean over seeds (``runs.pid_input_counts``:
+    steps logged before ``induction_heads`` existed give the flagged heads their PID counted)."""
     datasets = list(dict.fromkeys(in_dataset_order(steps)["dataset"]))
     settings = list(dict.fromkeys(steps["setting"]))
     figure = make_subplots(rows=2, cols=len(datasets), shared_xaxes=True, subplot_titles=datasets,
                            vertical_spacing=0.08, horizontal_spacing=0.06)
-    counted = steps["induction_heads"] if "induction_heads" in steps else pd.Series(float("nan"), index=steps.index)
-    steps = steps.assign(induction_heads=counted.fillna(steps["flagged_heads"]))
+    steps = steps.assign(induction_heads=pid_input_counts(steps))
     mean = steps.groupby(["dataset", "setting", "step"], sort=False)[["induction_heads", "punish_weight"]].mean()
     for column, dataset in enumerate(datasets, start=1):
         for index, setting in enumerate(settings):

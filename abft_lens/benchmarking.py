@@ -57,6 +57,11 @@ def timed_rows(rows_of: Callable[[], list[dict[str, object]]]) -> list[dict[str,
     return [{**row, "piece_seconds": time.perf_counter() - started} for row in rows]
 
 
+def piece_keys(frame: pd.DataFrame, keys: Sequence[str]) -> list[tuple]:
+    """Each row's piece: the values of its ``keys`` columns, the seed as an int (a CSV may read it as float)."""
+    return list(zip(*(frame[key].astype(int) if key == "seed" else frame[key] for key in keys), strict=True))
+
+
 def run_script(main: Callable[[], None]) -> None:
     """A benchmark script's entry point: bad input (an ``AbftLensError``, found before the work starts) is one
     line on stderr and exit status 2, as in the CLI."""
@@ -76,8 +81,7 @@ def check_finished_precision(frame: pd.DataFrame, keys: Sequence[str], pieces: I
     if frame.empty:
         return
     wanted = set(pieces)
-    index = zip(*(frame[key].astype(int) if key == "seed" else frame[key] for key in keys), strict=True)
-    finished = frame[[key in wanted for key in index]]
+    finished = frame[[key in wanted for key in piece_keys(frame, keys)]]
     ran_in = finished.get("precision", pd.Series(index=finished.index, dtype=object)).astype(object).fillna("fp32")
     other = finished[ran_in != precision]
     if len(other):

@@ -25,7 +25,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from abft_lens.benchmarking import binomial_standard_error
-from abft_lens.runs import atomic_write_text, read_json_object, read_metrics, write_json
+from abft_lens.runs import atomic_write_text, pid_input_counts, read_json_object, read_metrics, write_json
 
 REPORT_FILE = "report.html"
 INDEX_FILE = "index.html"
@@ -223,15 +223,15 @@ def _mapping_table(mapping: Mapping[str, object]) -> str:
 
 
 def training_curves(metrics: pd.DataFrame, title: str) -> go.Figure:
-    """Loss, the PID-controlled punish weight A, induction heads per prompt (the PID's input; a run logged
-    before that column gives its flagged heads, the same count with the per-prompt filter), and the flagged
-    heads' mass on correct and wrong labels, per optimiser step."""
+    """Loss, the PID-controlled punish weight A, induction heads per prompt (the PID's input,
+    ``runs.pid_input_counts``), and the flagged heads' mass on correct and wrong labels, per optimiser step."""
     from plotly.subplots import make_subplots
 
     panels = [("loss", ("loss",)), ("A (punish weight)", ("punish_weight",)),
-              ("induction heads per prompt", ("induction_heads" if "induction_heads" in metrics else "flagged_heads",)),
-              ("label mass of flagged heads",
-                                                                 ("correct_mass", "wrong_mass"))]
+              ("induction heads per prompt", ("induction_heads",)),
+              ("label mass of flagged heads", ("correct_mass", "wrong_mass"))]
+    if "flagged_heads" in metrics:
+        metrics = metrics.assign(induction_heads=pid_input_counts(metrics))
     figure = make_subplots(rows=2, cols=2, subplot_titles=[name for name, _ in panels], vertical_spacing=0.14)
     for i, (_, columns) in enumerate(panels):
         for column in columns:

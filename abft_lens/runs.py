@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from abft_lens.errors import AbftLensError, ConfigError
 
 if TYPE_CHECKING:  # torch is imported where tensors are read: `abft-lens --help` stays quick
+    import pandas as pd
     from torch import Tensor
 
     from abft_lens.lora import LoraSettings
@@ -231,6 +232,15 @@ def read_metrics(path: str | Path, up_to_step: float = math.inf) -> list[dict[st
             if isinstance(row, dict) and row.get("step", math.inf) <= up_to_step:
                 rows.append(row)
     return rows
+
+
+def pid_input_counts(steps: pd.DataFrame) -> pd.Series:
+    """Each logged step's PID input: ``induction_heads`` (the induction heads per prompt among the loss's
+    heads); a step logged before that column existed gives ``flagged_heads``, which the PID counted then
+    (the same count with the paper's per-prompt filter, all heads given the loss without it)."""
+    if "induction_heads" not in steps:
+        return steps["flagged_heads"]
+    return steps["induction_heads"].fillna(steps["flagged_heads"])
 
 
 def append_metrics(path: Path, row: dict[str, Any]) -> None:

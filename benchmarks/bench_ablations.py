@@ -71,6 +71,7 @@ from abft_lens.benchmarking import (
     append_rows,
     check_finished_precision,
     compare,
+    piece_keys,
     read_table,
     run_pieces,
     run_script,
@@ -233,8 +234,7 @@ def check_lrs_known(args: argparse.Namespace, pieces: list[tuple[str, str, int]]
 
 
 def finished_pieces(results: Path) -> set[tuple[str, str, int]]:
-    frame = read_table(results, COLUMNS)
-    return set(zip(frame["dataset"], frame["setting"], frame["seed"].astype(int)))
+    return set(piece_keys(read_table(results, COLUMNS), KEYS))
 
 
 def append_results(path: Path, rows: list[dict[str, object]]) -> pd.DataFrame:

@@ -64,6 +64,7 @@ from abft_lens.benchmarking import (
     append_rows,
     check_finished_precision,
     compare,
+    piece_keys,
     read_table,
     run_pieces,
     run_script,
@@ -352,9 +353,15 @@ def run_pieces_in_process(args: argparse.Namespace, pieces: list[tuple[str, str,
                load_model=lambda: load_model(args.model, device=args.device))
 
 
+PIECE_KEYS = ("dataset", "piece", "seed")  # vanilla and calibration rows come from one "base" piece
+
+
+def with_pieces(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.assign(piece=frame["method"].map(piece_of))
+
+
 def finished_pieces(results: Path) -> set[tuple[str, str, int]]:
-    frame = read_results(results)
-    return set(zip(frame["dataset"], frame["method"].map(piece_of), frame["seed"].astype(int)))
+    return set(piece_keys(with_pieces(read_results(results)), PIECE_KEYS))
 
 
 def read_results(path: Path) -> pd.DataFrame:
@@ -502,9 +509,7 @@ def main(argv: list[str] | None = None, model=None) -> None:
     if args.summarise_only:
         pieces = []
     if pieces:  # (--summarise-only runs none: GPU results summarise on a machine without that GPU)
-        finished = read_results(results)
-        check_finished_precision(finished.assign(piece=finished["method"].map(piece_of)),
-                                 ("dataset", "piece", "seed"), pieces, run_precision(args))
+        check_finished_precision(with_pieces(read_results(results)), PIECE_KEYS, pieces, run_precision(args))
     if args.in_process:
         run_pieces_in_process(args, pieces, results, model)
     else:

@@ -109,6 +109,16 @@ def test_the_pid_counts_the_heads_above_the_threshold_whatever_the_loss_acts_on(
     assert counted(HeadPlan("fixed", (0, 1), ((0, 0), (0, 1)))) == [[[True, False], [False, False]]]
 
 
+def test_steps_logged_before_the_induction_count_existed_give_the_flagged_heads_their_pid_counted():
+    from abft_lens.runs import pid_input_counts
+
+    old_all_heads = pd.DataFrame({"step": [1, 2], "flagged_heads": [270.0, 270.0]})  # its PID counted all 270
+    assert pid_input_counts(old_all_heads).tolist() == [270.0, 270.0]
+    # A per-prompt run resumed across the change: its first step has no induction count.
+    resumed = pd.DataFrame({"step": [1, 2], "flagged_heads": [15.4, 24.4], "induction_heads": [float("nan"), 24.4]})
+    assert pid_input_counts(resumed).tolist() == [15.4, 24.4]
+
+
 def test_without_the_head_filter_the_controller_is_fed_the_induction_head_count(model, tiny_gpt2_dir, short_sst2,
                                                                                 tmp_path):
     config = config_for(tiny_gpt2_dir, short_sst2, tmp_path / "run", heads="all", steps=3)
