@@ -13,8 +13,18 @@ cores execute several times faster than float32. What stays float32:
   float32 tensors, outside the autocast region where it matters).
 
 ``auto`` picks the fastest setting that passed the parity check (benchmarks/RESULTS.md): bf16 where
-the hardware runs it fast, float32 elsewhere, and says which and why. Asking for bf16 on hardware
-without fast bf16 warns that it will be slow; results are the same bf16 numbers either way.
+the hardware runs it fast, float32 elsewhere, and says which and why.
+
+bf16 asked for on a CPU without bf16 instructions (avx2 only, or ``ONEDNN_MAX_CPU_ISA`` capped below
+them): PyTorch's fallback bf16 matmul kernel is some 50x slower than float32 there (measured on an
+avx2-only AMD EPYC: 8.2 s against 0.15 s for a [3200, 576] @ [576, 1536] product), which would make a
+bf16 run unaffordable. So on such a CPU the autocast region *emulates* the bf16 matmuls
+(``EmulatedBf16Matmuls``): each operand is rounded to bf16, the product is taken in float32 and
+rounded to bf16, which is what the bf16 instructions compute (exact products of bf16 values,
+accumulated in float32, a bf16 result); only the order of the float32 additions may differ, as it does
+between thread counts. Every other op sees the same bf16 tensors as under plain autocast. It costs
+about what float32 costs, so ``auto`` still picks float32 on such a CPU; asking for bf16 there keeps a
+bf16 grid in one precision on any machine.
 """
 
 from __future__ import annotations
@@ -30,6 +40,8 @@ from typing import TypeVar
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
 
 from abft_lens.choices import Precision, ResolvedPrecision, WeightDtype
 
@@ -81,11 +93,14 @@ def resolve_precision(requested: Precision, device: torch.device | str) -> Preci
         if fast:
             return PrecisionChoice("bf16", f"auto: {seen} (bf16 passed the parity check, benchmarks/RESULTS.md)")
         return PrecisionChoice("fp32", f"auto: {seen}, so bf16 would not be faster")
-    if requested == "bf16" and not fast:
-        warnings.warn(f"--precision bf16 on hardware without fast bf16 ({seen}): it will be slower than fp32.",
-                      stacklevel=2)
     if requested not in ("fp32", "bf16"):
         raise ValueError(f"precision must be auto, fp32 or bf16, got {requested!r}")
+    if requested == "bf16" and not fast:
+        if torch.device(device).type == "cpu":
+            return PrecisionChoice("bf16", f"asked for ({seen}: bf16 matmuls emulated in float32, "
+                                           "about as fast as fp32)")
+        warnings.warn(f"--precision bf16 on hardware without fast bf16 ({seen}): it will be slower than fp32.",
+                      stacklevel=2)
     return PrecisionChoice(requested, f"asked for ({seen})")
 
 
@@ -97,11 +112,44 @@ def _finite_masked_scores(scores: Float[Tensor, "batch head query_pos key_pos"],
     return scores.clamp_min(torch.finfo(scores.dtype).min)
 
 
+# The ops CPU autocast runs in bf16 that a transformer forward reaches (projections, QK^T, pattern @ V,
+# per-head einsums, the unembedding); the rest of autocast's bf16 list (convolutions, RNNs, fused
+# attention) is not on our models' path and keeps autocast's own kernels.
+_BF16_MATMULS = frozenset({
+    torch.nn.functional.linear, torch.matmul, Tensor.matmul, Tensor.__matmul__, Tensor.__rmatmul__,
+    torch.mm, Tensor.mm, torch.bmm, Tensor.bmm, torch.addmm, Tensor.addmm, torch.baddbmm, Tensor.baddbmm,
+    torch.einsum,
+})
+
+
+def _rounded_to_bf16_as_float32(value):
+    if isinstance(value, Tensor) and value.is_floating_point():
+        return value.to(torch.bfloat16).float()
+    return value
+
+
+class EmulatedBf16Matmuls(TorchFunctionMode):
+    """Inside a CPU bf16 autocast region: each matmul of ``_BF16_MATMULS`` takes bf16-rounded operands,
+    multiplies them in float32 and returns the bf16-rounded product, as bf16 instructions would (see the
+    module doc). Outside an enabled bf16 autocast (e.g. a float32 loss block inside it) it does nothing.
+    Autograd records the roundings and the float32 product, so the backward is emulated too."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (func not in _BF16_MATMULS or not torch.is_autocast_enabled("cpu")
+                or torch.get_autocast_dtype("cpu") != torch.bfloat16):
+            return func(*args, **kwargs)
+        args, kwargs = tree_map(_rounded_to_bf16_as_float32, (args, kwargs))
+        with torch.autocast("cpu", enabled=False):
+            return func(*args, **kwargs).to(torch.bfloat16)
+
+
 @contextlib.contextmanager
-def autocast(precision: Precision, model) -> Iterator[None]:
-    """The autocast region of ``model``'s forwards: bf16 matmuls for ``bf16``, nothing for ``fp32``;
-    ``auto`` is resolved for the model's device (jobs resolve it once, print the choice and save it in
-    config.json)."""
+def autocast(precision: Precision, model, emulate_bf16: bool | None = None) -> Iterator[None]:
+    """The autocast region of ``model``'s forwards: bf16 matmuls for ``bf16`` (emulated on a CPU without
+    bf16 instructions), nothing for ``fp32``; ``auto`` is resolved for the model's device (jobs resolve it
+    once, print the choice and save it in config.json). ``emulate_bf16`` forces the emulation on or off
+    (a parity check of the two); by default it is on exactly where a CPU lacks bf16 instructions."""
     device = model_device(model)
     if precision == "auto":
         precision = resolve_precision("auto", device).precision
@@ -111,7 +159,10 @@ def autocast(precision: Precision, model) -> Iterator[None]:
     if precision != "bf16":
         raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
     score_hooks = [(name, _finite_masked_scores) for name in model.hook_dict if name.endswith("attn.hook_attn_scores")]
-    with torch.autocast(device.type, dtype=torch.bfloat16), model.hooks(fwd_hooks=score_hooks):
+    if emulate_bf16 is None:
+        emulate_bf16 = device.type == "cpu" and not fast_bf16(device)[0]
+    emulated = EmulatedBf16Matmuls() if emulate_bf16 else contextlib.nullcontext()
+    with torch.autocast(device.type, dtype=torch.bfloat16), emulated, model.hooks(fwd_hooks=score_hooks):
         yield
 
 

@@ -9,6 +9,10 @@ Parts (each saved as it finishes under --out, so an interrupted run resumes; --p
             micro-batch 8), find-heads prompts/s, evaluate inputs/s; added peak RSS per step (sampled),
             and the exact activation memory autograd keeps for one micro-batch of 8 (SavedForBackward);
             achieved GFLOP/s of the ABFT step beside a bf16 and an fp32 matmul peak measured here
+  emulation on a CPU without bf16 instructions: native bf16 (PyTorch's fallback kernels) against the
+            emulated bf16 matmuls (precision.EmulatedBf16Matmuls) and fp32, on one fixed batch of
+            --emulation-prompts training prompts: the ABFT loss and gradient on W_Q/W_K, the label
+            attention masses, the label logits and predictions, and the seconds of each forward+backward
   train     ABFT and E2E at the demo's size (SST-2, 512 prompts, 32 steps of 32, lr 3e-4) in each
             precision, each evaluated on 512 test queries x 2 demonstration sets in its own precision;
             per-step metrics in train_<method>_<precision>/metrics.jsonl
@@ -33,7 +37,8 @@ from abft_lens.benchmarking import PeakRSS, binomial_standard_error
 from abft_lens.data import load_dataset
 from abft_lens.evaluation import EvaluateConfig, evaluate
 from abft_lens.find_heads import FindHeadsConfig, find_heads
-from abft_lens.heads import induction_head_mask, label_attention
+from abft_lens.forward import query_logits_and_rows
+from abft_lens.heads import gather_label_attention, induction_head_mask, label_attention
 from abft_lens.lora import lora_attached
 from abft_lens.loss import abft_loss
 from abft_lens.models import load_model
@@ -54,19 +59,21 @@ from abft_lens.training import (
 )
 
 PRECISIONS = ("fp32", "bf16")
-PARTS = ("loss", "heads", "speed", "train")
+PARTS = ("loss", "heads", "speed", "train", "emulation")
+DEFAULT_PARTS = ("loss", "heads", "speed", "train")  # "emulation" runs when named
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/precision_smollm2"))
-    parser.add_argument("--parts", default=",".join(PARTS))
+    parser.add_argument("--parts", default=",".join(DEFAULT_PARTS))
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--n-heads-prompts", type=int, default=256)
     parser.add_argument("--speed-repeats", type=int, default=2,
                         help="alternating repeats of each timing, after one warm-up repeat")
     parser.add_argument("--summarise-speed", action="store_true",
                         help="redraw speed.json from speed.csv (no timing)")
+    parser.add_argument("--emulation-prompts", type=int, default=4)
     parser.add_argument("--train-steps", type=int, default=32)
     parser.add_argument("--n-test", type=int, default=512)
     args = parser.parse_args(argv)
@@ -156,6 +163,62 @@ def part_loss(model, out: Path) -> dict:
         "flagged_heads_fp32": int(mask32.sum()), "flagged_heads_bf16": int(mask16.sum()),
     }
     write_json(out / "loss.json", summary)
+    return summary
+
+
+def part_emulation(model, out: Path, n_prompts: int) -> dict:
+    config = FinetuneConfig(n_train=n_prompts, n_val=0, lr=1e-4)
+    train, _ = training_prompts(model, config)
+    batch = train.collate(range(n_prompts))
+    params = trainable_parameters(model, "qk")
+    layers = list(range(model.cfg.n_layers))
+    results, fixed_mask = {}, None
+    with only_these_require_grad(model, params):
+        for name in ("fp32", "bf16_emulated", "bf16_native"):
+            start = time.perf_counter()
+            block_outputs: dict[int, torch.Tensor] = {}
+            keep_outputs = [(f"blocks.{layer}.hook_resid_post",
+                             lambda t, hook, layer=layer: block_outputs.__setitem__(layer, t.detach().float().clone()))
+                            for layer in layers]
+            with (autocast("fp32" if name == "fp32" else "bf16", model, emulate_bf16=name == "bf16_emulated"),
+                  model.hooks(fwd_hooks=keep_outputs)):
+                logits, rows = query_logits_and_rows(model, batch, layers, detach_rows=False)
+            attention = gather_label_attention(rows, batch.label_positions)
+            if fixed_mask is None:
+                fixed_mask = induction_head_mask(attention, batch.prompt_lengths)  # fp32's heads for all three
+            out_loss = abft_loss(attention, batch.correct_mask, fixed_mask, 0.5, 1.0)
+            grads = torch.autograd.grad(out_loss.loss, list(params.values()))
+            seconds = time.perf_counter() - start
+            label = logits.detach().index_select(-1, batch.label_token_ids)
+            results[name] = {"loss": out_loss.loss.detach(), "grad": torch.cat([g.flatten() for g in grads]),
+                             "attention": attention.detach(), "label_logits": label, "seconds": seconds,
+                             "block_outputs": block_outputs}
+            print(f"  {name}: {seconds:.1f} s", flush=True)
+
+    real = batch.attention_mask.bool()
+
+    def compare(a: str, b: str) -> dict:
+        x, y = results[a], results[b]
+        return {"loss_relative_error": float((x["loss"] - y["loss"]).abs() / y["loss"].abs()),
+                "gradient_relative_error": float((x["grad"] - y["grad"]).norm() / y["grad"].norm()),
+                "gradient_cosine": float(torch.nn.functional.cosine_similarity(x["grad"].double(), y["grad"].double(), dim=0)),
+                "max_abs_delta_label_attention": float((x["attention"] - y["attention"]).abs().max()),
+                "max_abs_delta_label_logit": float((x["label_logits"] - y["label_logits"]).abs().max()),
+                "same_predictions": bool((x["label_logits"].argmax(-1) == y["label_logits"].argmax(-1)).all()),
+                # how a difference grows with depth: per block, the relative distance of its output
+                # (real positions only) and the share of its elements that are bit-identical
+                "block_output_relative_distance": [
+                    float((x["block_outputs"][l] - y["block_outputs"][l])[real].norm() / y["block_outputs"][l][real].norm())
+                    for l in layers],
+                "block_output_identical_share": [
+                    float((x["block_outputs"][l] == y["block_outputs"][l])[real].float().mean()) for l in layers]}
+
+    summary = {"n_prompts": n_prompts, "mean_tokens": float(batch.attention_mask.sum(-1).float().mean()),
+               "emulated_vs_native": compare("bf16_emulated", "bf16_native"),
+               "native_vs_fp32": compare("bf16_native", "fp32"),
+               "emulated_vs_fp32": compare("bf16_emulated", "fp32"),
+               "seconds": {name: r["seconds"] for name, r in results.items()}}
+    write_json(out / "emulation.json", summary)
     return summary
 
 
@@ -381,6 +444,8 @@ def main(argv: list[str] | None = None) -> None:
         print("heads", json.dumps(part_heads(model, args.out, args.n_heads_prompts)), flush=True)
     if "speed" in parts:
         print("speed", json.dumps(part_speed(model, args.out, args.speed_repeats)), flush=True)
+    if "emulation" in parts:
+        print("emulation", json.dumps(part_emulation(model, args.out, args.emulation_prompts)), flush=True)
     if "train" in parts:
         print("train", json.dumps(part_train(model, args.out, args.train_steps, args.n_test)), flush=True)
         save_figure(train_parity_figure(args.out), args.out / "train_parity", png=True)

@@ -220,7 +220,7 @@ def test_abft_lora_trains_on_cpu_in_fp32_and_bf16(precision, dtype, tiny_gpt2_di
     config = lora_config(tiny_gpt2_dir, short_sst2, tmp_path / "run", method="abft-lora", heads="all",
                          precision=precision, dtype=dtype, steps=1)
     prompts, _ = training_prompts(model, config)
-    result = finetune(model, prompts, config, progress=False)  # bf16 on a CPU without fast bf16 only warns
+    result = finetune(model, prompts, config, progress=False)  # emulated bf16 on a CPU without bf16 instructions
     assert torch.isfinite(torch.tensor(result.metrics["loss"].to_numpy())).all()
     assert all(p.dtype == torch.float32 for p in lora_parameters(model).values())  # float32 masters
     assert result.full_precision_params == result.trainable_params  # ABFT needs no LM head

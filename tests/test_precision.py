@@ -17,7 +17,13 @@ import torch
 from abft_lens.forward import query_attention_rows, query_logits
 from abft_lens.heads import gather_label_attention
 from abft_lens.loss import abft_loss
-from abft_lens.precision import autocast, fast_bf16, resolve_config_precision, resolve_precision
+from abft_lens.precision import (
+    EmulatedBf16Matmuls,
+    autocast,
+    fast_bf16,
+    resolve_config_precision,
+    resolve_precision,
+)
 from abft_lens.prompts import build_prompts
 from abft_lens.training import trainable_qk_parameters
 
@@ -43,15 +49,22 @@ def test_auto_is_bf16_on_a_cpu_with_bf16_instructions_and_says_why(monkeypatch, 
     assert "parity" in choice.reason
 
 
-def test_auto_is_fp32_without_them_and_bf16_asked_for_there_warns(monkeypatch):
+def test_auto_is_fp32_without_them_and_bf16_asked_for_there_is_emulated_without_a_warning(monkeypatch):
     mock_cpu(monkeypatch, amx=False, avx512_bf16=False)
     choice = resolve_precision("auto", "cpu")
     assert choice.precision == "fp32" and "neither AMX nor avx512_bf16" in choice.reason
-    with pytest.warns(UserWarning, match="slower than fp32"):
-        assert resolve_precision("bf16", "cpu").precision == "bf16"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        asked = resolve_precision("bf16", "cpu")
+        assert asked.precision == "bf16" and "emulated" in asked.reason
         assert resolve_precision("fp32", "cpu").precision == "fp32"
+
+
+def test_bf16_asked_for_on_a_gpu_without_native_bf16_warns(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Mock GPU")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    with pytest.warns(UserWarning, match="slower than fp32"):
+        assert resolve_precision("bf16", "cuda:0").precision == "bf16"
 
 
 def test_onednn_isa_cap_below_bf16_turns_auto_to_fp32(monkeypatch):
@@ -125,6 +138,47 @@ def test_bf16_abft_loss_and_gradient_are_close_to_fp32(tiny_gpt2, tiny_batch):
     loss16, grad16 = loss_and_grad("bf16")
     assert abs(loss16 - loss32) <= BF16_RELATIVE * abs(loss32)
     assert float(torch.nn.functional.cosine_similarity(grad16, grad32, dim=0)) > 0.99
+
+
+def _emulating_bf16_matmuls() -> bool:
+    return any(isinstance(mode, EmulatedBf16Matmuls) for mode in torch.overrides._get_current_function_mode_stack())
+
+
+@pytest.mark.parametrize(("amx", "emulated"), [(True, False), (False, True)])
+def test_bf16_matmuls_are_emulated_exactly_where_the_cpu_lacks_bf16_instructions(monkeypatch, tiny_gpt2, amx, emulated):
+    mock_cpu(monkeypatch, amx=amx, avx512_bf16=False)
+    with autocast("bf16", tiny_gpt2):
+        assert _emulating_bf16_matmuls() == emulated
+    with autocast("fp32", tiny_gpt2):
+        assert not _emulating_bf16_matmuls()
+    assert not _emulating_bf16_matmuls(), "the mode is removed when the region ends"
+
+
+def test_emulated_bf16_gives_native_bf16_numbers_on_the_tiny_model(tiny_gpt2, tiny_batch):
+    """Emulation rounds each operand to bf16 and the float32 product to bf16, as bf16 instructions do;
+    only the order of the float32 additions inside a product may differ. So rows, logits, loss and
+    gradient agree with native bf16 (PyTorch's own bf16 kernels, whatever the CPU) to about one bf16
+    rounding, 2^-8 relative: 20x closer than bf16 is to float32 (BF16_RELATIVE)."""
+    layers = list(range(tiny_gpt2.cfg.n_layers))
+    params = list(trainable_qk_parameters(tiny_gpt2).values())
+    head_mask = torch.ones(len(tiny_batch.tokens), len(layers), tiny_gpt2.cfg.n_heads, dtype=torch.bool)
+
+    def run(emulated: bool):
+        with autocast("bf16", tiny_gpt2, emulate_bf16=emulated):
+            rows = query_attention_rows(tiny_gpt2, tiny_batch, layers)
+            logits = query_logits(tiny_gpt2, tiny_batch)
+        label_attention = gather_label_attention(rows, tiny_batch.label_positions)
+        loss = abft_loss(label_attention, tiny_batch.correct_mask, head_mask, punish_weight=1.0).loss
+        grads = torch.autograd.grad(loss, params)
+        return rows.detach(), logits.detach(), float(loss.detach()), torch.cat([g.flatten() for g in grads])
+
+    rows_n, logits_n, loss_n, grad_n = run(emulated=False)
+    rows_e, logits_e, loss_e, grad_e = run(emulated=True)
+    one_rounding = 2.0**-8
+    torch.testing.assert_close(rows_e, rows_n, rtol=0, atol=one_rounding)
+    assert float((logits_e - logits_n).abs().max()) <= one_rounding * float(logits_n.abs().max())
+    assert abs(loss_e - loss_n) <= one_rounding * abs(loss_n)
+    assert float((grad_e - grad_n).norm()) <= one_rounding * float(grad_n.norm())
 
 
 def test_bf16_finetune_keeps_float32_masters_over_bf16_frozen_weights(tiny_gpt2_dir, sst2, tmp_path, monkeypatch):
