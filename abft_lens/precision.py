@@ -22,8 +22,9 @@ bf16 run unaffordable. So on such a CPU the autocast region *emulates* the bf16 
 (``EmulatedBf16Matmuls``): each operand is rounded to bf16, the product is taken in float32 and
 rounded to bf16, which is what the bf16 instructions compute (exact products of bf16 values,
 accumulated in float32, a bf16 result); only the order of the float32 additions may differ, as it does
-between thread counts. Every other op sees the same bf16 tensors as under plain autocast. It costs
-about what float32 costs, so ``auto`` still picks float32 on such a CPU; asking for bf16 there keeps a
+between thread counts. Every other op sees the same bf16 tensors as under plain autocast. It takes
+about float32's time (its backward keeps float32 copies of the operands, so more memory than native
+bf16), so ``auto`` still picks float32 on such a CPU; asking for bf16 there keeps a
 bf16 grid in one precision on any machine.
 """
 
@@ -87,7 +88,7 @@ def fast_bf16(device: torch.device | str) -> tuple[bool, str]:
 
 def resolve_precision(requested: Precision, device: torch.device | str) -> PrecisionChoice:
     """``auto`` becomes bf16 on hardware with fast bf16 and fp32 elsewhere; an explicit choice is
-    kept (bf16 on slow hardware warns)."""
+    kept (bf16 on a GPU without native bf16 warns; on such a CPU it is emulated)."""
     fast, seen = fast_bf16(device)
     if requested == "auto":
         if fast:
@@ -128,6 +129,13 @@ def _rounded_to_bf16_as_float32(value):
     return value
 
 
+def _autocast_would_cast(args) -> bool:
+    """Autocast casts a matmul to bf16 only when its floating operands are float32 or bf16 (float64 and
+    integer matmuls keep their dtype); emulate exactly those."""
+    dtypes = {leaf.dtype for leaf in torch.utils._pytree.tree_leaves(args) if isinstance(leaf, Tensor)}
+    return bool(dtypes) and dtypes <= {torch.float32, torch.bfloat16}
+
+
 class EmulatedBf16Matmuls(TorchFunctionMode):
     """Inside a CPU bf16 autocast region: each matmul of ``_BF16_MATMULS`` takes bf16-rounded operands,
     multiplies them in float32 and returns the bf16-rounded product, as bf16 instructions would (see the
@@ -137,7 +145,8 @@ class EmulatedBf16Matmuls(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if (func not in _BF16_MATMULS or not torch.is_autocast_enabled("cpu")
-                or torch.get_autocast_dtype("cpu") != torch.bfloat16):
+                or torch.get_autocast_dtype("cpu") != torch.bfloat16 or "out" in kwargs
+                or not _autocast_would_cast(args)):
             return func(*args, **kwargs)
         args, kwargs = tree_map(_rounded_to_bf16_as_float32, (args, kwargs))
         with torch.autocast("cpu", enabled=False):
