@@ -42,7 +42,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from abft_lens.choices import Precision, ResolvedPrecision, WeightDtype
 
@@ -129,10 +129,10 @@ def _rounded_to_bf16_as_float32(value):
     return value
 
 
-def _autocast_would_cast(args) -> bool:
+def _autocast_would_cast(operands) -> bool:
     """Autocast casts a matmul to bf16 only when its floating operands are float32 or bf16 (float64 and
     integer matmuls keep their dtype); emulate exactly those."""
-    dtypes = {leaf.dtype for leaf in torch.utils._pytree.tree_leaves(args) if isinstance(leaf, Tensor)}
+    dtypes = {leaf.dtype for leaf in tree_leaves(operands) if isinstance(leaf, Tensor)}
     return bool(dtypes) and dtypes <= {torch.float32, torch.bfloat16}
 
 
@@ -146,7 +146,7 @@ class EmulatedBf16Matmuls(TorchFunctionMode):
         kwargs = kwargs or {}
         if (func not in _BF16_MATMULS or not torch.is_autocast_enabled("cpu")
                 or torch.get_autocast_dtype("cpu") != torch.bfloat16 or "out" in kwargs
-                or not _autocast_would_cast(args)):
+                or not _autocast_would_cast((args, kwargs))):
             return func(*args, **kwargs)
         args, kwargs = tree_map(_rounded_to_bf16_as_float32, (args, kwargs))
         with torch.autocast("cpu", enabled=False):

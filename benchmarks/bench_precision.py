@@ -59,8 +59,8 @@ from abft_lens.training import (
 )
 
 PRECISIONS = ("fp32", "bf16")
-PARTS = ("loss", "heads", "speed", "train", "emulation")
-DEFAULT_PARTS = ("loss", "heads", "speed", "train")  # "emulation" runs when named
+DEFAULT_PARTS = ("loss", "heads", "speed", "train")
+PARTS = (*DEFAULT_PARTS, "emulation")  # "emulation" runs when named
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -135,10 +135,22 @@ def abft_step_flops(model, n_prompts: int, mean_tokens: float, deepest_layer: in
     return 2 * n_prompts * mean_tokens * (deepest_layer + 1) * (per_token_layer + attention)
 
 
+def fixed_training_batch(model, n_prompts: int):
+    """The first ``n_prompts`` training prompts of the default config, collated: the loss and emulation parts' batch."""
+    train, _ = training_prompts(model, FinetuneConfig(n_train=n_prompts, n_val=0, lr=1e-4))
+    return train.collate(range(n_prompts))
+
+
+def loss_and_gradient_errors(loss: torch.Tensor, grad: torch.Tensor, reference_loss: torch.Tensor,
+                             reference_grad: torch.Tensor) -> dict:
+    """How far an ABFT loss and its flattened gradient are from a reference's."""
+    return {"loss_relative_error": float((loss - reference_loss).abs() / reference_loss.abs()),
+            "gradient_relative_error": float((grad - reference_grad).norm() / reference_grad.norm()),
+            "gradient_cosine": float(torch.nn.functional.cosine_similarity(grad.double(), reference_grad.double(), dim=0))}
+
+
 def part_loss(model, out: Path) -> dict:
-    config = FinetuneConfig(n_train=8, n_val=0, lr=1e-4)
-    train, _ = training_prompts(model, config)
-    batch = train.collate(range(8))
+    batch = fixed_training_batch(model, 8)
     params = trainable_parameters(model, "qk")
     layers = list(range(model.cfg.n_layers))
     results = {}
@@ -156,9 +168,7 @@ def part_loss(model, out: Path) -> dict:
     (loss32, grad32, mask32), (loss16, grad16, mask16) = results["fp32"], results["bf16"]
     summary = {
         "loss_fp32": float(loss32), "loss_bf16": float(loss16),
-        "loss_relative_error": float((loss16 - loss32).abs() / loss32.abs()),
-        "gradient_relative_error": float((grad16 - grad32).norm() / grad32.norm()),
-        "gradient_cosine": float(torch.nn.functional.cosine_similarity(grad16.double(), grad32.double(), dim=0)),
+        **loss_and_gradient_errors(loss16, grad16, loss32, grad32),
         "head_mask_agreement": float((mask16 == mask32).double().mean()),
         "flagged_heads_fp32": int(mask32.sum()), "flagged_heads_bf16": int(mask16.sum()),
     }
@@ -167,9 +177,7 @@ def part_loss(model, out: Path) -> dict:
 
 
 def part_emulation(model, out: Path, n_prompts: int) -> dict:
-    config = FinetuneConfig(n_train=n_prompts, n_val=0, lr=1e-4)
-    train, _ = training_prompts(model, config)
-    batch = train.collate(range(n_prompts))
+    batch = fixed_training_batch(model, n_prompts)
     params = trainable_parameters(model, "qk")
     layers = list(range(model.cfg.n_layers))
     results, fixed_mask = {}, None
@@ -199,9 +207,7 @@ def part_emulation(model, out: Path, n_prompts: int) -> dict:
 
     def compare(a: str, b: str) -> dict:
         x, y = results[a], results[b]
-        return {"loss_relative_error": float((x["loss"] - y["loss"]).abs() / y["loss"].abs()),
-                "gradient_relative_error": float((x["grad"] - y["grad"]).norm() / y["grad"].norm()),
-                "gradient_cosine": float(torch.nn.functional.cosine_similarity(x["grad"].double(), y["grad"].double(), dim=0)),
+        return {**loss_and_gradient_errors(x["loss"], x["grad"], y["loss"], y["grad"]),
                 "max_abs_delta_label_attention": float((x["attention"] - y["attention"]).abs().max()),
                 "max_abs_delta_label_logit": float((x["label_logits"] - y["label_logits"]).abs().max()),
                 "same_predictions": bool((x["label_logits"].argmax(-1) == y["label_logits"].argmax(-1)).all()),

@@ -154,11 +154,18 @@ def test_bf16_matmuls_are_emulated_exactly_where_the_cpu_lacks_bf16_instructions
     assert not _emulating_bf16_matmuls(), "the mode is removed when the region ends"
 
 
-def test_emulated_bf16_gives_native_bf16_numbers_on_the_tiny_model(tiny_gpt2, tiny_batch):
+def test_emulated_bf16_gives_native_bf16_numbers_on_the_tiny_model(monkeypatch, tiny_gpt2, tiny_batch):
     """Emulation rounds each operand to bf16 and the float32 product to bf16, as bf16 instructions do;
     only the order of the float32 additions inside a product may differ. So rows, logits, loss and
     gradient agree with native bf16 (PyTorch's own bf16 kernels, whatever the CPU) to about one bf16
-    rounding, 2^-8 relative: 20x closer than bf16 is to float32 (BF16_RELATIVE)."""
+    rounding, 2^-8 relative: 20x closer than bf16 is to float32 (BF16_RELATIVE). The matmuls of the
+    emulated run must go through the emulation (counted), or the comparison would be native with itself."""
+    import abft_lens.precision as precision
+
+    rounded_operands = []
+    round_operand = precision._rounded_to_bf16_as_float32
+    monkeypatch.setattr(precision, "_rounded_to_bf16_as_float32",
+                        lambda value: rounded_operands.append(1) or round_operand(value))
     layers = list(range(tiny_gpt2.cfg.n_layers))
     params = list(trainable_qk_parameters(tiny_gpt2).values())
     head_mask = torch.ones(len(tiny_batch.tokens), len(layers), tiny_gpt2.cfg.n_heads, dtype=torch.bool)
@@ -173,7 +180,9 @@ def test_emulated_bf16_gives_native_bf16_numbers_on_the_tiny_model(tiny_gpt2, ti
         return rows.detach(), logits.detach(), float(loss.detach()), torch.cat([g.flatten() for g in grads])
 
     rows_n, logits_n, loss_n, grad_n = run(emulated=False)
+    assert not rounded_operands
     rows_e, logits_e, loss_e, grad_e = run(emulated=True)
+    assert rounded_operands, "the emulated run's matmuls went through the emulation"
     one_rounding = 2.0**-8
     torch.testing.assert_close(rows_e, rows_n, rtol=0, atol=one_rounding)
     assert float((logits_e - logits_n).abs().max()) <= one_rounding * float(logits_n.abs().max())
