@@ -29,7 +29,7 @@ import os
 import platform
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -46,6 +46,7 @@ ConfigT = TypeVar("ConfigT")
 
 CONFIG_FILE = "config.json"
 RUN_LOG = "run.log"
+PARTIAL_PREDICTIONS_DIR = "partial_predictions"  # an interrupted evaluation's finished batches
 METRICS_FILE = "metrics.jsonl"
 TRAINED_FILE = "trained.safetensors"
 CHECKPOINTS_DIR = "checkpoints"
@@ -111,17 +112,17 @@ def with_overrides(config: ConfigT, overrides: dict[str, Any]) -> ConfigT:
     return dataclasses.replace(config, **{key: value for key, value in overrides.items() if value is not None})
 
 
-def check_out_dir(path: str | Path, overwrite: bool = False) -> Path:
+def check_out_dir(path: str | Path, overwrite: bool = False, resumable: Collection[str] = (RUN_LOG,)) -> Path:
     """``path`` if a job may write its output folder there, checked before any work: not an existing
     file, not under a file or a folder this process cannot write to, and, unless ``overwrite``, not an
-    existing folder that already holds files other than a failed job's run.log (the job would silently
-    replace them). Else ConfigError."""
+    existing folder that already holds entries other than ``resumable`` ones (the job would silently
+    replace them). Every job resumes a folder holding only a failed run's run.log (its log is appended
+    to, nothing is replaced); `evaluate` also an interrupted evaluation's ``PARTIAL_PREDICTIONS_DIR``.
+    Else ConfigError."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"out: {path} is a file, not a folder; choose another output folder (--out).")
-    # A folder holding nothing but run.log is one where a job failed before writing results: its log is
-    # appended to, nothing is replaced.
-    if path.is_dir() and not overwrite and any(entry.name != RUN_LOG for entry in path.iterdir()):
+    if path.is_dir() and not overwrite and any(entry.name not in resumable for entry in path.iterdir()):
         names = sorted(entry.name for entry in path.iterdir())
         shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
         raise ConfigError(f"out: {path} already exists and is not empty ({shown}); pass --overwrite to "

@@ -2,6 +2,7 @@
 GPT-2, and the behavioural claims (ICL works, calibration moves the label distribution, unseen
 labels hurt) on the real embedded model at sizes measured to be robust."""
 
+import contextlib
 import json
 import math
 
@@ -182,6 +183,148 @@ def test_predictions_come_back_in_the_sets_order_though_batches_are_cut_by_lengt
     # activations' relative error bound and the attention tolerance (tests/tolerances.py); a prompt's
     # logits landing on another prompt's row differ by far more.
     torch.testing.assert_close(batched.logits, one_by_one, atol=ATTENTION_ATOL, rtol=1e-4)
+
+
+class Interrupted(Exception):
+    """Stands for a kill or Ctrl-C in the middle of a prediction loop."""
+
+
+@contextlib.contextmanager
+def counted_forwards(model, interrupt_at: int | None = None, before_interrupting=lambda: None):
+    """Count the model's forwards (one per batch); with ``interrupt_at``, that forward calls
+    ``before_interrupting`` and raises ``Interrupted`` before it runs."""
+    calls = []
+
+    def count(module, args):
+        calls.append(1)
+        if len(calls) == interrupt_at:
+            before_interrupting()
+            raise Interrupted
+
+    handle = model.hook_dict["blocks.0.hook_resid_pre"].register_forward_pre_hook(count)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("every_seconds", [0.0, 1e9], ids=["saved-as-it-goes", "saved-on-interruption"])
+def test_an_interrupted_prediction_resumes_after_its_saved_batches_with_the_same_result(tiny_gpt2, sst2, tmp_path,
+                                                                                       every_seconds):
+    from abft_lens.evaluation.partial import PartialPredictions, SavedPredictions
+    from abft_lens.evaluation.prediction import predict
+
+    pools = split_pools(sst2)
+    prompts = build_prompts(tiny_gpt2.tokenizer, sst2, pools.test[:10], k=4, seed=42, demo_pool=pools.demo)
+    uninterrupted = predict(tiny_gpt2, prompts, batch_size=4, attention=True, progress=False)
+    partial = PartialPredictions.for_model(tmp_path / "partial", tiny_gpt2, "fp32", every_seconds=every_seconds)
+    path = partial.file_for(prompts, 4, attention=True).path
+    on_disk = []  # what a SIGKILL at the third batch would leave
+
+    def look() -> None:
+        on_disk.append(len(SavedPredictions.from_file(path).true) if path.exists() else 0)
+
+    with counted_forwards(tiny_gpt2, interrupt_at=3, before_interrupting=look), pytest.raises(Interrupted):
+        predict(tiny_gpt2, prompts, batch_size=4, attention=True, progress=False, partial=partial)
+    assert on_disk == [8 if every_seconds == 0 else 0]
+    with counted_forwards(tiny_gpt2) as forwards:
+        resumed = predict(tiny_gpt2, prompts, batch_size=4, attention=True, progress=False, partial=partial)
+    assert len(forwards) == 1  # batches of 4, 4 and 2: the first two were saved before the interruption
+    # Identity, not closeness: the same batches in the same process run the same float32 sums.
+    assert torch.equal(resumed.logits, uninterrupted.logits) and torch.equal(resumed.true, uninterrupted.true)
+    assert resumed.induction_sums.keys() == uninterrupted.induction_sums.keys()
+    for key, value in uninterrupted.induction_sums.items():
+        assert torch.equal(resumed.induction_sums[key], value), key
+    with counted_forwards(tiny_gpt2) as forwards:  # a finished set is not computed again
+        again = predict(tiny_gpt2, prompts, batch_size=4, attention=True, progress=False, partial=partial)
+    assert not forwards and torch.equal(again.logits, uninterrupted.logits)
+
+
+def test_saved_batches_serve_only_the_same_model_prompts_and_settings(tiny_gpt2, sst2, tmp_path):
+    from abft_lens.evaluation.partial import PartialPredictions, weights_digest
+
+    pools = split_pools(sst2)
+    prompts = build_prompts(tiny_gpt2.tokenizer, sst2, pools.test[:6], k=4, seed=42, demo_pool=pools.demo)
+    other_demos = build_prompts(tiny_gpt2.tokenizer, sst2, pools.test[:6], k=4, seed=43, demo_pool=pools.demo)
+    partial = PartialPredictions.for_model(tmp_path, tiny_gpt2, "fp32")
+    path = partial.file_for(prompts, 4, attention=False).path
+    assert partial.file_for(prompts, 4, attention=False).path == path
+    changed = [partial.file_for(other_demos, 4, attention=False).path,
+               partial.file_for(prompts, 2, attention=False).path,
+               partial.file_for(prompts, 4, attention=True).path,
+               PartialPredictions.for_model(tmp_path, tiny_gpt2, "bf16").file_for(prompts, 4, attention=False).path]
+    assert path not in changed and len(set(changed)) == len(changed)
+    with torch.no_grad():
+        parameter = next(tiny_gpt2.parameters())
+        parameter.view(-1)[0] += 1e-3
+        try:
+            assert weights_digest(tiny_gpt2) != partial.weights  # a fine-tuned model does not reuse the base's
+        finally:
+            parameter.view(-1)[0] -= 1e-3
+    assert weights_digest(tiny_gpt2) == partial.weights
+
+
+def test_saved_batches_that_cannot_be_resumed_from_are_ignored(tmp_path):
+    from abft_lens.evaluation.partial import PredictionFile, SavedPredictions
+
+    file = PredictionFile(tmp_path / "set.safetensors")
+    assert file.load(n_prompts=10, batch_size=4) is None  # nothing saved
+    file.path.write_bytes(b"not a safetensors file")
+    assert file.load(n_prompts=10, batch_size=4) is None
+
+    def saved(n: int) -> SavedPredictions:
+        return SavedPredictions(torch.randn(n, 2), torch.zeros(n, dtype=torch.long), None, 1.5)
+
+    file.save(saved(8))
+    assert len(file.load(n_prompts=10, batch_size=4).true) == 8
+    assert file.load(n_prompts=10, batch_size=3) is None  # 8 prompts are not whole batches of 3
+    assert file.load(n_prompts=6, batch_size=4) is None  # more prompts than the set holds
+    file.save(saved(10))
+    assert file.load(n_prompts=10, batch_size=4).seconds == 1.5  # a finished set of 10
+
+
+def test_only_evaluate_resumes_in_a_folder_holding_saved_batches(tmp_path):
+    from abft_lens.runs import PARTIAL_PREDICTIONS_DIR, RUN_LOG, check_out_dir
+
+    evaluate_resumes = (RUN_LOG, PARTIAL_PREDICTIONS_DIR)
+    (tmp_path / RUN_LOG).write_text("")
+    assert check_out_dir(tmp_path) == tmp_path  # a failed job's log: any job
+    (tmp_path / PARTIAL_PREDICTIONS_DIR).mkdir()
+    assert check_out_dir(tmp_path, resumable=evaluate_resumes) == tmp_path
+    with pytest.raises(ConfigError, match="not empty"):
+        check_out_dir(tmp_path)  # find-heads, finetune
+    (tmp_path / "metrics.json").write_text("{}")
+    with pytest.raises(ConfigError, match="not empty"):
+        check_out_dir(tmp_path, resumable=evaluate_resumes)  # a finished evaluation is not replaced
+
+
+def test_the_evaluate_job_resumes_every_part_in_its_folder_and_removes_the_saved_batches(tiny_gpt2, sst2, tmp_path):
+    from abft_lens.evaluation import run_evaluation
+    from abft_lens.runs import PARTIAL_PREDICTIONS_DIR
+
+    def config(out):  # every part: test set, calibration, unseen labels, 0-shot, ICL tests, robustness
+        return EvaluateConfig(dataset="sst2", n_test=6, demo_sets=1, calibrate=True, n_calibration=8,
+                              unseen_labels=True, icl_tests=True, robustness=True, out=str(out))
+
+    with counted_forwards(tiny_gpt2) as forwards:
+        whole = run_evaluation(config(tmp_path / "whole"), model=tiny_gpt2, progress=False)
+    out = tmp_path / "interrupted"
+    with counted_forwards(tiny_gpt2, interrupt_at=len(forwards)), pytest.raises(Interrupted):
+        run_evaluation(config(out), model=tiny_gpt2, progress=False)  # stopped at its last batch
+    assert any((out / PARTIAL_PREDICTIONS_DIR).glob("*.safetensors"))
+    with counted_forwards(tiny_gpt2) as resumed_forwards:
+        resumed = run_evaluation(config(out), model=tiny_gpt2, progress=False)
+    assert len(resumed_forwards) == 1  # every other batch of every part was read back
+    assert not (out / PARTIAL_PREDICTIONS_DIR).exists()
+    pd.testing.assert_frame_equal(resumed.predictions, whole.predictions)
+    assert resumed.tables.keys() == whole.tables.keys()
+    for name, table in whole.tables.items():
+        pd.testing.assert_frame_equal(resumed.tables[name], table, obj=name)
+
+    def timeless(metrics):  # as JSON, where the tiny model's NaN masses (no induction heads) compare equal
+        return json.dumps({key: value for key, value in metrics.items() if "seconds" not in key}, sort_keys=True)
+
+    assert timeless(resumed.metrics) == timeless(whole.metrics)
 
 
 def test_evaluation_is_deterministic_for_a_fixed_seed(tiny_gpt2, sst2):

@@ -18,6 +18,7 @@ One module per part:
 - ``metrics``: the metric math (macro-F1, consistency, calibration, induction-head masses), pure
   tensor code;
 - ``prediction``: ``predict``, the one loop that runs the model, and the content-free queries;
+- ``partial``: an interrupted evaluation's finished batches, which the same evaluation resumes from;
 - ``job``: ``EvaluateConfig``, ``evaluate`` and ``run_evaluation`` (the `evaluate` command's job);
 - ``records``: a benchmark's results table completed from the run folders its rows name (not
   re-exported here: the figures import it only for a table that needs it).

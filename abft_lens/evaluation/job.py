@@ -4,6 +4,7 @@ run folder is read through ``abft_lens.runs``."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ from abft_lens.evaluation.metrics import (
     macro_f1,
     summarise_induction,
 )
+from abft_lens.evaluation.partial import PartialPredictions
 from abft_lens.evaluation.prediction import Predictions, content_free_probabilities, predict
 from abft_lens.models import DEFAULT_MODEL
 from abft_lens.precision import (
@@ -42,10 +44,12 @@ from abft_lens.precision import (
 )
 from abft_lens.prompts import build_prompts
 from abft_lens.runs import (
+    PARTIAL_PREDICTIONS_DIR,
     atomic_write_text,
     check_not_broken_run_dir,
     is_run_dir,
     load_trained_model,
+    package_versions,
     run_log,
     run_record,
     save_config,
@@ -146,16 +150,17 @@ def _distribution(labels: Tensor, label_words: Sequence[str]) -> dict[str, float
 
 
 def evaluate(model, dataset: ICLDataset, config: EvaluateConfig | None = None,
-             progress: bool = True) -> EvaluationResult:
+             progress: bool = True, partial: PartialPredictions | None = None) -> EvaluationResult:
     """Evaluate ``model`` on ``dataset`` (see the module doc) in ``config.precision``;
     ``config.model_or_run``, ``config.dataset``, ``device`` and ``out`` are not read here
-    (``run_evaluation`` uses them)."""
+    (``run_evaluation`` uses them). ``partial``: where finished batches are kept, for a resumable run."""
     config = config or EvaluateConfig()
     with autocast(config.precision, model):
-        return _evaluate(model, dataset, config, progress)
+        return _evaluate(model, dataset, config, progress, partial)
 
 
-def _evaluate(model, dataset: ICLDataset, config: EvaluateConfig, progress: bool) -> EvaluationResult:
+def _evaluate(model, dataset: ICLDataset, config: EvaluateConfig, progress: bool,
+              partial: PartialPredictions | None) -> EvaluationResult:
     started = time.perf_counter()
     pools = split_pools(dataset, seed=config.pools_seed)
     if config.n_test > len(pools.test):
@@ -169,7 +174,8 @@ def _evaluate(model, dataset: ICLDataset, config: EvaluateConfig, progress: bool
 
     prompts = build_prompts(model.tokenizer, dataset, queries, seed=config.seed, repeats=config.demo_sets,
                             **build)
-    test = predict(model, prompts, config.batch_size, attention=config.attention, progress=progress)
+    test = predict(model, prompts, config.batch_size, attention=config.attention, progress=progress,
+                   partial=partial)
     n_forwards += len(prompts)
     metrics: dict[str, object] = {
         "dataset": dataset.name, "k": config.k, "n_queries": len(queries), "demo_sets": config.demo_sets,
@@ -188,7 +194,7 @@ def _evaluate(model, dataset: ICLDataset, config: EvaluateConfig, progress: bool
     if config.calibrate:
         content_free = content_free_probabilities(
             model, dataset, pools.demo, config.n_calibration, config.k, config.seed + 2,
-            config.calibration_inputs, config.batch_size, progress)
+            config.calibration_inputs, config.batch_size, progress, partial)
         n_forwards += config.n_calibration
         calibrated = calibrate_probabilities(test.probabilities, content_free)
         metrics.update({
@@ -204,10 +210,11 @@ def _evaluate(model, dataset: ICLDataset, config: EvaluateConfig, progress: bool
     if config.unseen_labels:
         unseen_prompts = build_prompts(model.tokenizer, dataset, queries, seed=config.seed,
                                        repeats=config.demo_sets, demo_sampling="unseen_label", **build)
-        unseen = predict(model, unseen_prompts, config.batch_size, progress=progress, desc="unseen labels")
+        unseen = predict(model, unseen_prompts, config.batch_size, progress=progress, desc="unseen labels",
+                         partial=partial)
         zero_prompts = build_prompts(model.tokenizer, dataset, queries, k=0, seed=config.seed,
                                      max_length=model.cfg.n_ctx)
-        zero = predict(model, zero_prompts, config.batch_size, progress=progress, desc="0-shot")
+        zero = predict(model, zero_prompts, config.batch_size, progress=progress, desc="0-shot", partial=partial)
         n_forwards += len(unseen_prompts) + len(zero_prompts)
         metrics.update({
             "unseen_label_accuracy": accuracy(unseen.true, unseen.predicted),
@@ -221,14 +228,14 @@ def _evaluate(model, dataset: ICLDataset, config: EvaluateConfig, progress: bool
 
     if config.icl_tests:
         for test_name in ("flipped", "symbols"):
-            result, frame = _icl_test(model, test_name, dataset, queries, pools.demo, config, progress)
+            result, frame = _icl_test(model, test_name, dataset, queries, pools.demo, config, progress, partial)
             n_forwards += len(frame)
             metrics.update(result)
             tables[f"icl_{test_name}"] = frame
 
     if config.robustness:
         robustness, frame = _robustness(model, dataset, pools.demo, queries[: config.robustness_queries],
-                                        config, progress)
+                                        config, progress, partial)
         n_forwards += len(frame)
         metrics.update(robustness)
         tables["robustness"] = frame
@@ -240,8 +247,8 @@ def _evaluate(model, dataset: ICLDataset, config: EvaluateConfig, progress: bool
 
 
 def _icl_test(model, test_name: str, dataset: ICLDataset, queries: Sequence[Example],
-              demo_pool: Sequence[Example], config: EvaluateConfig, progress: bool
-              ) -> tuple[dict[str, object], pd.DataFrame]:
+              demo_pool: Sequence[Example], config: EvaluateConfig, progress: bool,
+              partial: PartialPredictions | None) -> tuple[dict[str, object], pd.DataFrame]:
     """One ICL test (``abft_lens.icl_tests``): the same queries with the label words flipped by a
     derangement, or replaced by symbols, every label shown (k >= the number of labels), scored
     against the in-prompt mapping; for ``flipped``, the share of answers that keep the words' usual
@@ -250,7 +257,8 @@ def _icl_test(model, test_name: str, dataset: ICLDataset, queries: Sequence[Exam
     k = icl_test_k(len(dataset.label_words), config.k)
     prompts = build_prompts(model.tokenizer, tested, queries, k=k, seed=config.seed + 3, repeats=config.demo_sets,
                             demo_pool=demo_pool, demo_sampling="every_label", max_length=model.cfg.n_ctx)
-    found = predict(model, prompts, config.batch_size, progress=progress, desc=f"ICL test: {test_name}")
+    found = predict(model, prompts, config.batch_size, progress=progress, desc=f"ICL test: {test_name}",
+                    partial=partial)
     n_labels = len(tested.label_words)
     result: dict[str, object] = {
         f"{test_name}_k": k,
@@ -265,7 +273,8 @@ def _icl_test(model, test_name: str, dataset: ICLDataset, queries: Sequence[Exam
 
 
 def _robustness(model, dataset: ICLDataset, demo_pool: Sequence[Example], queries: Sequence[Example],
-                config: EvaluateConfig, progress: bool) -> tuple[dict[str, object], pd.DataFrame]:
+                config: EvaluateConfig, progress: bool, partial: PartialPredictions | None
+                ) -> tuple[dict[str, object], pd.DataFrame]:
     """Predictions of each query under the 9 L9 templates (one shared demonstration set, so only
     the template varies) and under ``robustness_demo_sets`` fresh demonstration sets (default
     template), and their consistency scores."""
@@ -275,13 +284,15 @@ def _robustness(model, dataset: ICLDataset, demo_pool: Sequence[Example], querie
     for index, template in enumerate(l9_templates(dataset)):
         prompts = build_prompts(model.tokenizer, dataset, queries, seed=config.seed, template=template,
                                 **build)
-        result = predict(model, prompts, config.batch_size, progress=progress, desc=f"template {index + 1}/9")
+        result = predict(model, prompts, config.batch_size, progress=progress, desc=f"template {index + 1}/9",
+                         partial=partial)
         by_variant.setdefault("template", []).append(result.predicted)
         frame = predictions_frame(result, dataset.label_words, n)
         frames.append(frame.assign(variant="template", variant_index=index))
     prompts = build_prompts(model.tokenizer, dataset, queries, seed=config.seed + 1,
                             repeats=config.robustness_demo_sets, **build)
-    result = predict(model, prompts, config.batch_size, progress=progress, desc="demonstration sets")
+    result = predict(model, prompts, config.batch_size, progress=progress, desc="demonstration sets",
+                     partial=partial)
     by_variant["demos"] = list(einops.rearrange(result.predicted, "(repeat query) -> repeat query", query=n))
     frame = predictions_frame(result, dataset.label_words, n)
     frames.append(frame.assign(variant="demos", variant_index=frame["repeat"]))
@@ -368,7 +379,9 @@ def load_model_or_run(config: EvaluateConfig):
 
 def run_evaluation(config: EvaluateConfig, model=None, progress: bool = True) -> EvaluationResult:
     """The `evaluate` job: load the model (or use ``model``), evaluate, and write the output folder
-    (config.json, metrics.json, predictions.csv and one CSV per extra condition)."""
+    (config.json, metrics.json, predictions.csv and one CSV per extra condition). Finished batches are
+    kept in the folder until then (``abft_lens.evaluation.partial``): the same job run again after an
+    interruption goes on where it stopped."""
     dataset = load_dataset(config.dataset, config.label_words)  # before the model: a bad data file fails at once
     out = default_out(config)
     with run_log(out, "evaluate"):
@@ -378,12 +391,17 @@ def run_evaluation(config: EvaluateConfig, model=None, progress: bool = True) ->
         device = next(model.parameters()).device
         config, choice = resolve_config_precision(config, device, announce=progress)
         log.info("precision %s (%s)", config.precision, choice.reason)
-        result = evaluate(model, dataset, config, progress)
+        # What else decides the numerics: precision, weight dtype, device, the precision choice (native or
+        # emulated bf16) and the packages' versions.
+        context = json.dumps([config.precision, config.dtype, str(device), choice.reason, package_versions()])
+        partial = PartialPredictions.for_model(out / PARTIAL_PREDICTIONS_DIR, model, context)
+        result = evaluate(model, dataset, config, progress, partial)
         save_config(out, config, pools_seed=config.pools_seed, precision_reason=choice.reason)
         write_json(out / "metrics.json", {"model_or_run": config.model_or_run, **result.metrics})
         atomic_write_text(out / "predictions.csv", result.predictions.to_csv(index=False, float_format="%.6g"))
         for name, table in result.tables.items():
             atomic_write_text(out / f"predictions_{name}.csv", table.to_csv(index=False, float_format="%.6g"))
+        partial.discard()
         for line in headline(result.metrics):
             log.info("%s", line)
         log.info("wrote %s", out)

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from abft_lens.data import Example, ICLDataset
 from abft_lens.errors import DataError
 from abft_lens.evaluation.metrics import induction_label_mass
+from abft_lens.evaluation.partial import PartialPredictions, SavedPredictions
 from abft_lens.forward import label_logits, query_logits_and_rows
 from abft_lens.heads import gather_label_attention
 from abft_lens.prompts import PromptBatch, PromptSet, build_prompts
@@ -49,37 +50,59 @@ def _logits_and_label_attention(
 
 
 def predict(model, prompts: PromptSet, batch_size: int = 8, attention: bool = False,
-            progress: bool = True, desc: str = "evaluating") -> Predictions:
+            progress: bool = True, desc: str = "evaluating", partial: PartialPredictions | None = None
+            ) -> Predictions:
     """Label logits of every prompt (no gradients); with ``attention``, also the induction heads'
-    label-attention sums (``induction_label_mass``) from the same forward."""
+    label-attention sums (``induction_label_mass``) from the same forward. With ``partial``, finished
+    batches are saved as they go and a run of the same computation resumes from them."""
     device = next(model.parameters()).device
     attention = attention and prompts.k > 0
-    logits, true = [], []
-    sums: dict[str, Tensor] | None = None
-    started = time.perf_counter()
-    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress)
+    file = partial.file_for(prompts, batch_size, attention) if partial is not None else None
+    saved = file.load(len(prompts), batch_size) if file is not None else None
+    logits, true = ([saved.logits], [saved.true]) if saved else ([], [])
+    sums: dict[str, Tensor] | None = saved.induction_sums if saved else None
+    done = len(saved.true) if saved else 0
+    started = time.perf_counter() - (saved.seconds if saved else 0.0)
+
+    def so_far() -> SavedPredictions:
+        return SavedPredictions(torch.cat(logits), torch.cat(true), sums, time.perf_counter() - started)
+
+    bar = tqdm(total=len(prompts), initial=done, desc=desc, unit="prompt", disable=not progress)
     order = prompts.by_length()  # batches of similar length; results go back to the set's order below
-    with torch.inference_mode():
-        for batch in prompts.batches(batch_size, order):
-            batch = batch.to(device)
-            if attention:
-                batch_logits, label_attention = _logits_and_label_attention(model, batch)
-                batch_sums = induction_label_mass(label_attention.cpu(), batch.correct_mask.cpu(),
-                                                  batch.prompt_lengths.cpu())
-                sums = batch_sums if sums is None else {key: sums[key] + batch_sums[key] for key in sums}
-            else:
-                batch_logits = label_logits(model, batch)
-            logits.append(batch_logits.float().cpu())
-            true.append(batch.query_labels.cpu())
-            bar.update(len(batch.query_labels))
-    bar.close()
+    try:
+        with torch.inference_mode():
+            # A resumed set starts after its saved prompts, a whole number of batches: the batches are the same.
+            for batch in prompts.batches(batch_size, order[done:]):
+                batch = batch.to(device)
+                if attention:
+                    batch_logits, label_attention = _logits_and_label_attention(model, batch)
+                    batch_sums = induction_label_mass(label_attention.cpu(), batch.correct_mask.cpu(),
+                                                      batch.prompt_lengths.cpu())
+                    sums = batch_sums if sums is None else {key: sums[key] + batch_sums[key] for key in sums}
+                else:
+                    batch_logits = label_logits(model, batch)
+                logits.append(batch_logits.float().cpu())
+                true.append(batch.query_labels.cpu())
+                bar.update(len(batch.query_labels))
+                if file is not None:
+                    file.save_if_due(so_far)
+    except BaseException:
+        if file is not None and logits:  # Ctrl-C or an error: keep the batches finished until then
+            file.save(so_far())
+        raise
+    finally:
+        bar.close()
+    computed = so_far()
+    if file is not None and done < len(prompts):
+        file.save(computed)  # a finished set is not computed again when a later one is interrupted
     restore = torch.argsort(torch.tensor(order))
-    return Predictions(torch.cat(logits)[restore], torch.cat(true)[restore], sums, time.perf_counter() - started)
+    return Predictions(computed.logits[restore], computed.true[restore], sums, computed.seconds)
 
 
 def content_free_probabilities(
     model, dataset: ICLDataset, demo_pool: Sequence[Example], n: int = 512, k: int = 4, seed: int = 42,
     inputs: Sequence[str] = ("",), batch_size: int = 8, progress: bool = True,
+    partial: PartialPredictions | None = None,
 ) -> Float[Tensor, "n n_labels"]:
     """Label-space probabilities of ``n`` content-free queries (the strings ``inputs`` in turn; StaICC
     uses the empty string, Zhao et al. "N/A", "" and "[MASK]"), each after k real demonstrations
@@ -89,4 +112,4 @@ def content_free_probabilities(
     queries = [Example(inputs[i % len(inputs)], 0) for i in range(n)]  # the label is never read
     prompts = build_prompts(model.tokenizer, dataset, queries, k=k, seed=seed, demo_pool=demo_pool,
                             max_length=model.cfg.n_ctx)
-    return predict(model, prompts, batch_size, progress=progress, desc="calibrating").probabilities
+    return predict(model, prompts, batch_size, progress=progress, desc="calibrating", partial=partial).probabilities
