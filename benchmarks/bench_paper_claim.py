@@ -11,7 +11,8 @@ each piece; what a GPU run wants):
 - ``abft`` / ``e2e``: ``training.run_finetune`` (n_d = 512 training prompts, 32 steps of 32, W_Q/W_K
   only, the lr chosen on a validation split of the training pool unless given) and then the same
   evaluation of the fine-tuned model. The run folder is resumable, so a piece killed mid-training
-  continues from its last checkpoint.
+  continues from its last checkpoint, and one killed mid-evaluation from the batches its evaluation saved
+  (``abft_lens.evaluation.partial``; a base piece's evaluation too).
 - ``abft-lora`` / ``e2e-lora`` (only when named in ``--methods``): the same with LoRA r = 16 adapters on
   q/k instead of W_Q/W_K (``e2e-lora`` is the paper's Table 2 E2E baseline), lr from ``--lora-lr``.
 - with ``--ood``, each fine-tuned model is also evaluated on the 7 other data sets and the base model on
