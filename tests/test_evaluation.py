@@ -211,7 +211,7 @@ def counted_forwards(model, interrupt_at: int | None = None, before_interrupting
 @pytest.mark.parametrize("every_seconds", [0.0, 1e9], ids=["saved-as-it-goes", "saved-on-interruption"])
 def test_an_interrupted_prediction_resumes_after_its_saved_batches_with_the_same_result(tiny_gpt2, sst2, tmp_path,
                                                                                        every_seconds):
-    from abft_lens.evaluation.partial import PartialPredictions, SavedPredictions
+    from abft_lens.evaluation.partial import PartialPredictions, read_predictions
     from abft_lens.evaluation.prediction import predict
 
     pools = split_pools(sst2)
@@ -222,7 +222,7 @@ def test_an_interrupted_prediction_resumes_after_its_saved_batches_with_the_same
     on_disk = []  # what a SIGKILL at the third batch would leave
 
     def look() -> None:
-        on_disk.append(len(SavedPredictions.from_file(path).true) if path.exists() else 0)
+        on_disk.append(len(read_predictions(path).true) if path.exists() else 0)
 
     with counted_forwards(tiny_gpt2, interrupt_at=3, before_interrupting=look), pytest.raises(Interrupted):
         predict(tiny_gpt2, prompts, batch_size=4, attention=True, progress=False, partial=partial)
@@ -265,15 +265,16 @@ def test_saved_batches_serve_only_the_same_model_prompts_and_settings(tiny_gpt2,
 
 
 def test_saved_batches_that_cannot_be_resumed_from_are_ignored(tmp_path):
-    from abft_lens.evaluation.partial import PredictionFile, SavedPredictions
+    from abft_lens.evaluation import Predictions
+    from abft_lens.evaluation.partial import PredictionFile
 
     file = PredictionFile(tmp_path / "set.safetensors")
     assert file.load(n_prompts=10, batch_size=4) is None  # nothing saved
     file.path.write_bytes(b"not a safetensors file")
     assert file.load(n_prompts=10, batch_size=4) is None
 
-    def saved(n: int) -> SavedPredictions:
-        return SavedPredictions(torch.randn(n, 2), torch.zeros(n, dtype=torch.long), None, 1.5)
+    def saved(n: int) -> Predictions:
+        return Predictions(torch.randn(n, 2), torch.zeros(n, dtype=torch.long), None, 1.5)
 
     file.save(saved(8))
     assert len(file.load(n_prompts=10, batch_size=4).true) == 8

@@ -17,6 +17,7 @@ One module per part:
 
 - ``metrics``: the metric math (macro-F1, consistency, calibration, induction-head masses), pure
   tensor code;
+- ``outputs``: ``Predictions``, a prompt set's label logits beside its true labels;
 - ``prediction``: ``predict``, the one loop that runs the model, and the content-free queries;
 - ``partial``: an interrupted evaluation's finished batches, which the same evaluation resumes from;
 - ``job``: ``EvaluateConfig``, ``evaluate`` and ``run_evaluation`` (the `evaluate` command's job);
@@ -49,7 +50,8 @@ from abft_lens.evaluation.metrics import (
     macro_f1,
     summarise_induction,
 )
-from abft_lens.evaluation.prediction import Predictions, content_free_probabilities, predict
+from abft_lens.evaluation.outputs import Predictions
+from abft_lens.evaluation.prediction import content_free_probabilities, predict
 from abft_lens.forward import label_logits
 from abft_lens.runs import check_not_broken_run_dir, is_run_dir
 

@@ -33,7 +33,8 @@ from abft_lens.evaluation.metrics import (
     summarise_induction,
 )
 from abft_lens.evaluation.partial import PartialPredictions
-from abft_lens.evaluation.prediction import Predictions, content_free_probabilities, predict
+from abft_lens.evaluation.outputs import Predictions
+from abft_lens.evaluation.prediction import content_free_probabilities, predict
 from abft_lens.models import DEFAULT_MODEL
 from abft_lens.precision import (
     WEIGHT_DTYPES,

@@ -29,6 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from abft_lens.evaluation.outputs import Predictions
 from abft_lens.prompts import PromptSet
 from abft_lens.runs import PARTIAL_PREDICTIONS_DIR, atomic_write_bytes
 
@@ -57,29 +58,20 @@ def prompt_set_digest(prompts: PromptSet) -> str:
     return digest.hexdigest()
 
 
-@dataclass
-class SavedPredictions:
-    """The first ``len(true)`` prompts of a set in computing order (``PromptSet.by_length``): their label
-    logits, true labels and, where collected, the induction heads' label-attention sums; ``seconds``:
-    the compute time they took."""
+def predictions_bytes(predictions: Predictions) -> bytes:
+    """``predictions`` as a safetensors file's bytes (the induction sums under their own key prefix)."""
+    tensors = {"logits": predictions.logits.contiguous(), "true": predictions.true.contiguous()}
+    tensors.update({_SUMS + key: value.contiguous() for key, value in (predictions.induction_sums or {}).items()})
+    return save(tensors, metadata={"seconds": repr(predictions.seconds)})
 
-    logits: torch.Tensor
-    true: torch.Tensor
-    induction_sums: dict[str, torch.Tensor] | None
-    seconds: float
 
-    def to_bytes(self) -> bytes:
-        tensors = {"logits": self.logits.contiguous(), "true": self.true.contiguous()}
-        tensors.update({_SUMS + key: value.contiguous() for key, value in (self.induction_sums or {}).items()})
-        return save(tensors, metadata={"seconds": repr(self.seconds)})
-
-    @classmethod
-    def from_file(cls, path: Path) -> SavedPredictions:
-        with safe_open(path, framework="pt") as file:
-            tensors = {key: file.get_tensor(key) for key in file.keys()}
-            seconds = float((file.metadata() or {}).get("seconds", 0.0))
-        sums = {key.removeprefix(_SUMS): value for key, value in tensors.items() if key.startswith(_SUMS)}
-        return cls(tensors["logits"], tensors["true"], sums or None, seconds)
+def read_predictions(path: Path) -> Predictions:
+    """The predictions ``predictions_bytes`` wrote to ``path``."""
+    with safe_open(path, framework="pt") as file:
+        tensors = {key: file.get_tensor(key) for key in file.keys()}
+        seconds = float((file.metadata() or {}).get("seconds", 0.0))
+    sums = {key.removeprefix(_SUMS): value for key, value in tensors.items() if key.startswith(_SUMS)}
+    return Predictions(tensors["logits"], tensors["true"], sums or None, seconds)
 
 
 @dataclass
@@ -91,13 +83,13 @@ class PredictionFile:
     every_seconds: float = PREDICTION_SAVE_SECONDS
     last_saved: float = field(default_factory=time.monotonic)
 
-    def load(self, n_prompts: int, batch_size: int) -> SavedPredictions | None:
+    def load(self, n_prompts: int, batch_size: int) -> Predictions | None:
         """The saved predictions, or None where there are none or they cannot be resumed from (an
         unreadable file, or a count that is not whole batches of this set)."""
         if not self.path.is_file():
             return None
         try:
-            saved = SavedPredictions.from_file(self.path)
+            saved = read_predictions(self.path)
         except (SafetensorError, KeyError, ValueError, OSError) as error:
             log.warning("ignoring unreadable saved predictions %s (%s)", self.path, error)
             return None
@@ -109,11 +101,11 @@ class PredictionFile:
         log.info("resuming from %s: %d of %d prompts already predicted", self.path, done, n_prompts)
         return saved
 
-    def save(self, saved: SavedPredictions) -> None:
-        atomic_write_bytes(self.path, saved.to_bytes())
+    def save(self, saved: Predictions) -> None:
+        atomic_write_bytes(self.path, predictions_bytes(saved))
         self.last_saved = time.monotonic()
 
-    def save_if_due(self, saved: Callable[[], SavedPredictions]) -> None:
+    def save_if_due(self, saved: Callable[[], Predictions]) -> None:
         """``saved()`` (built only when a save is due) written if ``every_seconds`` have passed."""
         if time.monotonic() - self.last_saved >= self.every_seconds:
             self.save(saved())

@@ -6,38 +6,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from abft_lens.data import Example, ICLDataset
 from abft_lens.errors import DataError
 from abft_lens.evaluation.metrics import induction_label_mass
-from abft_lens.evaluation.partial import PartialPredictions, SavedPredictions
+from abft_lens.evaluation.outputs import Predictions
+from abft_lens.evaluation.partial import PartialPredictions
 from abft_lens.forward import label_logits, query_logits_and_rows
 from abft_lens.heads import gather_label_attention
 from abft_lens.prompts import PromptBatch, PromptSet, build_prompts
-
-
-@dataclass
-class Predictions:
-    """Label-space logits of every prompt of a set, in the set's order."""
-
-    logits: Float[Tensor, "prompt n_labels"]
-    true: Int[Tensor, "prompt"]
-    induction_sums: dict[str, Tensor] | None
-    seconds: float
-
-    @property
-    def predicted(self) -> Int[Tensor, "prompt"]:
-        return self.logits.argmax(-1)
-
-    @property
-    def probabilities(self) -> Float[Tensor, "prompt n_labels"]:
-        return self.logits.softmax(-1)
 
 
 def _logits_and_label_attention(
@@ -64,8 +46,8 @@ def predict(model, prompts: PromptSet, batch_size: int = 8, attention: bool = Fa
     done = len(saved.true) if saved else 0
     started = time.perf_counter() - (saved.seconds if saved else 0.0)
 
-    def so_far() -> SavedPredictions:
-        return SavedPredictions(torch.cat(logits), torch.cat(true), sums, time.perf_counter() - started)
+    def so_far() -> Predictions:
+        return Predictions(torch.cat(logits), torch.cat(true), sums, time.perf_counter() - started)
 
     bar = tqdm(total=len(prompts), initial=done, desc=desc, unit="prompt", disable=not progress)
     order = prompts.by_length()  # batches of similar length; results go back to the set's order below
