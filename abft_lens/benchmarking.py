@@ -42,6 +42,9 @@ def append_rows(path: Path, rows: list[dict[str, object]], columns: list[str], k
         new_keys = set(new[list(keys)].itertuples(index=False, name=None))
         keep = [key not in new_keys for key in frame[list(keys)].itertuples(index=False, name=None)]
         frame = pd.concat([frame[keep], new], ignore_index=True) if len(frame) else new
+        # A row's None (e.g. lora_rank of a full fine-tuning) makes its column object-typed, and an object
+        # column's floats escape float_format (16 would be written 16.0): back to numbers first.
+        frame = frame.infer_objects()
         atomic_write_text(path, frame.to_csv(index=False, float_format="%.6g"))
     return frame
 
