@@ -27,7 +27,7 @@ from abft_lens.choices import (
     checked,
 )
 from abft_lens.errors import AbftLensError, ConfigError, one_line
-from abft_lens.runs import PARTIAL_PREDICTIONS_DIR, RUN_LOG, check_out_dir, load_config, with_overrides
+from abft_lens.runs import EVALUATE_RESUMABLE, check_out_dir, load_config, with_overrides
 
 # Plain click help: rich markup would read each "[default: ...]" in a help text as a tag and drop it.
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -83,7 +83,6 @@ def _commands(
 ) -> None:
     """Keeps `find-heads` a named command even while it is the only one. (``main`` takes ``--debug``
     off the command line before typer parses it; the option is here for ``--help``.)"""
-
 
 
 def _print_table(frame) -> None:
@@ -343,7 +342,7 @@ def evaluate_command(
                             robustness=robustness, robustness_queries=robustness_queries,
                             unseen_labels=unseen_labels, icl_tests=icl_tests, label_words=words, device=device,
                             out=str(out) if out else None, precision=precision, dtype=dtype, overwrite=overwrite))
-    check_out_dir(default_out(cfg), cfg.overwrite, resumable=(RUN_LOG, PARTIAL_PREDICTIONS_DIR))
+    check_out_dir(default_out(cfg), cfg.overwrite, resumable=EVALUATE_RESUMABLE)
     result = run_evaluation(cfg)
     typer.echo(f"\n{cfg.model_or_run} on {cfg.dataset}:")
     for line in headline(result.metrics):

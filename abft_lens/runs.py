@@ -15,7 +15,9 @@ This module owns the run-folder format; every reader and writer of these files g
   W_Q/W_K or a LoRA run's adapters; ``read_trained_tensors``, ``apply_tensors``, ``load_trained_model``;
   ``trained_tensor_files`` lists them by step, the kept checkpoints' included);
 - ``validation_trajectory.csv`` (``VALIDATION_TRAJECTORY_FILE``): validation accuracy per kept step
-  (``abft_lens.training.trajectory``).
+  (``abft_lens.training.trajectory``);
+- an evaluation's ``partial_predictions/`` (``PARTIAL_PREDICTIONS_DIR``): the finished batches of an
+  interrupted evaluation, gone once its results are written (``abft_lens.evaluation.partial``).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ ConfigT = TypeVar("ConfigT")
 CONFIG_FILE = "config.json"
 RUN_LOG = "run.log"
 PARTIAL_PREDICTIONS_DIR = "partial_predictions"  # an interrupted evaluation's finished batches
+EVALUATE_RESUMABLE = (RUN_LOG, PARTIAL_PREDICTIONS_DIR)  # what `evaluate` goes on from in its out folder
 METRICS_FILE = "metrics.jsonl"
 TRAINED_FILE = "trained.safetensors"
 CHECKPOINTS_DIR = "checkpoints"

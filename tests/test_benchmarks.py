@@ -57,7 +57,6 @@ def test_append_rows_replaces_rows_with_the_same_key_and_keeps_the_rest(bench, t
     assert bench.finished_pieces(path) == {("mr", "abft", 42), ("sst2", "abft", 42), ("sst2", "abft", 43)}
 
 
-
 def test_appending_a_row_without_a_value_keeps_the_column_s_numbers_as_written(bench, tmp_path):
     path = tmp_path / "results.csv"
     bench.append_results(path, [dict(dataset="sst2", method="e2e-lora", seed=42, accuracy=0.9, lora_rank=16),
@@ -66,6 +65,7 @@ def test_appending_a_row_without_a_value_keeps_the_column_s_numbers_as_written(b
     with open(path, newline="") as file:
         written = [row["lora_rank"] for row in csv.DictReader(file)]
     assert written == ["16", "", ""]  # as written, not 16.0
+
 
 def test_resuming_finished_pieces_in_another_precision_is_refused():
     from abft_lens.benchmarking import check_finished_precision

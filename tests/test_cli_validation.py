@@ -88,6 +88,20 @@ def test_overwrite_or_an_empty_folder_lets_the_job_start(command, capsys, tmp_pa
     assert stub_jobs[command].overwrite is True
 
 
+@pytest.mark.parametrize("command", ["find-heads", "evaluate"])
+def test_only_evaluate_goes_on_in_a_folder_of_an_interrupted_evaluation(command, capsys, tmp_path, stub_jobs):
+    from abft_lens.runs import PARTIAL_PREDICTIONS_DIR, RUN_LOG
+
+    out = tmp_path / "run"
+    (out / PARTIAL_PREDICTIONS_DIR).mkdir(parents=True)
+    (out / RUN_LOG).write_text("interrupted\n")
+    code, err = run_main(capsys, command, MISSING_MODEL, "--out", str(out))
+    if command == "evaluate":
+        assert code == 2 and "evaluate started" in err
+    else:
+        assert_one_line_error(code, err, str(out), "not empty", "--overwrite")
+
+
 def test_check_out_dir_refuses_files_paths_under_files_and_unwritable_places(tmp_path, monkeypatch):
     assert check_out_dir(tmp_path / "new" / "run") == tmp_path / "new" / "run"
     file = tmp_path / "file.txt"

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from abft_lens.data import Example, load_dataset, split_pools
+from abft_lens.data import load_dataset, split_pools
 from abft_lens.errors import ConfigError, DataError
 from abft_lens.evaluation import (
     EvaluateConfig,
@@ -240,6 +240,39 @@ def test_an_interrupted_prediction_resumes_after_its_saved_batches_with_the_same
     assert not forwards and torch.equal(again.logits, uninterrupted.logits)
 
 
+def test_an_interruption_between_a_batch_s_sums_and_its_logits_saves_neither(tiny_gpt2, sst2, tmp_path,
+                                                                             monkeypatch):
+    import abft_lens.evaluation.prediction as prediction
+    from abft_lens.evaluation.partial import PartialPredictions, read_predictions
+
+    pools = split_pools(sst2)
+    prompts = build_prompts(tiny_gpt2.tokenizer, sst2, pools.test[:10], k=4, seed=42, demo_pool=pools.demo)
+    uninterrupted = prediction.predict(tiny_gpt2, prompts, batch_size=4, attention=True, progress=False)
+    forward = prediction._logits_and_label_attention
+    batches = []
+
+    class LogitsInterruptedOnKeeping:
+        def float(self):
+            raise Interrupted
+
+    def third_interrupted(model, batch):
+        logits, attention = forward(model, batch)
+        batches.append(1)
+        return (LogitsInterruptedOnKeeping() if len(batches) == 3 else logits), attention
+
+    monkeypatch.setattr(prediction, "_logits_and_label_attention", third_interrupted)
+    partial = PartialPredictions.for_model(tmp_path, tiny_gpt2, "fp32", every_seconds=1e9)
+    with pytest.raises(Interrupted):  # the third batch's sums are added, its logits never kept
+        prediction.predict(tiny_gpt2, prompts, batch_size=4, attention=True, progress=False, partial=partial)
+    saved = read_predictions(partial.file_for(prompts, 4, attention=True).path)
+    assert len(saved.true) == 8
+    monkeypatch.setattr(prediction, "_logits_and_label_attention", forward)
+    resumed = prediction.predict(tiny_gpt2, prompts, batch_size=4, attention=True, progress=False, partial=partial)
+    assert partial.read_back == 8
+    for key, value in uninterrupted.induction_sums.items():  # the third batch counted once
+        assert torch.equal(resumed.induction_sums[key], value), key
+
+
 def test_saved_batches_serve_only_the_same_model_prompts_and_settings(tiny_gpt2, sst2, tmp_path):
     from abft_lens.evaluation.partial import PartialPredictions, weights_digest
 
@@ -256,13 +289,37 @@ def test_saved_batches_serve_only_the_same_model_prompts_and_settings(tiny_gpt2,
     assert path not in changed and len(set(changed)) == len(changed)
     with torch.no_grad():
         parameter = next(tiny_gpt2.parameters())
+        original = parameter.view(-1)[0].clone()  # put back exactly: the model is shared by the session
         parameter.view(-1)[0] += 1e-3
         try:
             assert weights_digest(tiny_gpt2) != partial.weights  # a fine-tuned model does not reuse the base's
         finally:
-            parameter.view(-1)[0] -= 1e-3
+            parameter.view(-1)[0] = original
     assert weights_digest(tiny_gpt2) == partial.weights
 
+
+def test_the_numerics_context_tells_apart_what_changes_the_last_digits(monkeypatch):
+    import abft_lens.evaluation.job as job
+    import abft_lens.evaluation.partial as partial
+
+    config, cpu = EvaluateConfig(), torch.device("cpu")
+    context = job.numerics_context(config, cpu, "fp32 asked for")
+    assert context == job.numerics_context(config, cpu, "fp32 asked for")
+    changed = [job.numerics_context(EvaluateConfig(precision="bf16"), cpu, "fp32 asked for"),
+               job.numerics_context(config, cpu, "bf16 emulated")]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)  # float32 sums are split differently
+    try:
+        changed.append(job.numerics_context(config, cpu, "fp32 asked for"))
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2-or-another")
+    changed.append(job.numerics_context(config, cpu, "fp32 asked for"))
+    monkeypatch.undo()
+    monkeypatch.setattr(job, "code_digest", lambda: "edited")  # an edited abft_lens
+    changed.append(job.numerics_context(config, cpu, "fp32 asked for"))
+    assert context not in changed and len(set(changed)) == len(changed)
+    assert partial.code_digest() == partial.code_digest() and len(partial.code_digest()) == 64
 
 def test_saved_batches_that_cannot_be_resumed_from_are_ignored(tmp_path):
     from abft_lens.evaluation import Predictions
@@ -285,9 +342,9 @@ def test_saved_batches_that_cannot_be_resumed_from_are_ignored(tmp_path):
 
 
 def test_only_evaluate_resumes_in_a_folder_holding_saved_batches(tmp_path):
-    from abft_lens.runs import PARTIAL_PREDICTIONS_DIR, RUN_LOG, check_out_dir
+    from abft_lens.runs import EVALUATE_RESUMABLE, PARTIAL_PREDICTIONS_DIR, RUN_LOG, check_out_dir
 
-    evaluate_resumes = (RUN_LOG, PARTIAL_PREDICTIONS_DIR)
+    evaluate_resumes = EVALUATE_RESUMABLE
     (tmp_path / RUN_LOG).write_text("")
     assert check_out_dir(tmp_path) == tmp_path  # a failed job's log: any job
     (tmp_path / PARTIAL_PREDICTIONS_DIR).mkdir()
@@ -303,9 +360,9 @@ def test_the_evaluate_job_resumes_every_part_in_its_folder_and_removes_the_saved
     from abft_lens.evaluation import run_evaluation
     from abft_lens.runs import PARTIAL_PREDICTIONS_DIR
 
-    def config(out):  # every part: test set, calibration, unseen labels, 0-shot, ICL tests, robustness
-        return EvaluateConfig(dataset="sst2", n_test=6, demo_sets=1, calibrate=True, n_calibration=8,
-                              unseen_labels=True, icl_tests=True, robustness=True, out=str(out))
+    def config(out, overwrite=False):  # every part: test set, calibration, unseen labels, 0-shot, ICL tests, robustness
+        return EvaluateConfig(dataset="sst2", n_test=6, demo_sets=1, calibrate=True, n_calibration=8, unseen_labels=True,
+                              icl_tests=True, robustness=True, out=str(out), overwrite=overwrite)
 
     with counted_forwards(tiny_gpt2) as forwards:
         whole = run_evaluation(config(tmp_path / "whole"), model=tiny_gpt2, progress=False)
@@ -323,9 +380,18 @@ def test_the_evaluate_job_resumes_every_part_in_its_folder_and_removes_the_saved
         pd.testing.assert_frame_equal(resumed.tables[name], table, obj=name)
 
     def timeless(metrics):  # as JSON, where the tiny model's NaN masses (no induction heads) compare equal
-        return json.dumps({key: value for key, value in metrics.items() if "seconds" not in key}, sort_keys=True)
+        return json.dumps({key: value for key, value in metrics.items()
+                           if "seconds" not in key and key != "resumed_prompts"}, sort_keys=True)
 
     assert timeless(resumed.metrics) == timeless(whole.metrics)
+    assert whole.metrics["resumed_prompts"] == 0
+    assert 0 < resumed.metrics["resumed_prompts"] < resumed.metrics["n_forwards"]
+
+    with counted_forwards(tiny_gpt2, interrupt_at=len(forwards)), pytest.raises(Interrupted):
+        run_evaluation(config(tmp_path / "again"), model=tiny_gpt2, progress=False)
+    with counted_forwards(tiny_gpt2) as fresh_forwards:  # --overwrite: a fresh evaluation, nothing read back
+        fresh = run_evaluation(config(tmp_path / "again", overwrite=True), model=tiny_gpt2, progress=False)
+    assert len(fresh_forwards) == len(forwards) and fresh.metrics["resumed_prompts"] == 0
 
 
 def test_evaluation_is_deterministic_for_a_fixed_seed(tiny_gpt2, sst2):

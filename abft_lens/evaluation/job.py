@@ -32,8 +32,8 @@ from abft_lens.evaluation.metrics import (
     macro_f1,
     summarise_induction,
 )
-from abft_lens.evaluation.partial import PartialPredictions
 from abft_lens.evaluation.outputs import Predictions
+from abft_lens.evaluation.partial import PartialPredictions, code_digest
 from abft_lens.evaluation.prediction import content_free_probabilities, predict
 from abft_lens.models import DEFAULT_MODEL
 from abft_lens.precision import (
@@ -195,7 +195,7 @@ def _evaluate(model, dataset: ICLDataset, config: EvaluateConfig, progress: bool
     if config.calibrate:
         content_free = content_free_probabilities(
             model, dataset, pools.demo, config.n_calibration, config.k, config.seed + 2,
-            config.calibration_inputs, config.batch_size, progress, partial)
+            config.calibration_inputs, config.batch_size, progress=progress, partial=partial)
         n_forwards += config.n_calibration
         calibrated = calibrate_probabilities(test.probabilities, content_free)
         metrics.update({
@@ -378,6 +378,17 @@ def load_model_or_run(config: EvaluateConfig):
     return load_model(config.model_or_run, device=config.device, dtype=WEIGHT_DTYPES[config.dtype])
 
 
+def numerics_context(config: EvaluateConfig, device: torch.device, precision_reason: str) -> str:
+    """What decides an evaluation's numbers besides the weights and prompts, as one string: precision,
+    weight dtype, device (and a GPU's name), the precision choice (native or emulated bf16), the CPU's
+    instruction set and thread count (float32 sums differ in the last digits between them), the packages'
+    versions and abft_lens's code. Saved batches are reused only under the same context."""
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return json.dumps([config.precision, config.dtype, str(device), device_name, precision_reason,
+                       torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), package_versions(),
+                       code_digest()])
+
+
 def run_evaluation(config: EvaluateConfig, model=None, progress: bool = True) -> EvaluationResult:
     """The `evaluate` job: load the model (or use ``model``), evaluate, and write the output folder
     (config.json, metrics.json, predictions.csv and one CSV per extra condition). Finished batches are
@@ -392,11 +403,12 @@ def run_evaluation(config: EvaluateConfig, model=None, progress: bool = True) ->
         device = next(model.parameters()).device
         config, choice = resolve_config_precision(config, device, announce=progress)
         log.info("precision %s (%s)", config.precision, choice.reason)
-        # What else decides the numerics: precision, weight dtype, device, the precision choice (native or
-        # emulated bf16) and the packages' versions.
-        context = json.dumps([config.precision, config.dtype, str(device), choice.reason, package_versions()])
-        partial = PartialPredictions.for_model(out / PARTIAL_PREDICTIONS_DIR, model, context)
+        partial = PartialPredictions.for_model(out / PARTIAL_PREDICTIONS_DIR, model,
+                                               numerics_context(config, device, choice.reason))
+        if config.overwrite:
+            partial.discard()  # a fresh evaluation, as asked
         result = evaluate(model, dataset, config, progress, partial)
+        result.metrics["resumed_prompts"] = partial.read_back
         save_config(out, config, pools_seed=config.pools_seed, precision_reason=choice.reason)
         write_json(out / "metrics.json", {"model_or_run": config.model_or_run, **result.metrics})
         atomic_write_text(out / "predictions.csv", result.predictions.to_csv(index=False, float_format="%.6g"))
@@ -440,6 +452,7 @@ def headline(metrics: dict[str, object]) -> list[str]:
     if "induction_heads_per_prompt" in m:
         lines.append(f"induction heads: {m['induction_heads_per_prompt']:.1f} per prompt, label mass "
                      f"correct {m['induction_correct_mass']:.3f} / wrong {m['induction_wrong_mass']:.3f}")
-    lines.append(f"{m['n_forwards']} prompts in {m['seconds']:.0f} s "
+    resumed = f", {m['resumed_prompts']} of them read back from an interrupted run" if m.get("resumed_prompts") else ""
+    lines.append(f"{m['n_forwards']} prompts{resumed} in {m['seconds']:.0f} s "
                  f"({m['seconds_per_prompt']:.3f} s per test prompt, batched)")
     return lines

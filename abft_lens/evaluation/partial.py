@@ -3,16 +3,17 @@
 An evaluation of a fine-tuned SmolLM2 with the ICL tests is about 4,000 forwards: 20 minutes on a fast
 CPU, well over an hour on a slow one. ``predict`` saves the predictions of the batches it has finished
 (``PREDICTION_SAVE_SECONDS`` apart, when a prompt set is done, and on Ctrl-C or an error) into the output
-folder's ``PARTIAL_PREDICTIONS_DIR``; the same evaluation run again loads them and computes only the
-rest. The batches are cut as before (``PromptSet.by_length`` order, saves fall on batch boundaries), so
-the resumed predictions are the ones an uninterrupted run gives. ``run_evaluation`` removes the folder
-once the results are written.
+folder's ``runs.PARTIAL_PREDICTIONS_DIR``; the same evaluation run again loads them and computes only
+the rest. The batches are cut as before (``PromptSet.by_length`` order, saves fall on batch boundaries),
+so the resumed predictions are the ones an uninterrupted run gives. ``run_evaluation`` removes the folder
+once the results are written (and first, with ``--overwrite``).
 
 A saved set is reused only where its file name matches: a digest of the model's weights, the caller's
-context (``run_evaluation``: precision, weight dtype, device, the precision choice, package versions),
-the batch size, whether attention is collected, and every prompt's tokens and labels. A changed model,
-another data set, seed or precision finds no file and starts afresh. Not in the digest: forward hooks
-a caller attaches, and edits to this package's code between the two runs.
+context (``run_evaluation``: precision, weight dtype, device and its name, the precision choice, the
+CPU's instruction set and thread count, package versions and ``code_digest``), the batch size, whether
+attention is collected, and every prompt's tokens and labels. A changed model, another data set, seed,
+precision, machine or code finds no file and starts afresh. Not in the digest: forward hooks a caller
+attaches, and buffers that are not parameters.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from safetensors.torch import save
 
 from abft_lens.evaluation.outputs import Predictions
 from abft_lens.prompts import PromptSet
-from abft_lens.runs import PARTIAL_PREDICTIONS_DIR, atomic_write_bytes
+from abft_lens.runs import atomic_write_bytes
 
 log = logging.getLogger("abft_lens.evaluate")
 
@@ -46,6 +47,16 @@ def weights_digest(model) -> str:
     for name, parameter in model.named_parameters():
         digest.update(f"{name} {parameter.dtype} {tuple(parameter.shape)}".encode())
         digest.update(parameter.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def code_digest() -> str:
+    """SHA-256 of this package's Python sources: batches saved before an edit of abft_lens (an editable
+    install keeps its version string) are not mixed with predictions of the edited code."""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 
@@ -114,12 +125,15 @@ class PredictionFile:
 @dataclass
 class PartialPredictions:
     """The finished batches of one evaluation's prompt sets, under ``folder``, for one model
-    (``weights``: ``weights_digest``) computed in one way (``context``: precision, weight dtype)."""
+    (``weights``: ``weights_digest``) computed in one way (``context``: whatever else decides the numerics,
+    ``run_evaluation``'s ``numerics_context``). ``read_back``: how many prompts ``predict`` took from
+    saved batches instead of computing them."""
 
     folder: Path
     weights: str
     context: str
     every_seconds: float = PREDICTION_SAVE_SECONDS
+    read_back: int = 0
 
     @classmethod
     def for_model(cls, folder: Path, model, context: str, every_seconds: float = PREDICTION_SAVE_SECONDS
@@ -132,5 +146,10 @@ class PartialPredictions:
         return PredictionFile(self.folder / f"{key[:32]}.safetensors", self.every_seconds)
 
     def discard(self) -> None:
-        """Remove the folder (the evaluation's results are written)."""
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """Remove the folder (the evaluation's results are written, or a fresh start was asked for)."""
+        try:
+            shutil.rmtree(self.folder)
+        except FileNotFoundError:
+            pass
+        except OSError as error:  # the results are written: a folder left behind is untidy, not wrong
+            log.warning("could not remove the saved batches %s (%s)", self.folder, error)

@@ -41,13 +41,20 @@ def predict(model, prompts: PromptSet, batch_size: int = 8, attention: bool = Fa
     attention = attention and prompts.k > 0
     file = partial.file_for(prompts, batch_size, attention) if partial is not None else None
     saved = file.load(len(prompts), batch_size) if file is not None else None
-    logits, true = ([saved.logits], [saved.true]) if saved else ([], [])
-    sums: dict[str, Tensor] | None = saved.induction_sums if saved else None
-    done = len(saved.true) if saved else 0
-    started = time.perf_counter() - (saved.seconds if saved else 0.0)
+    done = len(saved.true) if saved is not None else 0
+    if partial is not None:
+        partial.read_back += done
+    logits, true = ([saved.logits], [saved.true]) if saved is not None else ([], [])
+    saved_sums = saved.induction_sums if saved is not None else None
+    # The finished batches: how many of ``logits``/``true`` and the sums over them, set in one assignment
+    # after each batch, so that a save on Ctrl-C never holds one batch's sums without its logits.
+    finished: tuple[int, dict[str, Tensor] | None] = (len(logits), saved_sums)
+    started = time.perf_counter() - (saved.seconds if saved is not None else 0.0)
 
     def so_far() -> Predictions:
-        return Predictions(torch.cat(logits), torch.cat(true), sums, time.perf_counter() - started)
+        n_parts, sums = finished
+        return Predictions(torch.cat(logits[:n_parts]), torch.cat(true[:n_parts]), sums,
+                           time.perf_counter() - started)
 
     bar = tqdm(total=len(prompts), initial=done, desc=desc, unit="prompt", disable=not progress)
     order = prompts.by_length()  # batches of similar length; results go back to the set's order below
@@ -56,6 +63,7 @@ def predict(model, prompts: PromptSet, batch_size: int = 8, attention: bool = Fa
             # A resumed set starts after its saved prompts, a whole number of batches: the batches are the same.
             for batch in prompts.batches(batch_size, order[done:]):
                 batch = batch.to(device)
+                sums = finished[1]
                 if attention:
                     batch_logits, label_attention = _logits_and_label_attention(model, batch)
                     batch_sums = induction_label_mass(label_attention.cpu(), batch.correct_mask.cpu(),
@@ -65,11 +73,12 @@ def predict(model, prompts: PromptSet, batch_size: int = 8, attention: bool = Fa
                     batch_logits = label_logits(model, batch)
                 logits.append(batch_logits.float().cpu())
                 true.append(batch.query_labels.cpu())
+                finished = (len(logits), sums)
                 bar.update(len(batch.query_labels))
                 if file is not None:
                     file.save_if_due(so_far)
     except BaseException:
-        if file is not None and logits:  # Ctrl-C or an error: keep the batches finished until then
+        if file is not None and finished[0]:  # Ctrl-C or an error: keep the batches finished until then
             file.save(so_far())
         raise
     finally:
@@ -78,7 +87,8 @@ def predict(model, prompts: PromptSet, batch_size: int = 8, attention: bool = Fa
     if file is not None and done < len(prompts):
         file.save(computed)  # a finished set is not computed again when a later one is interrupted
     restore = torch.argsort(torch.tensor(order))
-    return Predictions(computed.logits[restore], computed.true[restore], sums, computed.seconds)
+    return Predictions(computed.logits[restore], computed.true[restore], computed.induction_sums,
+                       computed.seconds)
 
 
 def content_free_probabilities(
