@@ -42,10 +42,21 @@ def append_rows(path: Path, rows: list[dict[str, object]], columns: list[str], k
         new_keys = set(new[list(keys)].itertuples(index=False, name=None))
         keep = [key not in new_keys for key in frame[list(keys)].itertuples(index=False, name=None)]
         frame = pd.concat([frame[keep], new], ignore_index=True) if len(frame) else new
-        # A row's None (e.g. lora_rank of a full fine-tuning) makes its column object-typed, and an object
-        # column's floats escape float_format (16 would be written 16.0): back to numbers first.
-        frame = frame.infer_objects()
-        atomic_write_text(path, frame.to_csv(index=False, float_format="%.6g"))
+        atomic_write_text(path, exact_integers(frame).to_csv(index=False, float_format="%.6g"))
+    return frame
+
+
+def exact_integers(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with its columns of whole numbers as integers, so that a CSV writes them in full.
+
+    A row's None (e.g. lora_rank of a full fine-tuning) makes its column object-typed, whose floats escape
+    ``float_format`` (16 came out 16.0); and a column of counts with an empty cell is float, which
+    ``float_format``'s 6 significant digits round (13271040 came out 1.3271e+07)."""
+    frame = frame.infer_objects()
+    for column in frame.select_dtypes("float").columns:
+        values = frame[column].dropna()
+        if len(values) and (values == values.round()).all() and (values.abs() < 2**53).all():
+            frame[column] = frame[column].astype("Int64")
     return frame
 
 

@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import torch
 
+    from abft_lens.benchmarking import exact_integers
     from abft_lens.models import load_model
     from abft_lens.runs import package_versions, write_json
 
@@ -92,9 +93,9 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
             print(f"round {round_} {method}: {seconds[0]:.2f} s per step", flush=True)
     frame = pd.DataFrame(rows)
-    frame.to_csv(args.out / "cost.csv", index=False, float_format="%.4g")
+    exact_integers(frame).to_csv(args.out / "cost.csv", index=False, float_format="%.4g")  # counts in full
     table = summarise(frame)
-    table.to_csv(args.out / "summary.csv", index=False, float_format="%.4g")
+    exact_integers(table).to_csv(args.out / "summary.csv", index=False, float_format="%.4g")
     command = shlex.join([sys.executable, sys.argv[0] if argv is None else __file__,
                           *(sys.argv[1:] if argv is None else argv)])
     write_json(args.out / "summary.json", {

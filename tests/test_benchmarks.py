@@ -59,12 +59,15 @@ def test_append_rows_replaces_rows_with_the_same_key_and_keeps_the_rest(bench, t
 
 def test_appending_a_row_without_a_value_keeps_the_column_s_numbers_as_written(bench, tmp_path):
     path = tmp_path / "results.csv"
-    bench.append_results(path, [dict(dataset="sst2", method="e2e-lora", seed=42, accuracy=0.9, lora_rank=16),
-                                dict(dataset="sst2", method="e2e", seed=42, accuracy=0.8, lora_rank=None)])
-    bench.append_results(path, [dict(dataset="sst2", method="abft", seed=42, accuracy=0.8, lora_rank=None)])
+    bench.append_results(path, [
+        dict(dataset="sst2", method="e2e-lora", seed=42, accuracy=0.9, lora_rank=16, full_precision_params=29233152),
+        dict(dataset="sst2", method="e2e", seed=42, accuracy=0.8, lora_rank=None, full_precision_params=None)])
+    bench.append_results(path, [dict(dataset="sst2", method="abft", seed=42, accuracy=0.8, lora_rank=None,
+                                     full_precision_params=13271040)])
     with open(path, newline="") as file:
-        written = [row["lora_rank"] for row in csv.DictReader(file)]
-    assert written == ["16", "", ""]  # as written, not 16.0
+        written = [(row["lora_rank"], row["full_precision_params"], row["accuracy"]) for row in csv.DictReader(file)]
+    # As written: not 16.0, nor 1.3271e+07 (float_format's 6 digits); fractions still through float_format.
+    assert written == [("16", "29233152", "0.9"), ("", "", "0.8"), ("", "13271040", "0.8")]
 
 
 def test_resuming_finished_pieces_in_another_precision_is_refused():
