@@ -46,16 +46,19 @@ def append_rows(path: Path, rows: list[dict[str, object]], columns: list[str], k
     return frame
 
 
-def exact_integers(frame: pd.DataFrame) -> pd.DataFrame:
-    """``frame`` with its columns of whole numbers as integers, so that a CSV writes them in full.
+def exact_integers(frame: pd.DataFrame, significant_digits: int = 6) -> pd.DataFrame:
+    """``frame`` with the columns a CSV's ``float_format`` of ``significant_digits`` would misprint as
+    numbers it writes in full.
 
     A row's None (e.g. lora_rank of a full fine-tuning) makes its column object-typed, whose floats escape
-    ``float_format`` (16 came out 16.0); and a column of counts with an empty cell is float, which
-    ``float_format``'s 6 significant digits round (13271040 came out 1.3271e+07)."""
+    ``float_format`` (16 came out 16.0): back to numbers. A column of counts with an empty cell is float,
+    and counts of more digits are rounded (13271040 came out 1.3271e+07): whole-number columns that hold
+    such a count become integers. Other columns keep their types."""
     frame = frame.infer_objects()
     for column in frame.select_dtypes("float").columns:
         values = frame[column].dropna()
-        if len(values) and (values == values.round()).all() and (values.abs() < 2**53).all():
+        whole = len(values) and (values == values.round()).all() and (values.abs() < 2**53).all()
+        if whole and (values.abs() >= 10**significant_digits).any():
             frame[column] = frame[column].astype("Int64")
     return frame
 

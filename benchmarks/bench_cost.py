@@ -93,9 +93,9 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
             print(f"round {round_} {method}: {seconds[0]:.2f} s per step", flush=True)
     frame = pd.DataFrame(rows)
-    exact_integers(frame).to_csv(args.out / "cost.csv", index=False, float_format="%.4g")  # counts in full
+    exact_integers(frame, 4).to_csv(args.out / "cost.csv", index=False, float_format="%.4g")  # counts in full
     table = summarise(frame)
-    exact_integers(table).to_csv(args.out / "summary.csv", index=False, float_format="%.4g")
+    exact_integers(table, 4).to_csv(args.out / "summary.csv", index=False, float_format="%.4g")
     command = shlex.join([sys.executable, sys.argv[0] if argv is None else __file__,
                           *(sys.argv[1:] if argv is None else argv)])
     write_json(args.out / "summary.json", {

@@ -429,6 +429,8 @@ def test_cost_benchmark_measures_every_method_and_leaves_the_model_as_it_was(tin
     cost.main(["--model", str(tiny_gpt2_dir), "--precision", "fp32", "--repeats", "1", "--out", str(out)])
     table = pd.read_csv(out / "summary.csv").set_index("method")
     assert list(table.index) == list(cost.METHODS)
+    for method in cost.METHODS:  # in full, not to the table's 4 significant digits
+        assert table.loc[method, "full_precision_params"] == counts[method]["full_precision_params"], method
     assert table.loc["abft", "seconds_per_step_vs_abft"] == 1.0 and (table["seconds_per_step"] > 0).all()
     assert json.loads((out / "summary.json").read_text())["command"].endswith(f"--out {out}")
     with pytest.raises(SystemExit):  # never into a folder that holds results

@@ -267,8 +267,11 @@ def test_an_interruption_between_a_batch_s_sums_and_its_logits_saves_neither(tin
     saved = read_predictions(partial.file_for(prompts, 4, attention=True).path)
     assert len(saved.true) == 8
     monkeypatch.setattr(prediction, "_logits_and_label_attention", forward)
+    partial = PartialPredictions.for_model(tmp_path, tiny_gpt2, "fp32", every_seconds=1e9)  # a new run
     resumed = prediction.predict(tiny_gpt2, prompts, batch_size=4, attention=True, progress=False, partial=partial)
     assert partial.read_back == 8
+    prediction.predict(tiny_gpt2, prompts, batch_size=4, attention=True, progress=False, partial=partial)
+    assert partial.read_back == 8  # the set this run finished, read again: not from an interrupted run
     for key, value in uninterrupted.induction_sums.items():  # the third batch counted once
         assert torch.equal(resumed.induction_sums[key], value), key
 
@@ -299,27 +302,31 @@ def test_saved_batches_serve_only_the_same_model_prompts_and_settings(tiny_gpt2,
 
 
 def test_the_numerics_context_tells_apart_what_changes_the_last_digits(monkeypatch):
-    import abft_lens.evaluation.job as job
     import abft_lens.evaluation.partial as partial
 
-    config, cpu = EvaluateConfig(), torch.device("cpu")
-    context = job.numerics_context(config, cpu, "fp32 asked for")
-    assert context == job.numerics_context(config, cpu, "fp32 asked for")
-    changed = [job.numerics_context(EvaluateConfig(precision="bf16"), cpu, "fp32 asked for"),
-               job.numerics_context(config, cpu, "bf16 emulated")]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(threads + 1)  # float32 sums are split differently
+    cpu = torch.device("cpu")
+    context = partial.numerics_context("fp32", "float32", cpu, "fp32 asked for")
+    assert context == partial.numerics_context("fp32", "float32", cpu, "fp32 asked for")
+    changed = [partial.numerics_context("bf16", "float32", cpu, "fp32 asked for"),
+               partial.numerics_context("fp32", "bfloat16", cpu, "fp32 asked for"),
+               partial.numerics_context("fp32", "float32", cpu, "bf16 emulated")]
+    threads, matmul = torch.get_num_threads(), torch.get_float32_matmul_precision()
     try:
-        changed.append(job.numerics_context(config, cpu, "fp32 asked for"))
+        torch.set_num_threads(threads + 1)  # float32 sums are split differently
+        changed.append(partial.numerics_context("fp32", "float32", cpu, "fp32 asked for"))
+        torch.set_num_threads(threads)
+        torch.set_float32_matmul_precision("medium" if matmul != "medium" else "high")
+        changed.append(partial.numerics_context("fp32", "float32", cpu, "fp32 asked for"))
     finally:
         torch.set_num_threads(threads)
+        torch.set_float32_matmul_precision(matmul)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2-or-another")
-    changed.append(job.numerics_context(config, cpu, "fp32 asked for"))
+    changed.append(partial.numerics_context("fp32", "float32", cpu, "fp32 asked for"))
     monkeypatch.undo()
-    monkeypatch.setattr(job, "code_digest", lambda: "edited")  # an edited abft_lens
-    changed.append(job.numerics_context(config, cpu, "fp32 asked for"))
+    monkeypatch.setattr(partial, "code_digest", lambda: "edited")  # an edited abft_lens
+    changed.append(partial.numerics_context("fp32", "float32", cpu, "fp32 asked for"))
     assert context not in changed and len(set(changed)) == len(changed)
-    assert partial.code_digest() == partial.code_digest() and len(partial.code_digest()) == 64
+
 
 def test_saved_batches_that_cannot_be_resumed_from_are_ignored(tmp_path):
     from abft_lens.evaluation import Predictions
@@ -387,11 +394,13 @@ def test_the_evaluate_job_resumes_every_part_in_its_folder_and_removes_the_saved
     assert whole.metrics["resumed_prompts"] == 0
     assert 0 < resumed.metrics["resumed_prompts"] < resumed.metrics["n_forwards"]
 
+    # --overwrite (needed where the folder holds earlier results) still reads matching batches back: they
+    # are the same computation.
     with counted_forwards(tiny_gpt2, interrupt_at=len(forwards)), pytest.raises(Interrupted):
-        run_evaluation(config(tmp_path / "again"), model=tiny_gpt2, progress=False)
-    with counted_forwards(tiny_gpt2) as fresh_forwards:  # --overwrite: a fresh evaluation, nothing read back
-        fresh = run_evaluation(config(tmp_path / "again", overwrite=True), model=tiny_gpt2, progress=False)
-    assert len(fresh_forwards) == len(forwards) and fresh.metrics["resumed_prompts"] == 0
+        run_evaluation(config(tmp_path / "again", overwrite=True), model=tiny_gpt2, progress=False)
+    with counted_forwards(tiny_gpt2) as again_forwards:
+        again = run_evaluation(config(tmp_path / "again", overwrite=True), model=tiny_gpt2, progress=False)
+    assert len(again_forwards) == 1 and again.metrics["resumed_prompts"] == resumed.metrics["resumed_prompts"]
 
 
 def test_evaluation_is_deterministic_for_a_fixed_seed(tiny_gpt2, sst2):

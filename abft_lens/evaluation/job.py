@@ -4,7 +4,6 @@ run folder is read through ``abft_lens.runs``."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -33,7 +32,7 @@ from abft_lens.evaluation.metrics import (
     summarise_induction,
 )
 from abft_lens.evaluation.outputs import Predictions
-from abft_lens.evaluation.partial import PartialPredictions, code_digest
+from abft_lens.evaluation.partial import PartialPredictions, numerics_context
 from abft_lens.evaluation.prediction import content_free_probabilities, predict
 from abft_lens.models import DEFAULT_MODEL
 from abft_lens.precision import (
@@ -50,7 +49,6 @@ from abft_lens.runs import (
     check_not_broken_run_dir,
     is_run_dir,
     load_trained_model,
-    package_versions,
     run_log,
     run_record,
     save_config,
@@ -378,17 +376,6 @@ def load_model_or_run(config: EvaluateConfig):
     return load_model(config.model_or_run, device=config.device, dtype=WEIGHT_DTYPES[config.dtype])
 
 
-def numerics_context(config: EvaluateConfig, device: torch.device, precision_reason: str) -> str:
-    """What decides an evaluation's numbers besides the weights and prompts, as one string: precision,
-    weight dtype, device (and a GPU's name), the precision choice (native or emulated bf16), the CPU's
-    instruction set and thread count (float32 sums differ in the last digits between them), the packages'
-    versions and abft_lens's code. Saved batches are reused only under the same context."""
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return json.dumps([config.precision, config.dtype, str(device), device_name, precision_reason,
-                       torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), package_versions(),
-                       code_digest()])
-
-
 def run_evaluation(config: EvaluateConfig, model=None, progress: bool = True) -> EvaluationResult:
     """The `evaluate` job: load the model (or use ``model``), evaluate, and write the output folder
     (config.json, metrics.json, predictions.csv and one CSV per extra condition). Finished batches are
@@ -403,10 +390,8 @@ def run_evaluation(config: EvaluateConfig, model=None, progress: bool = True) ->
         device = next(model.parameters()).device
         config, choice = resolve_config_precision(config, device, announce=progress)
         log.info("precision %s (%s)", config.precision, choice.reason)
-        partial = PartialPredictions.for_model(out / PARTIAL_PREDICTIONS_DIR, model,
-                                               numerics_context(config, device, choice.reason))
-        if config.overwrite:
-            partial.discard()  # a fresh evaluation, as asked
+        context = numerics_context(config.precision, config.dtype, device, choice.reason)
+        partial = PartialPredictions.for_model(out / PARTIAL_PREDICTIONS_DIR, model, context)
         result = evaluate(model, dataset, config, progress, partial)
         result.metrics["resumed_prompts"] = partial.read_back
         save_config(out, config, pools_seed=config.pools_seed, precision_reason=choice.reason)

@@ -9,16 +9,19 @@ so the resumed predictions are the ones an uninterrupted run gives. ``run_evalua
 once the results are written (and first, with ``--overwrite``).
 
 A saved set is reused only where its file name matches: a digest of the model's weights, the caller's
-context (``run_evaluation``: precision, weight dtype, device and its name, the precision choice, the
-CPU's instruction set and thread count, package versions and ``code_digest``), the batch size, whether
-attention is collected, and every prompt's tokens and labels. A changed model, another data set, seed,
-precision, machine or code finds no file and starts afresh. Not in the digest: forward hooks a caller
-attaches, and buffers that are not parameters.
+context (``run_evaluation``: ``numerics_context``: precision, weight dtype, device and its name, the
+precision choice, the float32 matmul setting, the CPU's instruction set and thread count, package versions
+and ``code_digest``), the batch size, whether attention is collected, and every prompt's tokens and
+labels. A changed model, another data set, seed, precision, machine or code finds no file and starts
+afresh; batches that match are the same computation, so ``--overwrite`` (which replaces the results)
+reads them back too. Not in the digest: forward hooks a caller attaches, and buffers that are not
+parameters.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 import time
@@ -32,7 +35,7 @@ from safetensors.torch import save
 
 from abft_lens.evaluation.outputs import Predictions
 from abft_lens.prompts import PromptSet
-from abft_lens.runs import atomic_write_bytes
+from abft_lens.runs import atomic_write_bytes, package_versions
 
 log = logging.getLogger("abft_lens.evaluate")
 
@@ -50,14 +53,35 @@ def weights_digest(model) -> str:
     return digest.hexdigest()
 
 
-def code_digest() -> str:
-    """SHA-256 of this package's Python sources: batches saved before an edit of abft_lens (an editable
-    install keeps its version string) are not mixed with predictions of the edited code."""
+def _sources_digest() -> str:
     package = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
     for path in sorted(package.rglob("*.py")):
         digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
+
+
+# Taken when abft_lens is imported, so that it describes the code that runs, not the files on disk when a
+# long job reaches its evaluation (a commit to the checkout in between would otherwise be credited with
+# batches the old code computed). Any edit of a source file counts, a docstring's too: it only costs a resume.
+CODE_DIGEST = _sources_digest()
+
+
+def code_digest() -> str:
+    """SHA-256 of this package's Python sources as they were when it was imported: batches saved by other
+    code (an editable install keeps its version string across edits) are not mixed with these."""
+    return CODE_DIGEST
+
+
+def numerics_context(precision: str, weight_dtype: str, device: torch.device, precision_reason: str) -> str:
+    """What decides an evaluation's numbers besides the weights and prompts, as one string: precision,
+    weight dtype, device (and a GPU's name), the precision choice (native or emulated bf16), the float32
+    matmul setting (TF32 on a GPU), the CPU's instruction set and thread count (float32 sums differ in the
+    last digits between them), the packages' versions and abft_lens's code."""
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return json.dumps([precision, weight_dtype, str(device), device_name, precision_reason,
+                       torch.get_float32_matmul_precision(), torch.backends.cpu.get_cpu_capability(),
+                       torch.get_num_threads(), package_versions(), code_digest()])
 
 
 def prompt_set_digest(prompts: PromptSet) -> str:
@@ -126,30 +150,40 @@ class PredictionFile:
 class PartialPredictions:
     """The finished batches of one evaluation's prompt sets, under ``folder``, for one model
     (``weights``: ``weights_digest``) computed in one way (``context``: whatever else decides the numerics,
-    ``run_evaluation``'s ``numerics_context``). ``read_back``: how many prompts ``predict`` took from
-    saved batches instead of computing them."""
+    ``numerics_context``). ``read_back``: how many prompts ``predict`` took from batches an earlier,
+    interrupted run saved, instead of computing them."""
 
     folder: Path
     weights: str
     context: str
     every_seconds: float = PREDICTION_SAVE_SECONDS
     read_back: int = 0
+    earlier: set[Path] = field(default_factory=set)  # files an earlier run left, not yet read back
 
     @classmethod
     def for_model(cls, folder: Path, model, context: str, every_seconds: float = PREDICTION_SAVE_SECONDS
                   ) -> PartialPredictions:
-        return cls(Path(folder), weights_digest(model), context, every_seconds)
+        folder = Path(folder)
+        return cls(folder, weights_digest(model), context, every_seconds, earlier=set(folder.glob("*.safetensors")))
 
     def file_for(self, prompts: PromptSet, batch_size: int, attention: bool) -> PredictionFile:
         key = hashlib.sha256(repr((self.weights, self.context, batch_size, attention,
                                    prompt_set_digest(prompts))).encode()).hexdigest()
         return PredictionFile(self.folder / f"{key[:32]}.safetensors", self.every_seconds)
 
+    def count_read_back(self, file: PredictionFile, n_prompts: int) -> None:
+        """Count ``n_prompts`` read back from ``file`` if an earlier run saved it (once per file): not a
+        set this evaluation saved itself, and read again (e.g. robustness's first template, which can be
+        the test set)."""
+        if file.path in self.earlier:
+            self.earlier.discard(file.path)
+            self.read_back += n_prompts
+
     def discard(self) -> None:
-        """Remove the folder (the evaluation's results are written, or a fresh start was asked for)."""
+        """Remove the folder (the evaluation's results are written)."""
         try:
             shutil.rmtree(self.folder)
         except FileNotFoundError:
             pass
-        except OSError as error:  # the results are written: a folder left behind is untidy, not wrong
+        except OSError as error:  # untidy, not wrong: a later run reads back only batches of its own key
             log.warning("could not remove the saved batches %s (%s)", self.folder, error)

@@ -43,7 +43,7 @@ def predict(model, prompts: PromptSet, batch_size: int = 8, attention: bool = Fa
     saved = file.load(len(prompts), batch_size) if file is not None else None
     done = len(saved.true) if saved is not None else 0
     if partial is not None:
-        partial.read_back += done
+        partial.count_read_back(file, done)
     logits, true = ([saved.logits], [saved.true]) if saved is not None else ([], [])
     saved_sums = saved.induction_sums if saved is not None else None
     # The finished batches: how many of ``logits``/``true`` and the sums over them, set in one assignment
@@ -77,15 +77,15 @@ def predict(model, prompts: PromptSet, batch_size: int = 8, attention: bool = Fa
                 bar.update(len(batch.query_labels))
                 if file is not None:
                     file.save_if_due(so_far)
+        computed = so_far()
+        if file is not None and done < len(prompts):
+            file.save(computed)  # a finished set is not computed again when a later one is interrupted
     except BaseException:
         if file is not None and finished[0]:  # Ctrl-C or an error: keep the batches finished until then
             file.save(so_far())
         raise
     finally:
         bar.close()
-    computed = so_far()
-    if file is not None and done < len(prompts):
-        file.save(computed)  # a finished set is not computed again when a later one is interrupted
     restore = torch.argsort(torch.tensor(order))
     return Predictions(computed.logits[restore], computed.true[restore], computed.induction_sums,
                        computed.seconds)
