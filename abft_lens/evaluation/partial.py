@@ -6,7 +6,7 @@ CPU, well over an hour on a slow one. ``predict`` saves the predictions of the b
 folder's ``runs.PARTIAL_PREDICTIONS_DIR``; the same evaluation run again loads them and computes only
 the rest. The batches are cut as before (``PromptSet.by_length`` order, saves fall on batch boundaries),
 so the resumed predictions are the ones an uninterrupted run gives. ``run_evaluation`` removes the folder
-once the results are written (and first, with ``--overwrite``).
+once the results are written.
 
 A saved set is reused only where its file name matches: a digest of the model's weights, the caller's
 context (``run_evaluation``: ``numerics_context``: precision, weight dtype, device and its name, the
