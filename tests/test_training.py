@@ -25,6 +25,7 @@ from abft_lens.evaluation import EvaluateConfig, label_logits, run_evaluation
 from abft_lens.heads import induction_head_mask, label_attention
 from abft_lens.lora import has_lora, remove_lora
 from abft_lens.loss import abft_loss
+from abft_lens.precision import resolve_precision
 from abft_lens.training import (
     TRAINED_FILE,
     FinetuneConfig,
@@ -149,6 +150,8 @@ def test_metrics_and_config_are_written_per_step(abft_run):
         assert all(isinstance(row[key], float) for row in lines), key
     record = json.loads((result.run_dir / "config.json").read_text())
     assert record["status"] == "finished" and record["lr"] == 1e-3
+    # The precision the steps were timed in, and why (native or emulated bf16, or fp32).
+    assert record["precision_reason"] == resolve_precision(abft_run["config"].precision, "cpu").reason
     assert record["head_plan"]["forward_stops_after_layer"] == 29
     assert record["trainable"] == result.trainable_names
     assert not (result.run_dir / "checkpoints").exists()

@@ -112,8 +112,9 @@ def finetune(model, prompts: PromptSet, config: FinetuneConfig, validation: Prom
     main = distributed.is_main_process()  # under torchrun, rank 0 alone writes and shows progress
     progress = progress and main
     device = next(model.parameters()).device
-    if config.precision == "auto":
-        config, _ = resolve_config_precision(config, device, announce=progress)
+    # Resolved (and its reason recorded) whether asked for or chosen: config.json then says whether the
+    # step times were measured with native or emulated bf16.
+    config, precision_choice = resolve_config_precision(config, device, announce=progress)
     if heads is not None:
         config = _with_head_file(config, run_dir, heads)
     plan = plan_heads(config.heads, model.cfg.n_layers, model.cfg.n_heads, config.head_top)
@@ -137,6 +138,7 @@ def finetune(model, prompts: PromptSet, config: FinetuneConfig, validation: Prom
     costs = {"full_precision_params": full_precision_parameter_count(model, params, config.objective)}
     if lora_targets is not None:
         costs["lora"] = {**dataclasses.asdict(config.lora_settings()), "target_modules": lora_targets}
+    recorded = {"precision_reason": precision_choice.reason, **costs}  # config.json's facts beyond the config
 
     with contextlib.ExitStack() as stack:
         if main:  # rank 0 alone writes the run folder, its log included
@@ -175,7 +177,7 @@ def finetune(model, prompts: PromptSet, config: FinetuneConfig, validation: Prom
             # Steps logged after the checkpoint (by a killed process) are run again; drop their lines.
             if main:
                 write_json_lines(metrics_path, read_metrics(metrics_path, runner.completed))
-                _save_record(run_dir, config, "running", lr, lr_search, params, plan, prompts, validation, **costs)
+                _save_record(run_dir, config, "running", lr, lr_search, params, plan, prompts, validation, **recorded)
             _train(runner, run_dir, progress)
             if main:
                 atomic_write_bytes(finished, save_safetensors(snapshot(params), metadata={"model": config.model}))
@@ -191,7 +193,7 @@ def finetune(model, prompts: PromptSet, config: FinetuneConfig, validation: Prom
             peak_memory_mb=peak_memory_mb(device), lr_search=lr_search, resumed_from_step=resumed_from,
         )
         if resumed_from != config.steps and main:
-            _save_record(run_dir, config, "finished", lr, lr_search, params, plan, prompts, validation, **costs,
+            _save_record(run_dir, config, "finished", lr, lr_search, params, plan, prompts, validation, **recorded,
                          train_seconds=round(result.train_seconds, 2), seconds_per_step=round(result.seconds_per_step, 3),
                          peak_memory_mb=round(result.peak_memory_mb, 1))
             log.info("finished: %d steps at lr %g in %.1f s, trained tensors in %s", config.steps, lr,
