@@ -459,3 +459,19 @@ def test_peak_rss_sees_memory_allocated_and_freed_inside_the_block():
     # Only the sampling thread saw the peak: at the block's end the memory is gone again.
     assert memory.added_mb >= 60
     assert memory.peak >= memory.baseline
+
+
+def test_label_coverage_counts_training_prompts_without_the_query_s_label(smollm2, tmp_path):
+    coverage = load_script("label_coverage")
+    table = coverage.coverage_rows(smollm2, ["trec", "sst2"], [42]).set_index("dataset")
+    # Six labels and k = 4 leave many prompts without the query's label, two labels few; the
+    # label-covering sampler leaves none, and every prompt of the paper's recipe is counted.
+    assert table.loc["trec", "random"] > 0.3 and table.loc["sst2", "random"] < 0.15
+    assert (table["label_covering"] == 0).all() and (table["n_prompts"] == 512).all()
+    assert table.loc["trec", "balanced_random"] == pytest.approx((5 / 6) ** 4)
+    out = tmp_path / "coverage.csv"
+    out.write_text("mine\n")
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "label_coverage.py"), "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 2 and "exists" in done.stderr and "Traceback" not in done.stderr
+    assert out.read_text() == "mine\n"  # the user's file is left alone

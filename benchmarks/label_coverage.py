@@ -1,0 +1,71 @@
+"""How often a training prompt has no demonstration of its query's label (issue 18's "why ABFT stalls").
+
+    .venv/bin/python benchmarks/label_coverage.py [--model smollm2-135m] [--seeds 42 43 44] \
+        [--out benchmarks/results/label_coverage_smollm2.csv]
+
+On such a prompt the ABFT loss has no reward term: only the punishment of wrong labels acts. For each paper
+data set and seed this builds the training prompts exactly as `finetune` does (the paper's recipe: 512
+prompts, k = 4, from the training pool; ``training_prompts``), once with random demonstrations (the paper's)
+and once with ``--training-demos label_covering``, and writes the share without the query's label beside
+(1 - 1/n_labels)^k, the share for balanced labels. Only the tokenizer runs: a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from abft_lens.data import PAPER_DATASETS, load_dataset
+from abft_lens.prompts import share_without_query_label
+from abft_lens.runs import atomic_write_text
+from abft_lens.training import FinetuneConfig, training_prompts
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--datasets", nargs="+", default=list(PAPER_DATASETS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/label_coverage_smollm2.csv"))
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    args = parser.parse_args(argv)
+    if args.out.exists() and not args.overwrite:
+        parser.exit(2, f"label_coverage.py: error: {args.out} exists; pass --overwrite to replace it\n")
+    unknown = sorted(set(args.datasets) - set(PAPER_DATASETS))
+    if unknown:
+        parser.exit(2, f"label_coverage.py: error: not a paper data set: {', '.join(unknown)}\n")
+    return args
+
+
+def coverage_rows(model, datasets: list[str], seeds: list[int]) -> pd.DataFrame:
+    rows = []
+    for dataset in datasets:
+        n_labels = len(load_dataset(dataset).label_words)
+        for seed in seeds:
+            config = FinetuneConfig(dataset=dataset, seed=seed)  # the paper's recipe: n_train, k, pools
+            shares = {demos: share_without_query_label(training_prompts(
+                model, dataclasses.replace(config, training_demos=demos))[0]) for demos in ("random", "label_covering")}
+            rows.append(dict(dataset=dataset, n_labels=n_labels, seed=seed, k=config.k, n_prompts=config.n_train,
+                             random=shares["random"], label_covering=shares["label_covering"],
+                             balanced_random=(1 - 1 / n_labels) ** config.k))
+            print(f"{dataset} seed {seed}: {shares['random']:.3f} of the prompts without the query's label "
+                  f"(label-covering {shares['label_covering']:.3f})", file=sys.stderr, flush=True)
+    return pd.DataFrame(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    from abft_lens.models import load_model  # after the argument checks: loading takes seconds
+
+    table = coverage_rows(load_model(args.model), args.datasets, args.seeds)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, table.to_csv(index=False))  # shares are counts / 512: written exactly
+    print(table.groupby("dataset", sort=False)[["random", "balanced_random"]].mean().round(3).to_string())
+
+
+if __name__ == "__main__":
+    main()
