@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -275,4 +276,6 @@ def test_a_killed_two_rank_finetune_resumes_in_distributed_mode_to_the_one_rank_
     assert (out / "checkpoints" / "step-000002").is_dir() and not (out / "trained.safetensors").exists()
     resumed = torchrun("-m", "abft_lens", *finetune_args(tiny_gpt2_dir, short_sst2_csv, out), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
+    # From the checkpoint, not started over (that would end with the same weights).
+    assert re.search(r"resumed from \S+ \(step 2\)", (out / "run.log").read_text())
     assert_same_training(out, one_rank_finetune, initial_qk)

@@ -207,7 +207,8 @@ def test_a_killed_lora_run_resumes_to_the_same_adapters(lora_run, tiny_gpt2_dir,
     assert not (tmp_path / "killed" / TRAINED_FILE).exists()
 
     fresh = load_model(str(tiny_gpt2_dir))  # a new process would start from the base model
-    finetune(fresh, lora_run["prompts"], dataclasses.replace(config, resume=True), progress=False)
+    resumed = finetune(fresh, lora_run["prompts"], dataclasses.replace(config, resume=True), progress=False)
+    assert resumed.resumed_from_step == 1  # from the checkpoint, not started over (that ends the same)
     reference = load_file(str(lora_run["result"].run_dir / TRAINED_FILE))
     final = load_file(str(tmp_path / "killed" / TRAINED_FILE))
     assert final.keys() == reference.keys()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 import time
@@ -190,6 +191,8 @@ def test_killed_run_resumes_to_the_same_weights(abft_run, short_sst2, tmp_path):
 
     resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    # It went on from the checkpoint (a run started over would end with the same weights too).
+    assert re.search(r"resumed from \S+step-\d+ \(step [12]\)", (run_dir / "run.log").read_text())
     reference = load_file(str(abft_run["result"].run_dir / TRAINED_FILE))
     final = load_file(str(run_dir / TRAINED_FILE))
     assert set(final) == set(reference)
