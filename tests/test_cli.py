@@ -47,17 +47,6 @@ def test_same_seed_same_model_gives_identical_heads_csv(smollm2, tmp_path):
     assert first != other
 
 
-def test_config_file_is_the_same_dataclass_and_flags_override_it(smollm2, tmp_path):
-    (tmp_path / "run.json").write_text(json.dumps({"dataset": "mr", "n_prompts": 4, "k": 2, "rank_by": "label_mass"}))
-    from abft_lens.runs import load_config
-
-    config = load_config(tmp_path / "run.json", FindHeadsConfig)
-    assert (config.dataset, config.k, config.rank_by) == ("mr", 2, "label_mass")
-    (tmp_path / "bad.json").write_text(json.dumps({"datset": "mr"}))
-    with pytest.raises(ValueError, match="unknown field"):
-        load_config(tmp_path / "bad.json", FindHeadsConfig)
-
-
 @pytest.mark.parametrize("args, message", [
     (("find-heads", "gpt2-xl", "--n-prompts", "2"), "Could not load model 'gpt2-xl (openai-community/gpt2-xl)'"),
     (("find-heads", "smollm2-135m", "--dataset", "imdb"), "Unknown data set 'imdb'"),

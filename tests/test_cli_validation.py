@@ -168,6 +168,20 @@ def test_every_job_config_raises_config_error():
             make()
 
 
+@pytest.mark.parametrize("command", ["find-heads", "finetune"])
+def test_a_config_file_sets_the_job_s_fields_and_flags_override_it(command, capsys, tmp_path, stub_jobs):
+    fields = {"dataset": "mr", "k": 2, "seed": 5}
+    (tmp_path / "job.json").write_text(json.dumps(fields))
+    code, err = run_main(capsys, command, MISSING_MODEL, "--config", str(tmp_path / "job.json"), "--k", "3",
+                         "--out", str(tmp_path / "out"))
+    assert code == 2 and f"{command} started" in err
+    config = stub_jobs[command]
+    assert (config.dataset, config.seed, config.k, config.model) == ("mr", 5, 3, MISSING_MODEL)
+    (tmp_path / "bad.json").write_text(json.dumps({"datset": "mr"}))
+    code, err = run_main(capsys, command, MISSING_MODEL, "--config", str(tmp_path / "bad.json"))
+    assert_one_line_error(code, err, "unknown field", "datset")
+
+
 def test_with_overrides_and_config_files_are_validated_at_once(tmp_path):
     with pytest.raises(ConfigError, match="k must be an integer >= 1; got 0"):
         with_overrides(FindHeadsConfig(), {"k": 0})
