@@ -22,9 +22,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+import torch
 from plotly.offline import get_plotlyjs
 
 from abft_lens.benchmarking import binomial_standard_error
+from abft_lens.evaluation.metrics import macro_f1
 from abft_lens.runs import atomic_write_text, pid_input_counts, read_json_object, read_metrics, write_json
 
 REPORT_FILE = "report.html"
@@ -90,22 +92,24 @@ def read_metrics_lines(path: Path) -> pd.DataFrame:
 def standard_errors(metrics: Mapping[str, object], predictions: pd.DataFrame | None = None,
                     n_boot: int = 200) -> dict[str, float]:
     """Binomial standard errors of the accuracies (over inputs: the demonstration sets of one query are
-    not independent, so read them as a lower bound) and a bootstrap one of macro-F1 from predictions."""
+    not independent, so read them as a lower bound) and a bootstrap one of macro-F1 from predictions: the
+    evaluation's own ``macro_f1``, over its whole label space (the words of ``predicted_distribution``)."""
     errors = {}
     for name, count in BINOMIAL.items():
         value, n = metrics.get(name), metrics.get(count)
         if isinstance(value, (int, float)) and isinstance(n, (int, float)) and n > 0:
             errors[name] = binomial_standard_error(value, n)
     if predictions is not None and {"true_label", "predicted_label"} <= set(predictions.columns) and len(predictions):
-        true, predicted = predictions["true_label"].to_numpy(), predictions["predicted_label"].to_numpy()
-        labels = np.unique(true)
+        shown = [str(word) for word in predictions[["true_label", "predicted_label"]].to_numpy().ravel()]
+        words = [str(word) for word in metrics.get("predicted_distribution") or {}] or sorted(set(shown))
+        index = {word: i for i, word in enumerate(words)}
+        true, predicted = (torch.tensor([index[str(word)] for word in predictions[column]])
+                           for column in ("true_label", "predicted_label"))
         rng = np.random.default_rng(0)
         scores = []
         for _ in range(n_boot):
-            pick = rng.integers(0, len(true), len(true))
-            t, p = true[pick], predicted[pick]
-            f1 = [2 * np.sum((t == c) & (p == c)) / max(1, np.sum(t == c) + np.sum(p == c)) for c in labels]
-            scores.append(float(np.mean(f1)))
+            pick = torch.from_numpy(rng.integers(0, len(true), len(true)))
+            scores.append(macro_f1(true[pick], predicted[pick], len(words)))
         errors["macro_f1"] = float(np.std(scores, ddof=1))
     return errors
 
@@ -335,7 +339,8 @@ def build_report(run_dir: str | Path) -> Path:
                          f"<th>macro-F1</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
     if kind == "evaluate":
         metrics = json.loads((run_dir / "metrics.json").read_text())
-        predictions = pd.read_csv(run_dir / "predictions.csv") if (run_dir / "predictions.csv").is_file() else None
+        predictions = (pd.read_csv(run_dir / "predictions.csv", dtype={"true_label": str, "predicted_label": str})
+                       if (run_dir / "predictions.csv").is_file() else None)  # words as written ("true" stays a word)
         errors = standard_errors(metrics, predictions)
         rows = [(name, metrics[name], errors.get(name)) for name in SHOWN_METRICS if name in metrics]
         note = ("<p class='note'>Standard errors: binomial over the inputs for accuracies, bootstrap over the "

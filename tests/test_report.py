@@ -151,6 +151,11 @@ def test_standard_errors_are_binomial_for_accuracy_and_bootstrapped_for_macro_f1
     assert errors["accuracy"] == pytest.approx((0.6 * 0.4 / 100) ** 0.5)
     assert errors["zero_shot_accuracy"] == pytest.approx(0.1)
     assert 0.01 < errors["macro_f1"] < 0.1
+    # Every prediction 'a' on a 50/50 set: macro-F1 = p / (1 + p) for the share p of true 'a', so its
+    # standard error is binomial(p) / (1 + p)^2 = 0.05 / 2.25 = 0.022, not accuracy's 0.05.
+    one_word = pd.DataFrame({"true_label": ["a", "b"] * 50, "predicted_label": ["a"] * 100})
+    errors = standard_errors({"predicted_distribution": {"a": 1.0, "b": 0.0}}, one_word)
+    assert errors["macro_f1"] == pytest.approx(0.05 / 2.25, rel=0.25)  # 200 resamples: about 5% noise
 
 
 # --- run folders ------------------------------------------------------------------------------------
