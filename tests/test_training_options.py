@@ -24,6 +24,7 @@ from abft_lens.runs import (
     checkpoint_dirs,
     read_trained_tensors,
     run_record,
+    trained_tensor_files,
 )
 from abft_lens.training import (
     FinetuneConfig,
@@ -224,9 +225,26 @@ def test_a_run_saved_before_the_new_fields_existed_still_resumes(model, tiny_gpt
 # --- validation accuracy along the kept trajectory --------------------------------------------------------
 
 
-def test_validation_trajectory_scores_the_base_model_and_every_kept_checkpoint(kept_run, model):
+def test_validation_trajectory_scores_the_base_model_and_every_kept_checkpoint(kept_run, model, monkeypatch):
+    from abft_lens.training import trajectory
+
+    scored = []  # the trained weights in place at each scoring
+    score = trajectory.validation_accuracy
+
+    def recording_weights(scored_model, *args, **kwargs):
+        scored.append(snapshot(trainable_parameters(scored_model, "qk")))
+        return score(scored_model, *args, **kwargs)
+
+    monkeypatch.setattr(trajectory, "validation_accuracy", recording_weights)
     before = snapshot(trainable_parameters(model, "qk"))
     frame = validation_trajectory(kept_run.run_dir, model=model, progress=False)
+    # Accuracy on 8 prompts of a random model may not move, so check what was scored: the base weights,
+    # then each kept checkpoint's and the final tensors, in step order.
+    expected = [before] + [read_trained_tensors(path) for _, path in trained_tensor_files(kept_run.run_dir)]
+    assert len(scored) == len(expected) == 5
+    for weights, tensors in zip(scored, expected, strict=True):
+        assert weights.keys() == tensors.keys() and all(torch.equal(weights[n], tensors[n]) for n in tensors)
+    assert not all(torch.equal(scored[0][n], scored[-1][n]) for n in before)  # training moved them
     assert all(torch.equal(value, before[name]) for name, value in snapshot(trainable_parameters(model, "qk")).items())
     assert frame["step"].tolist() == [0, 1, 2, 3, 4]
     assert frame["validation_accuracy"].between(0, 1).all() and (frame["n_validation"] == 8).all()
