@@ -37,6 +37,7 @@ from analysis.gradients import (
     wilson_interval,
 )
 from analysis.landscape import barrier, best_path, interpolate, landscape_prompts, read_run, weight_landscape
+from plotted import plotted_traces
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -327,4 +328,9 @@ def test_analysis_figures_are_redrawn_from_saved_results(tmp_path):
     assert sorted(path.name for path in written) == [
         "dynamics_sst2.html", "gradients_sst2_components.html", "gradients_sst2_head_cosines.html",
         "gradients_sst2_layer_cosines.html", "gradients_sst2_sign_test.html", "landscape_sst2.html"]
-    assert all(path.stat().st_size > 1000 for path in written)
+    # The landscape page draws the saved grid: accuracy at (E2E share, ABFT share) = (x, y).
+    contour = plotted_traces(next(p for p in written if p.name == "landscape_sst2.html"))["contour"]
+    saved = pd.read_csv(results / "landscape_sst2" / "landscape.csv").pivot(index="l_abft", columns="l_e2e",
+                                                                             values="accuracy")
+    assert np.allclose(contour["x"], saved.columns) and np.allclose(contour["y"], saved.index)
+    assert np.allclose(contour["z"], saved.to_numpy())

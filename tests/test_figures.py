@@ -7,10 +7,12 @@ import json
 import shutil
 import struct
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from abft_lens.figures import accuracy_with_paper, make_figures, paper_table, register_figure_source
+from plotted import plotted_traces
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -69,10 +71,21 @@ def test_accuracy_figure_marks_collapsed_runs_and_draws_macro_f1_with_seed_error
 def test_figures_are_drawn_from_saved_folders_as_html(tmp_path):
     _saved_folders(tmp_path / "runs")
     report = make_figures([tmp_path / "runs"], tmp_path / "figures", png=False)
-    names = sorted(path.name for path in report.written)
-    assert names == ["accuracy_bench.html", "heads_find-heads_x_correctness.html",
-                     "heads_find-heads_x_label_mass.html", "training_run_abft.html"]
-    assert all(path.stat().st_size > 1000 for path in report.written)
+    pages = {path.name: path for path in report.written}
+    assert sorted(pages) == ["accuracy_bench.html", "heads_find-heads_x_correctness.html",
+                             "heads_find-heads_x_label_mass.html", "training_run_abft.html"]
+    # Each page draws the saved numbers: heads.csv as layer x head grids (label_mass = 0.1 head,
+    # correctness = 0.01 layer), results.csv's accuracies per data set, metrics.jsonl's label masses per step.
+    layers, heads = np.meshgrid(range(3), range(4), indexing="ij")
+    label_mass = plotted_traces(pages["heads_find-heads_x_label_mass.html"])["heatmap"]
+    assert np.allclose(label_mass["z"], 0.1 * heads) and label_mass["y"] == ["0", "1", "2"]
+    assert np.allclose(plotted_traces(pages["heads_find-heads_x_correctness.html"])["heatmap"]["z"], 0.01 * layers)
+    accuracy = plotted_traces(pages["accuracy_bench.html"])
+    assert accuracy["abft (ours)"]["x"] == ["sst2", "mr"] and np.allclose(accuracy["abft (ours)"]["y"], [0.8, 0.7])
+    assert np.allclose(accuracy["vanilla (ours)"]["y"], [0.6, 0.55])
+    training = plotted_traces(pages["training_run_abft.html"])
+    assert np.allclose(training["correct labels"]["y"], [0.31, 0.32, 0.33])
+    assert np.allclose(training["wrong labels"]["y"], [0.2, 0.2, 0.2])
 
 
 def test_registered_figure_sources_run_and_their_failures_are_reported(tmp_path):
