@@ -319,7 +319,10 @@ def evaluate_command(
     precision: Optional[str] = precision_option(),
     dtype: Optional[str] = dtype_option(),
     overwrite: Optional[bool] = overwrite_option(),
-    config: Optional[Path] = typer.Option(None, help="an EvaluateConfig JSON (or an evaluation's config.json)"),
+    config: Optional[Path] = typer.Option(None, help="an EvaluateConfig JSON (or an evaluation's config.json); "
+                                          "for a run folder, the run's data set, k, label words and pool seed "
+                                          "replace the file's (the test pool stays disjoint from the training "
+                                          "pool), and flags replace both"),
 ) -> None:
     """Accuracy, macro-F1 and, on request, calibration, robustness and the unseen-label test."""
     from abft_lens.evaluation import (

@@ -366,6 +366,26 @@ def test_a_truncated_trained_safetensors_names_the_file_and_the_remedy(capsys, t
     assert_one_line_error(code, err, str(trained), "--resume")
 
 
+def test_evaluating_a_run_takes_its_training_settings_over_a_config_file_and_flags_over_both(capsys, tmp_path,
+                                                                                            stub_jobs):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"config": {"model": MISSING_MODEL, "dataset": "trec", "k": 6,
+                                                            "seed": 43}}))
+    save_file({"w": torch.zeros(2)}, str(run / "trained.safetensors"))
+    (tmp_path / "eval.json").write_text(json.dumps({"dataset": "mr", "k": 2, "pool_seed": 42, "n_test": 64}))
+    code, err = run_main(capsys, "evaluate", str(run), "--config", str(tmp_path / "eval.json"), "--out",
+                         str(tmp_path / "a"))
+    assert code == 2 and "evaluate started" in err
+    config = stub_jobs["evaluate"]
+    # The run's pool seed keeps the test pool disjoint from the pool it trained on.
+    assert (config.dataset, config.k, config.pool_seed, config.n_test) == ("trec", 6, 43, 64)
+    code, err = run_main(capsys, "evaluate", str(run), "--config", str(tmp_path / "eval.json"), "--dataset", "mr",
+                         "--k", "4", "--out", str(tmp_path / "b"))
+    assert code == 2 and "evaluate started" in err
+    assert (stub_jobs["evaluate"].dataset, stub_jobs["evaluate"].k, stub_jobs["evaluate"].pool_seed) == ("mr", 4, 43)
+
+
 # --- 7. the multi-token label-word message ------------------------------------------------------------
 
 
