@@ -22,11 +22,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-import torch
 from plotly.offline import get_plotlyjs
 
 from abft_lens.benchmarking import binomial_standard_error
-from abft_lens.evaluation.metrics import macro_f1
 from abft_lens.runs import atomic_write_text, pid_input_counts, read_json_object, read_metrics, write_json
 
 REPORT_FILE = "report.html"
@@ -100,8 +98,14 @@ def standard_errors(metrics: Mapping[str, object], predictions: pd.DataFrame | N
         if isinstance(value, (int, float)) and isinstance(n, (int, float)) and n > 0:
             errors[name] = binomial_standard_error(value, n)
     if predictions is not None and {"true_label", "predicted_label"} <= set(predictions.columns) and len(predictions):
+        # Imported here: a report of a run without predictions should not pay for torch and the evaluation package.
+        import torch
+
+        from abft_lens.evaluation.metrics import macro_f1
+
         shown = [str(word) for word in predictions[["true_label", "predicted_label"]].to_numpy().ravel()]
-        words = [str(word) for word in metrics.get("predicted_distribution") or {}] or sorted(set(shown))
+        words = [str(word) for word in metrics.get("predicted_distribution") or {}]
+        words += sorted(set(shown) - set(words))  # a word the file has but the distribution lacks still counts
         index = {word: i for i, word in enumerate(words)}
         true, predicted = (torch.tensor([index[str(word)] for word in predictions[column]])
                            for column in ("true_label", "predicted_label"))
@@ -339,8 +343,10 @@ def build_report(run_dir: str | Path) -> Path:
                          f"<th>macro-F1</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
     if kind == "evaluate":
         metrics = json.loads((run_dir / "metrics.json").read_text())
-        predictions = (pd.read_csv(run_dir / "predictions.csv", dtype={"true_label": str, "predicted_label": str})
-                       if (run_dir / "predictions.csv").is_file() else None)  # words as written ("true" stays a word)
+        # Words as written: "true" stays a word and "None" or "nan" do not become missing values.
+        predictions = (pd.read_csv(run_dir / "predictions.csv", dtype={"true_label": str, "predicted_label": str},
+                                   keep_default_na=False)
+                       if (run_dir / "predictions.csv").is_file() else None)
         errors = standard_errors(metrics, predictions)
         rows = [(name, metrics[name], errors.get(name)) for name in SHOWN_METRICS if name in metrics]
         note = ("<p class='note'>Standard errors: binomial over the inputs for accuracies, bootstrap over the "

@@ -6,6 +6,7 @@ plumbing; the tests on the embedded model are marked slow."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -156,6 +157,15 @@ def test_standard_errors_are_binomial_for_accuracy_and_bootstrapped_for_macro_f1
     one_word = pd.DataFrame({"true_label": ["a", "b"] * 50, "predicted_label": ["a"] * 100})
     errors = standard_errors({"predicted_distribution": {"a": 1.0, "b": 0.0}}, one_word)
     assert errors["macro_f1"] == pytest.approx(0.05 / 2.25, rel=0.25)  # 200 resamples: about 5% noise
+    # The label space is the evaluation's, not the words the file happens to show: a third label 'c' that
+    # nobody predicted scores 0 and scales macro-F1 (and its error) by 2/3; counted over the shown words
+    # the error would be 3/2 of that.
+    errors = standard_errors({"predicted_distribution": {"a": 1.0, "b": 0.0, "c": 0.0}}, one_word)
+    assert errors["macro_f1"] == pytest.approx(2 / 3 * 0.05 / 2.25, rel=0.25)
+    # A word the distribution lacks (a hand-edited file, an older run) joins the label space, no KeyError.
+    stray = one_word.assign(predicted_label=["a"] * 99 + ["c"])
+    assert standard_errors({"predicted_distribution": {"a": 1.0, "b": 0.0}}, stray)["macro_f1"] == pytest.approx(
+        2 / 3 * 0.05 / 2.25, rel=0.25)
 
 
 # --- run folders ------------------------------------------------------------------------------------
@@ -193,6 +203,20 @@ def test_report_loads_plotly_once_from_beside_it_and_rebuilds_from_saved_files(t
     assert (run / "evaluate_sst2" / "report.html").is_file()
     (run / EXAMPLES_FILE).unlink()
     assert "--attention" in build_report(run).read_text()  # says how to get the views back
+
+
+def test_report_reads_label_words_that_pandas_would_turn_into_booleans_or_missing_values(tmp_path):
+    # A data set whose label words are "true" / "None": read back as bool or NaN they would leave the label
+    # space (a KeyError, or a macro-F1 error over the wrong labels); the page shows the error of the words.
+    evaluation = tmp_path / "evaluate_words"
+    evaluation.mkdir()
+    (evaluation / "metrics.json").write_text(json.dumps({"accuracy": 0.6, "macro_f1": 0.5, "n_inputs": 100,
+                                                         "predicted_distribution": {"true": 0.7, "None": 0.3}}))
+    predictions = pd.DataFrame({"true_label": ["true", "None"] * 50, "predicted_label": ["true"] * 70 + ["None"] * 30})
+    predictions.to_csv(evaluation / "predictions.csv", index=False)
+    expected = standard_errors({"predicted_distribution": {"true": 0.7, "None": 0.3}}, predictions)["macro_f1"]
+    row = re.search(r"<td>macro_f1</td>\s*<td>[^<]*</td>\s*<td>([^<]*)</td>", build_report(evaluation).read_text())
+    assert row and float(row.group(1)) == pytest.approx(expected, rel=1e-3)
 
 
 def test_index_lists_every_run_folder_with_a_link_to_its_report(tmp_path):
