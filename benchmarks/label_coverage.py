@@ -1,13 +1,14 @@
 """How often a training prompt has no demonstration of its query's label (issue 18's "why ABFT stalls").
 
     .venv/bin/python benchmarks/label_coverage.py [--model smollm2-135m] [--seeds 42 43 44] \
-        [--out benchmarks/results/label_coverage_smollm2.csv]
+        [--out benchmarks/results/label_coverage.csv] [--overwrite]
 
 On such a prompt the ABFT loss has no reward term: only the punishment of wrong labels acts. For each paper
 data set and seed this builds the training prompts exactly as `finetune` does (the paper's recipe: 512
 prompts, k = 4, from the training pool; ``training_prompts``), once with random demonstrations (the paper's)
 and once with ``--training-demos label_covering``, and writes the share without the query's label beside
-(1 - 1/n_labels)^k, the share for balanced labels. Only the tokenizer runs: a minute on 2 cores.
+(1 - 1/n_labels)^k, the share for balanced labels. The model is loaded for its tokenizer and never run:
+a minute on 2 cores, so the script writes its table at the end and does not resume.
 """
 
 from __future__ import annotations
@@ -28,16 +29,20 @@ from abft_lens.training import FinetuneConfig, training_prompts
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--datasets", nargs="+", default=list(PAPER_DATASETS))
+    parser.add_argument("--datasets", nargs="+", choices=list(PAPER_DATASETS), default=list(PAPER_DATASETS),
+                        metavar="DATASET", help=f"paper data sets (default: all of {', '.join(PAPER_DATASETS)})")
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/label_coverage_smollm2.csv"))
+    # Not the committed table's name: a bare run must not stop on (or replace) the file RESULTS.md cites.
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/label_coverage.csv"))
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
+    if args.out.is_dir() or not args.out.suffix == ".csv":
+        parser.error(f"--out {args.out} should name a .csv file")
+    blocking = next((folder for folder in args.out.parents if folder.exists() and not folder.is_dir()), None)
+    if blocking is not None:
+        parser.error(f"--out {args.out}: {blocking} is a file, not a folder")
     if args.out.exists() and not args.overwrite:
-        parser.exit(2, f"label_coverage.py: error: {args.out} exists; pass --overwrite to replace it\n")
-    unknown = sorted(set(args.datasets) - set(PAPER_DATASETS))
-    if unknown:
-        parser.exit(2, f"label_coverage.py: error: not a paper data set: {', '.join(unknown)}\n")
+        parser.error(f"{args.out} exists; pass --overwrite to replace it")
     return args
 
 

@@ -475,3 +475,9 @@ def test_label_coverage_counts_training_prompts_without_the_query_s_label(smollm
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 2 and "exists" in done.stderr and "Traceback" not in done.stderr
     assert out.read_text() == "mine\n"  # the user's file is left alone
+    # Bad input stops before the model loads; a bare run does not stop on the committed table.
+    for args in (["--out", str(tmp_path)], ["--out", str(out / "under_a_file.csv")], ["--datasets", "imdb"]):
+        with pytest.raises(SystemExit) as stop:
+            coverage.parse_args(args)
+        assert stop.value.code == 2, args
+    assert coverage.parse_args([]).out.name != "label_coverage_smollm2.csv"
