@@ -83,3 +83,31 @@ def tiny_gpt2(tiny_gpt2_dir):
     from abft_lens.models import load_model
 
     return load_model(str(tiny_gpt2_dir))
+
+
+class PredictCalls:
+    """Every ``predict`` an evaluation ran, as (desc, prompts) in order, so that a repeated desc is seen."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    def only(self, desc: str):
+        """The prompts of the one ``predict`` call with this desc (fails if there were none or several)."""
+        runs = [prompts for run_desc, prompts in self.calls if run_desc == desc]
+        assert len(runs) == 1, f"predict ran {len(runs)} times with desc {desc!r}"
+        return runs[0]
+
+
+@pytest.fixture
+def predict_calls(monkeypatch) -> PredictCalls:
+    """Records the prompts of every ``predict`` the evaluation job runs (and still runs them)."""
+    from abft_lens.evaluation import job
+
+    record, predict = PredictCalls(), job.predict
+
+    def keeping_prompts(model, prompts, *args, desc="evaluating", **kwargs):
+        record.calls.append((desc, prompts))
+        return predict(model, prompts, *args, desc=desc, **kwargs)
+
+    monkeypatch.setattr(job, "predict", keeping_prompts)
+    return record

@@ -412,25 +412,15 @@ def test_evaluation_is_deterministic_for_a_fixed_seed(tiny_gpt2, sst2):
     pd.testing.assert_frame_equal(first.tables["unseen_label"], second.tables["unseen_label"])
 
 
-def test_unseen_label_prompts_never_show_the_query_label(tiny_gpt2, sst2, monkeypatch):
-    from abft_lens.evaluation import job
-
-    run_prompts = {}
-    predict = job.predict
-
-    def keeping_prompts(model, prompts, *args, desc="evaluating", **kwargs):
-        run_prompts[desc] = prompts
-        return predict(model, prompts, *args, desc=desc, **kwargs)
-
-    monkeypatch.setattr(job, "predict", keeping_prompts)
+def test_unseen_label_prompts_never_show_the_query_label(tiny_gpt2, sst2, predict_calls):
     config = EvaluateConfig(n_test=6, demo_sets=1, unseen_labels=True)
     result = evaluate(tiny_gpt2, sst2, config, progress=False)
     assert set(result.metrics) >= {"unseen_label_accuracy", "random_demo_accuracy", "zero_shot_accuracy"}
-    unseen, zero_shot = run_prompts["unseen labels"], run_prompts["0-shot"]
+    unseen, zero_shot = predict_calls.only("unseen labels"), predict_calls.only("0-shot")
     assert len(unseen) == 6 and all(p.k == 4 and not any(p.correct_demos) for p in unseen.prompts)
     assert all(p.k == 0 for p in zero_shot.prompts)
     # The ordinary prompts do show the query's label sometimes, so the check above is not vacuous.
-    assert any(any(p.correct_demos) for p in run_prompts["evaluating"].prompts)
+    assert any(any(p.correct_demos) for p in predict_calls.only("evaluating").prompts)
 
 
 def test_too_many_test_queries_is_a_clear_error(tiny_gpt2, sst2):

@@ -82,26 +82,18 @@ def test_memorised_share_counts_answers_that_keep_the_usual_meaning():
     assert memorised_share([2, 0, 1], [0, 1, 2], sigma) == 1.0  # all memorised
 
 
-def test_evaluate_with_icl_tests_scores_both_against_the_prompt_mapping(tiny_gpt2, tmp_path, monkeypatch):
+def test_evaluate_with_icl_tests_scores_both_against_the_prompt_mapping(tiny_gpt2, predict_calls):
     """Plumbing on the tiny random model: the prompts ``evaluate`` runs for each test show and expect the
     test's words; with two labels, an answer that does not follow the flipped mapping gives the word's
     usual meaning, so the memorised share is exactly 1 - accuracy."""
-    from abft_lens.evaluation import EvaluateConfig, evaluate, job
+    from abft_lens.evaluation import EvaluateConfig, evaluate
 
-    run_prompts = {}
-    predict = job.predict
-
-    def keeping_prompts(model, prompts, *args, desc="evaluating", **kwargs):
-        run_prompts[desc] = prompts
-        return predict(model, prompts, *args, desc=desc, **kwargs)
-
-    monkeypatch.setattr(job, "predict", keeping_prompts)
     sst2 = load_dataset("sst2")
     result = evaluate(tiny_gpt2, sst2, EvaluateConfig(n_test=6, demo_sets=1, k=2, icl_tests=True, attention=False,
                                                       precision="fp32"), progress=False)
     m = result.metrics
     for test_name, words in (("flipped", list(reversed(sst2.label_words))), ("symbols", ["A", "B"])):
-        prompts = run_prompts[f"ICL test: {test_name}"]
+        prompts = predict_calls.only(f"ICL test: {test_name}")
         assert len(prompts) == 6
         for prompt, (demo_words, answer) in zip(prompts.prompts, shown_words(tiny_gpt2.tokenizer, prompts), strict=True):
             assert demo_words == [words[label] for label in prompt.demo_labels], test_name
