@@ -44,6 +44,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map
 
+from abft_lens import distributed
 from abft_lens.choices import Precision, ResolvedPrecision, WeightDtype
 
 
@@ -100,8 +101,9 @@ def resolve_precision(requested: Precision, device: torch.device | str) -> Preci
         if torch.device(device).type == "cpu":
             return PrecisionChoice("bf16", f"asked for ({seen}: bf16 matmuls emulated in float32, "
                                            "about as fast as fp32)")
-        warnings.warn(f"--precision bf16 on hardware without fast bf16 ({seen}): it will be slower than fp32.",
-                      stacklevel=2)
+        if distributed.is_main_process():  # once, not once per torchrun rank
+            warnings.warn(f"--precision bf16 on hardware without fast bf16 ({seen}): it will be slower than fp32.",
+                          stacklevel=2)
     return PrecisionChoice(requested, f"asked for ({seen})")
 
 

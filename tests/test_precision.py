@@ -57,13 +57,18 @@ def test_auto_is_fp32_without_them_and_bf16_asked_for_there_is_emulated_without_
         warnings.simplefilter("error")
         asked = resolve_precision("bf16", "cpu")
         assert asked.precision == "bf16" and "emulated" in asked.reason
-        assert resolve_precision("fp32", "cpu").precision == "fp32"
+        fp32 = resolve_precision("fp32", "cpu")
+        assert fp32.precision == "fp32" and fp32.reason.startswith("asked for"), fp32.reason
 
 
 def test_bf16_asked_for_on_a_gpu_without_native_bf16_warns(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Mock GPU")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
     with pytest.warns(UserWarning, match="slower than fp32"):
+        assert resolve_precision("bf16", "cuda:0").precision == "bf16"
+    monkeypatch.setenv("RANK", "1")  # another torchrun rank: rank 0 has said it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         assert resolve_precision("bf16", "cuda:0").precision == "bf16"
 
 

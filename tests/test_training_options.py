@@ -222,6 +222,27 @@ def test_a_run_saved_before_the_new_fields_existed_still_resumes(model, tiny_gpt
                      progress=False)
 
 
+def test_the_precision_reason_is_recorded_and_a_resume_under_another_keeps_both(model, tiny_gpt2_dir, short_sst2,
+                                                                               tmp_path, monkeypatch):
+    config = config_for(tiny_gpt2_dir, short_sst2, tmp_path / "run", precision="fp32")
+    kill_after_step(monkeypatch, 2)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_finetune(config, model=model, progress=False)
+    monkeypatch.undo()
+    path = config.run_dir() / "config.json"
+    saved = json.loads(path.read_text())
+    assert saved["precision_reason"].startswith("asked for") and "precision_reasons" not in saved
+    # As if started with --precision auto on another machine (resolved to fp32 there too): the steps
+    # before the kill were timed under that reason, the rest under this one; config.json keeps both.
+    started = "auto: another CPU, so bf16 would not be faster"
+    path.write_text(json.dumps({**saved, "precision_reason": started}))
+    resumed = run_finetune(dataclasses.replace(config, resume=True), model=model, progress=False)
+    record = json.loads(path.read_text())
+    assert resumed.resumed_from_step == 2 and record["precision_reason"].startswith("asked for")
+    assert record["precision_reasons"] == [started, record["precision_reason"]]
+    assert "resumes under" in (resumed.run_dir / "run.log").read_text()
+
+
 # --- validation accuracy along the kept trajectory --------------------------------------------------------
 
 

@@ -139,14 +139,24 @@ def finetune(model, prompts: PromptSet, config: FinetuneConfig, validation: Prom
     if lora_targets is not None:
         costs["lora"] = {**dataclasses.asdict(config.lora_settings()), "target_modules": lora_targets}
     recorded = {"precision_reason": precision_choice.reason, **costs}  # config.json's facts beyond the config
+    # A run resumed on other hardware (native bf16, then emulated) has step times of both: keep every reason.
+    reasons = list(record.get("precision_reasons") or filter(None, [record.get("precision_reason")]))
+    precision_changed = bool(reasons) and reasons[-1] != precision_choice.reason
+    if not reasons or precision_changed:
+        reasons.append(precision_choice.reason)
+    if len(reasons) > 1:
+        recorded["precision_reasons"] = reasons
 
     with contextlib.ExitStack() as stack:
         if main:  # rank 0 alone writes the run folder, its log included
             stack.enter_context(run_log(run_dir, "finetune"))
         log.info("finetune %s on %s: method %s, %d prompts, %d steps of %d (micro-batch %d), heads %s, "
-                 "precision %s%s", config.model, config.dataset, config.method, len(prompts), config.steps,
-                 config.batch_size, config.micro_batch_size, config.heads, config.precision,
+                 "precision %s (%s)%s", config.model, config.dataset, config.method, len(prompts), config.steps,
+                 config.batch_size, config.micro_batch_size, config.heads, config.precision, precision_choice.reason,
                  ", resuming" if config.resume else "")
+        if precision_changed:
+            log.warning("%s was started under precision %r and resumes under %r: its step times mix both "
+                        "(config.json precision_reasons)", run_dir, reasons[-2], reasons[-1])
         lr_search = LrSearch(**record["lr_search"]) if record.get("lr_search") else None
         if config.lr is not None:
             lr = float(config.lr)
