@@ -481,3 +481,41 @@ def test_label_coverage_counts_training_prompts_without_the_query_s_label(smollm
             coverage.parse_args(args)
         assert stop.value.code == 2, args
     assert coverage.parse_args([]).out.name != "label_coverage_smollm2.csv"
+
+
+def _grid_folder(root, accuracies=(0.5, 0.75)):
+    """A benchmark folder as the grid writes it: results.csv rows for vanilla, calibration and ABFT on SST-2,
+    and their predictions (8 queries x 2 demonstration sets)."""
+    truth = ["negative", "positive"] * 8
+    base = pd.DataFrame({"query": [q for q in range(8) for _ in range(2)], "repeat": [0, 1] * 8, "true_label": truth,
+                         "predicted_label": ["negative"] * 16, "calibrated_label": truth[:12] + ["positive", "negative"] * 2})
+    trained = base.drop(columns="calibrated_label").assign(predicted_label=truth[:8] + ["positive"] * 8)
+    (root / "runs" / "sst2_base_seed42").mkdir(parents=True)
+    (root / "runs" / "sst2_abft_seed42" / "evaluate_sst2").mkdir(parents=True)
+    base.to_csv(root / "runs" / "sst2_base_seed42" / "predictions.csv", index=False)
+    trained.to_csv(root / "runs" / "sst2_abft_seed42" / "evaluate_sst2" / "predictions.csv", index=False)
+    run = "benchmarks/results/grid/runs/sst2_{}_seed42"
+    pd.DataFrame([dict(dataset="sst2", method=m, seed=42, accuracy=a, macro_f1=f, label_words="negative,positive",
+                       run_dir=run.format(piece)) for m, piece, a, f in
+                  (("vanilla", "base", accuracies[0], 1 / 3), ("calibration", "base", 0.75, 0.733333),
+                   ("abft", "abft", accuracies[1], 0.733333))]).to_csv(root / "results.csv", index=False)
+    return root
+
+
+def test_paired_differences_pair_methods_input_by_input_from_a_grid_folder(tmp_path, capsys):
+    script = load_script("paired_differences")
+    folder = _grid_folder(tmp_path / "grid")
+    script.main([str(folder), "--n-boot", "50"])
+    table = pd.read_csv(folder / "paired_differences.csv").set_index("second")
+    assert list(table.index) == ["abft", "calibration"] and (table["first"] == "vanilla").all()
+    assert table.loc["abft", "accuracy_difference"] == pytest.approx(0.25)
+    # vanilla answers 'negative' always (macro-F1 1/3); ABFT is right on the first half, 'positive' after.
+    assert table.loc["abft", "macro_f1_difference"] == pytest.approx(0.733333 - 1 / 3, abs=1e-5)
+    assert (table["n_groups"] == 8).all() and (table["accuracy_difference_se"] > 0).all()
+    # Its output is never replaced unasked, and a results row that its predictions do not give is an error.
+    with pytest.raises(SystemExit) as stop:
+        script.parse_args([str(folder)])
+    assert stop.value.code == 2
+    mismatched = _grid_folder(tmp_path / "other", accuracies=(0.5, 0.9))
+    with pytest.raises(SystemExit, match="does not give the accuracy"):
+        script.main([str(mismatched), "--n-boot", "10"])

@@ -61,6 +61,33 @@ def test_macro_f1_punishes_always_predicting_the_majority_class():
     assert macro_f1(true, majority, 2) == pytest.approx((0 + 2 * 3 / (2 * 3 + 1)) / 2)
 
 
+def test_paired_difference_resamples_whole_queries_and_cancels_what_both_share():
+    from abft_lens.evaluation.metrics import paired_difference
+
+    generator = torch.Generator().manual_seed(0)
+    true = torch.randint(0, 2, (400,), generator=generator)
+    first = torch.where(torch.rand(400, generator=generator) < 0.6, true, 1 - true)
+    # The same answers: no difference, and no error of it however they are resampled.
+    same = paired_difference(true, first, first.clone(), torch.arange(400), 2, n_boot=50)
+    assert same["accuracy_difference"] == 0 and same["accuracy_difference_se"] == 0
+    assert same["macro_f1_difference_se"] == 0
+    # Right on every input against right on a share p: the error of the difference is binomial(p).
+    p = float((first == true).double().mean())
+    perfect = paired_difference(true, first, true.clone(), torch.arange(400), 2, n_boot=2000)
+    assert perfect["accuracy_difference"] == pytest.approx(1 - p)
+    assert perfect["accuracy_difference_se"] == pytest.approx((p * (1 - p) / 400) ** 0.5, rel=0.1)
+    assert perfect["macro_f1_difference"] == pytest.approx(1 - macro_f1(true, first, 2))
+    # Each query shown twice with the same answers (two demonstration sets, fully dependent): resampling
+    # queries gives sqrt(2) times the error of treating the 800 inputs as independent.
+    twice = [torch.cat([t, t]) for t in (true, first, true)]
+    grouped = paired_difference(*twice, torch.cat([torch.arange(400)] * 2), 2, n_boot=2000)
+    independent = paired_difference(*twice, torch.arange(800), 2, n_boot=2000)
+    assert grouped["n_groups"] == 400 and grouped["n_inputs"] == 800
+    assert grouped["accuracy_difference_se"] / independent["accuracy_difference_se"] == pytest.approx(2 ** 0.5, rel=0.1)
+    with pytest.raises(ValueError, match="one entry per input"):
+        paired_difference(true, first, true[:10], torch.arange(400), 2)
+
+
 def test_consistency_is_the_largest_agreeing_share_averaged_over_queries():
     predictions = torch.tensor([[0, 0, 1], [1, 1, 1]])
     assert consistency_score(predictions) == pytest.approx((2 / 3 + 1) / 2)

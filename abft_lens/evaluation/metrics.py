@@ -1,5 +1,6 @@
-"""The evaluation's metric math, pure tensor code: accuracy, macro-F1, label distributions and
-collapse, prediction consistency, contextual calibration, and the induction heads' label masses."""
+"""The evaluation's metric math, pure tensor code: accuracy, macro-F1 (and the paired bootstrap of two
+models' differences in both), label distributions and collapse, prediction consistency, contextual
+calibration, and the induction heads' label masses."""
 
 from __future__ import annotations
 
@@ -31,6 +32,29 @@ def macro_f1(true: Int[Tensor, "n"], predicted: Int[Tensor, "n"], n_labels: int)
         fn = int((is_true & ~is_predicted).sum())
         scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
     return float(np.mean(scores))
+
+
+def paired_difference(true: Int[Tensor, "n"], first: Int[Tensor, "n"], second: Int[Tensor, "n"],
+                      groups: Int[Tensor, "n"], n_labels: int, n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
+    """``second`` minus ``first`` in accuracy and macro-F1 on the same inputs, with bootstrap standard
+    errors of both differences. A resample draws whole ``groups`` (a query with all its demonstration
+    sets) with replacement: the inputs of one query are not independent, and both predictions of an input
+    stay paired, so what the two share (the query's difficulty) cancels."""
+    if not true.shape == first.shape == second.shape == groups.shape:
+        raise ValueError("true, first, second and groups need one entry per input")
+    _, group_of = torch.unique(groups, return_inverse=True)
+    members = [torch.nonzero(group_of == g).flatten() for g in range(int(group_of.max()) + 1)]
+    rng = np.random.default_rng(seed)
+    accuracy_diffs, f1_diffs = [], []
+    for _ in range(n_boot):
+        pick = torch.cat([members[g] for g in rng.integers(0, len(members), len(members))])
+        accuracy_diffs.append(accuracy(true[pick], second[pick]) - accuracy(true[pick], first[pick]))
+        f1_diffs.append(macro_f1(true[pick], second[pick], n_labels) - macro_f1(true[pick], first[pick], n_labels))
+    return {"accuracy_difference": accuracy(true, second) - accuracy(true, first),
+            "accuracy_difference_se": float(np.std(accuracy_diffs, ddof=1)),
+            "macro_f1_difference": macro_f1(true, second, n_labels) - macro_f1(true, first, n_labels),
+            "macro_f1_difference_se": float(np.std(f1_diffs, ddof=1)),
+            "n_inputs": int(true.numel()), "n_groups": len(members)}
 
 
 def label_distribution(labels: Int[Tensor, "n"], n_labels: int) -> Float[Tensor, "n_labels"]:
