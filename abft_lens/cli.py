@@ -27,7 +27,7 @@ from abft_lens.choices import (
     checked,
 )
 from abft_lens.errors import AbftLensError, ConfigError, one_line
-from abft_lens.runs import EVALUATE_RESUMABLE, check_out_dir, load_config, with_overrides
+from abft_lens.runs import EVALUATE_RESUMABLE, check_out_dir, check_out_file, load_config, with_overrides
 
 # Plain click help: rich markup would read each "[default: ...]" in a help text as a tag and drop it.
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -384,16 +384,6 @@ def _report_after_job(run_dir: Path, models=None, device: str | None = None) -> 
             typer.echo(f"Report: {path}")
 
 
-def _check_html_out(out: Path, overwrite: bool) -> None:
-    if out.suffix.lower() not in (".html", ".htm"):
-        raise ConfigError(f"out: {out} should end in .html (the view is a self-contained HTML page).")
-    if out.is_dir():
-        raise ConfigError(f"out: {out} is a folder; name a file, e.g. {out / 'attention.html'}.")
-    if out.exists() and not overwrite:
-        raise ConfigError(f"out: {out} already exists; pass --overwrite to replace it, or choose another file (--out).")
-    check_out_dir(out.parent if str(out.parent) else Path("."), overwrite=True)
-
-
 @app.command("show-attention")
 def show_attention_command(
     model_or_run: str = typer.Argument("smollm2-135m", help="a model (as for find-heads), a fine-tuning run folder "
@@ -418,7 +408,7 @@ def show_attention_command(
     from abft_lens.attention_view import check_heads_exist, parse_heads
     from abft_lens.report import read_record, run_kind
 
-    _check_html_out(out, overwrite)
+    check_out_file(out, (".html", ".htm"), overwrite, why="the view is a self-contained HTML page")
     wanted = parse_heads(heads)
     shown = parse_heads(pattern) if pattern else None
     if shown is not None and (not isinstance(shown, list) or len(shown) != 1):

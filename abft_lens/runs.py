@@ -141,6 +141,21 @@ def check_out_dir(path: str | Path, overwrite: bool = False, resumable: Collecti
     return path
 
 
+def check_out_file(path: str | Path, suffixes: tuple[str, ...], overwrite: bool = False, why: str = "") -> Path:
+    """``path`` if a job may write its output file there, checked before any work: it ends in one of
+    ``suffixes`` (``why`` says why, in the error), is not a folder, is not an existing file unless
+    ``overwrite``, and its folder can be created and written to (``check_out_dir``). Else ConfigError."""
+    path = Path(path)
+    if path.suffix.lower() not in suffixes:
+        raise ConfigError(f"out: {path} should end in {suffixes[0]}{f' ({why})' if why else ''}.")
+    if path.is_dir():
+        raise ConfigError(f"out: {path} is a folder; name a file, e.g. {path / ('out' + suffixes[0])}.")
+    if path.exists() and not overwrite:
+        raise ConfigError(f"out: {path} already exists; pass --overwrite to replace it, or choose another file (--out).")
+    check_out_dir(path.parent if str(path.parent) else Path("."), overwrite=True)
+    return path
+
+
 def load_config(path: Path, config_type: type[ConfigT]) -> ConfigT:
     """A config dataclass from a JSON file: either a bare mapping of fields or a run folder's
     ``config.json`` (fields under ``"config"``). Unknown fields are an error, not ignored."""

@@ -22,7 +22,8 @@ import pandas as pd
 
 from abft_lens.data import PAPER_DATASETS, load_dataset
 from abft_lens.prompts import share_without_query_label
-from abft_lens.runs import atomic_write_text
+from abft_lens.errors import ConfigError
+from abft_lens.runs import atomic_write_text, check_out_file
 from abft_lens.training import FinetuneConfig, training_prompts
 
 
@@ -36,13 +37,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/label_coverage.csv"))
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
-    if args.out.is_dir() or not args.out.suffix == ".csv":
-        parser.error(f"--out {args.out} should name a .csv file")
-    blocking = next((folder for folder in args.out.parents if folder.exists() and not folder.is_dir()), None)
-    if blocking is not None:
-        parser.error(f"--out {args.out}: {blocking} is a file, not a folder")
-    if args.out.exists() and not args.overwrite:
-        parser.error(f"{args.out} exists; pass --overwrite to replace it")
+    try:
+        check_out_file(args.out, (".csv",), args.overwrite)
+    except ConfigError as error:
+        parser.error(str(error))
     return args
 
 

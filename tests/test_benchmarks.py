@@ -480,42 +480,53 @@ def test_label_coverage_counts_training_prompts_without_the_query_s_label(smollm
         with pytest.raises(SystemExit) as stop:
             coverage.parse_args(args)
         assert stop.value.code == 2, args
-    assert coverage.parse_args([]).out.name != "label_coverage_smollm2.csv"
+    assert coverage.parse_args(["--overwrite"]).out.name != "label_coverage_smollm2.csv"
 
 
-def _grid_folder(root, accuracies=(0.5, 0.75)):
+def _grid_folder(root, abft_accuracy=0.75):
     """A benchmark folder as the grid writes it: results.csv rows for vanilla, calibration and ABFT on SST-2,
-    and their predictions (8 queries x 2 demonstration sets)."""
-    truth = ["negative", "positive"] * 8
-    base = pd.DataFrame({"query": [q for q in range(8) for _ in range(2)], "repeat": [0, 1] * 8, "true_label": truth,
+    their predictions (8 queries x 2 demonstration sets, repeat-major as evaluate writes them) and
+    metrics.json files naming the label words; ABFT also has a symbols test."""
+    truth = ["negative", "positive"] * 4 * 2  # query q has label q % 2 in both demonstration sets
+    base = pd.DataFrame({"query": list(range(8)) * 2, "repeat": [0] * 8 + [1] * 8, "true_label": truth,
                          "predicted_label": ["negative"] * 16, "calibrated_label": truth[:12] + ["positive", "negative"] * 2})
     trained = base.drop(columns="calibrated_label").assign(predicted_label=truth[:8] + ["positive"] * 8)
-    (root / "runs" / "sst2_base_seed42").mkdir(parents=True)
-    (root / "runs" / "sst2_abft_seed42" / "evaluate_sst2").mkdir(parents=True)
-    base.to_csv(root / "runs" / "sst2_base_seed42" / "predictions.csv", index=False)
-    trained.to_csv(root / "runs" / "sst2_abft_seed42" / "evaluate_sst2" / "predictions.csv", index=False)
+    base_dir, abft_dir = root / "runs" / "sst2_base_seed42", root / "runs" / "sst2_abft_seed42" / "evaluate_sst2"
+    for folder, frame in ((base_dir, base), (abft_dir, trained)):
+        folder.mkdir(parents=True)
+        frame.to_csv(folder / "predictions.csv", index=False)
+        (folder / "metrics.json").write_text(json.dumps({"predicted_distribution": {"negative": 0.5, "positive": 0.5},
+                                                         "symbols_label_words": ["A", "B"]}))
+    trained.replace({"negative": "A", "positive": "B"}).to_csv(abft_dir / "predictions_icl_symbols.csv", index=False)
     run = "benchmarks/results/grid/runs/sst2_{}_seed42"
-    pd.DataFrame([dict(dataset="sst2", method=m, seed=42, accuracy=a, macro_f1=f, label_words="negative,positive",
-                       run_dir=run.format(piece)) for m, piece, a, f in
-                  (("vanilla", "base", accuracies[0], 1 / 3), ("calibration", "base", 0.75, 0.733333),
-                   ("abft", "abft", accuracies[1], 0.733333))]).to_csv(root / "results.csv", index=False)
+    pd.DataFrame([dict(dataset="sst2", method=m, seed=42, accuracy=a, macro_f1=f, symbols_accuracy=sa,
+                       symbols_macro_f1=sf, run_dir=run.format(piece)) for m, piece, a, f, sa, sf in
+                  (("vanilla", "base", 0.5, 1 / 3, None, None), ("calibration", "base", 0.75, 0.75, None, None),
+                   ("abft", "abft", abft_accuracy, 0.733333, 0.75, 0.733333))]).to_csv(root / "results.csv", index=False)
     return root
 
 
-def test_paired_differences_pair_methods_input_by_input_from_a_grid_folder(tmp_path, capsys):
+def test_paired_differences_pair_methods_input_by_input_from_a_grid_folder(tmp_path):
     script = load_script("paired_differences")
     folder = _grid_folder(tmp_path / "grid")
     script.main([str(folder), "--n-boot", "50"])
-    table = pd.read_csv(folder / "paired_differences.csv").set_index("second")
+    out = folder / "paired_differences.csv"
+    table = pd.read_csv(out).set_index("second")
     assert list(table.index) == ["abft", "calibration"] and (table["first"] == "vanilla").all()
+    assert (table["test"] == "ordinary").all()  # vanilla has no symbols predictions: nothing to pair it with
     assert table.loc["abft", "accuracy_difference"] == pytest.approx(0.25)
     # vanilla answers 'negative' always (macro-F1 1/3); ABFT is right on the first half, 'positive' after.
     assert table.loc["abft", "macro_f1_difference"] == pytest.approx(0.733333 - 1 / 3, abs=1e-5)
     assert (table["n_groups"] == 8).all() and (table["accuracy_difference_se"] > 0).all()
-    # Its output is never replaced unasked, and a results row that its predictions do not give is an error.
-    with pytest.raises(SystemExit) as stop:
-        script.parse_args([str(folder)])
-    assert stop.value.code == 2
-    mismatched = _grid_folder(tmp_path / "other", accuracies=(0.5, 0.9))
-    with pytest.raises(SystemExit, match="does not give the accuracy"):
-        script.main([str(mismatched), "--n-boot", "10"])
+    # A rerun where some predictions are gone keeps the rows it cannot recompute.
+    (folder / "runs" / "sst2_abft_seed42" / "evaluate_sst2" / "predictions.csv").unlink()
+    script.main([str(folder), "--n-boot", "50"])
+    again = pd.read_csv(out)
+    assert sorted(again["second"]) == ["abft", "calibration"] and len(again) == 2
+    # With no pair left, or answers that do not give results.csv's numbers, it stops with one line, exit 2.
+    (folder / "runs" / "sst2_base_seed42" / "predictions.csv").unlink()
+    mismatched = _grid_folder(tmp_path / "other", abft_accuracy=0.9)
+    for bad, message in ((folder, "no two methods"), (mismatched, "results.csv reports")):
+        done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "paired_differences.py"), str(bad),
+                               "--n-boot", "10"], capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
