@@ -141,7 +141,8 @@ def finetune(model, prompts: PromptSet, config: FinetuneConfig, validation: Prom
     recorded = {"precision_reason": precision_choice.reason, **costs}  # config.json's facts beyond the config
     # A run resumed on other hardware (native bf16, then emulated) has step times of both: keep every reason.
     reasons = list(record.get("precision_reasons") or filter(None, [record.get("precision_reason")]))
-    precision_changed = bool(reasons) and reasons[-1] != precision_choice.reason
+    # (A finished run is only loaded: no step runs under the new reason.)
+    precision_changed = bool(reasons) and reasons[-1] != precision_choice.reason and not finished.exists()
     if not reasons or precision_changed:
         reasons.append(precision_choice.reason)
     if len(reasons) > 1:
@@ -154,7 +155,7 @@ def finetune(model, prompts: PromptSet, config: FinetuneConfig, validation: Prom
                  "precision %s (%s)%s", config.model, config.dataset, config.method, len(prompts), config.steps,
                  config.batch_size, config.micro_batch_size, config.heads, config.precision, precision_choice.reason,
                  ", resuming" if config.resume else "")
-        if precision_changed:
+        if precision_changed and main:
             log.warning("%s was started under precision %r and resumes under %r: its step times mix both "
                         "(config.json precision_reasons)", run_dir, reasons[-2], reasons[-1])
         lr_search = LrSearch(**record["lr_search"]) if record.get("lr_search") else None
