@@ -183,17 +183,22 @@ def kill_after_step(monkeypatch, step: int) -> None:
     monkeypatch.setattr(training_job, "write_checkpoint", write_then_die)
 
 
+def run_killed_after(step: int, config, model, monkeypatch) -> None:
+    """Run ``config`` until the process "dies" right after its step-``step`` checkpoint."""
+    kill_after_step(monkeypatch, step)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_finetune(config, model=model, progress=False)
+    monkeypatch.undo()
+
+
 def test_a_killed_run_that_keeps_checkpoints_resumes_to_the_same_weights(kept_run, model, tiny_gpt2_dir, short_sst2,
                                                                          tmp_path, monkeypatch):
     config = config_for(tiny_gpt2_dir, short_sst2, tmp_path / "run", keep_checkpoints=True)
     pristine = snapshot(trainable_parameters(model, "qk"))
-    kill_after_step(monkeypatch, 2)
-    with pytest.raises(RuntimeError, match="killed"):
-        run_finetune(config, model=model, progress=False)
+    run_killed_after(2, config, model, monkeypatch)
     # Only the newest checkpoint can be resumed from; the older one keeps its tensors.
     assert [(step, (folder / RESUME_STATE_FILE).is_file()) for step, folder in checkpoint_dirs(config.run_dir())] \
         == [(1, False), (2, True)]
-    monkeypatch.undo()
     apply_tensors(model, pristine)  # a fresh process would load the base model
     resumed = run_finetune(dataclasses.replace(config, resume=True), model=model, progress=False)
     assert resumed.resumed_from_step == 2
@@ -206,10 +211,7 @@ def test_a_killed_run_that_keeps_checkpoints_resumes_to_the_same_weights(kept_ru
 def test_a_run_saved_before_the_new_fields_existed_still_resumes(model, tiny_gpt2_dir, short_sst2, tmp_path,
                                                                  monkeypatch):
     config = config_for(tiny_gpt2_dir, short_sst2, tmp_path / "run")
-    kill_after_step(monkeypatch, 2)
-    with pytest.raises(RuntimeError, match="killed"):
-        run_finetune(config, model=model, progress=False)
-    monkeypatch.undo()
+    run_killed_after(2, config, model, monkeypatch)
     path = config.run_dir() / "config.json"
     saved = json.loads(path.read_text())
     for field in ("training_demos", "pid_input", "pid_reference_heads", "reward_weight", "keep_checkpoints"):
@@ -225,10 +227,7 @@ def test_a_run_saved_before_the_new_fields_existed_still_resumes(model, tiny_gpt
 def test_the_precision_reason_is_recorded_and_a_resume_under_another_keeps_both(model, tiny_gpt2_dir, short_sst2,
                                                                                tmp_path, monkeypatch):
     config = config_for(tiny_gpt2_dir, short_sst2, tmp_path / "run", precision="fp32")
-    kill_after_step(monkeypatch, 2)
-    with pytest.raises(RuntimeError, match="killed"):
-        run_finetune(config, model=model, progress=False)
-    monkeypatch.undo()
+    run_killed_after(2, config, model, monkeypatch)
     path = config.run_dir() / "config.json"
     saved = json.loads(path.read_text())
     assert saved["precision_reason"].startswith("asked for") and "precision_reasons" not in saved
