@@ -14,6 +14,8 @@ This module owns the run-folder format; every reader and writer of these files g
   once finished, ``trained.safetensors`` (``TRAINED_FILE``: only the trained tensors, by parameter name,
   W_Q/W_K or a LoRA run's adapters; ``read_trained_tensors``, ``apply_tensors``, ``load_trained_model``;
   ``trained_tensor_files`` lists them by step, the kept checkpoints' included);
+- ``lr_search.json`` (``LR_SEARCH_FILE``): a running lr search's finished trials, with the config as in
+  ``config.json``; a killed search resumes from it, and it is gone once ``config.json`` holds the search;
 - ``validation_trajectory.csv`` (``VALIDATION_TRAJECTORY_FILE``): validation accuracy per kept step
   (``abft_lens.training.trajectory``);
 - an evaluation's ``partial_predictions/`` (``PARTIAL_PREDICTIONS_DIR``): the finished batches of an
@@ -51,6 +53,7 @@ RUN_LOG = "run.log"
 PARTIAL_PREDICTIONS_DIR = "partial_predictions"  # an interrupted evaluation's finished batches
 EVALUATE_RESUMABLE = (RUN_LOG, PARTIAL_PREDICTIONS_DIR)  # what `evaluate` goes on from in its out folder
 METRICS_FILE = "metrics.jsonl"
+LR_SEARCH_FILE = "lr_search.json"  # a running lr search's finished trials
 TRAINED_FILE = "trained.safetensors"
 CHECKPOINTS_DIR = "checkpoints"
 RESUME_STATE_FILE = "state.pt"  # a checkpoint's optimiser and RNG state: only a resumable one has it

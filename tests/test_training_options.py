@@ -13,11 +13,14 @@ import pytest
 import torch
 
 import abft_lens.training.job as training_job  # the module whose _train looks write_checkpoint up
+import abft_lens.training.lr_search as lr_search_module  # where select_lr looks FinetuneRunner up
 from abft_lens.errors import AbftLensError
 from abft_lens.lora import has_lora, remove_lora
 from abft_lens.models import load_model
 from abft_lens.prompts import share_without_query_label
 from abft_lens.runs import (
+    CONFIG_FILE,
+    LR_SEARCH_FILE,
     RESUME_STATE_FILE,
     TRAINED_FILE,
     VALIDATION_TRAJECTORY_FILE,
@@ -206,6 +209,53 @@ def test_a_killed_run_that_keeps_checkpoints_resumes_to_the_same_weights(kept_ru
     final, reference = (read_trained_tensors(run.run_dir / TRAINED_FILE) for run in (resumed, kept_run))
     assert all(torch.equal(final[name], reference[name]) for name in reference)
     assert resumed.metrics["loss"].tolist() == kept_run.metrics["loss"].tolist()
+
+
+SEARCH = dict(lr=None, lr_grid=(1e-3, 1e-2, 1e-1), lr_search_steps=2, steps=2)
+
+
+def test_a_killed_lr_search_goes_on_from_its_finished_trials_to_the_same_run(model, tiny_gpt2_dir, short_sst2,
+                                                                             tmp_path, monkeypatch):
+    pristine = snapshot(trainable_parameters(model, "qk"))
+    whole = run_finetune(config_for(tiny_gpt2_dir, short_sst2, tmp_path / "whole", **SEARCH), model=model,
+                         progress=False)
+    apply_tensors(model, pristine)
+
+    config = config_for(tiny_gpt2_dir, short_sst2, tmp_path / "killed", **SEARCH)
+    save_progress = training_job._save_lr_search_progress
+
+    def save_then_die(run_dir, config, so_far):
+        save_progress(run_dir, config, so_far)
+        if len(so_far["trials"]) == 2:
+            raise RuntimeError("killed after the second lr trial")
+
+    monkeypatch.setattr(training_job, "_save_lr_search_progress", save_then_die)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_finetune(config, model=model, progress=False)
+    monkeypatch.undo()
+    run_dir = config.run_dir()
+    saved = json.loads((run_dir / LR_SEARCH_FILE).read_text())["lr_search"]
+    assert saved["trials"] == whole.lr_search.trials[:2] and not (run_dir / CONFIG_FILE).exists()
+    apply_tensors(model, pristine)  # a fresh process would load the base model
+    with pytest.raises(AbftLensError, match=r"other settings \(lr_grid"):
+        run_finetune(dataclasses.replace(config, resume=True, lr_grid=(1e-3, 3e-3)), model=model, progress=False)
+
+    trial_lrs = []
+    runner_class = lr_search_module.FinetuneRunner
+
+    def counted_runner(model, prompts, config, lr, *args):
+        trial_lrs.append(lr)
+        return runner_class(model, prompts, config, lr, *args)
+
+    monkeypatch.setattr(lr_search_module, "FinetuneRunner", counted_runner)
+    resumed = run_finetune(dataclasses.replace(config, resume=True), model=model, progress=False)
+    assert trial_lrs == [1e-1]  # only the trial the killed process had not finished
+    assert resumed.lr_search.trials == whole.lr_search.trials and resumed.lr == whole.lr
+    assert resumed.lr_search.baseline_accuracy == whole.lr_search.baseline_accuracy
+    assert json.loads((run_dir / CONFIG_FILE).read_text())["lr_search"]["trials"] == whole.lr_search.trials
+    assert not (run_dir / LR_SEARCH_FILE).exists()
+    final, reference = (read_trained_tensors(run.run_dir / TRAINED_FILE) for run in (resumed, whole))
+    assert all(torch.equal(final[name], reference[name]) for name in reference)
 
 
 def test_a_run_saved_before_the_new_fields_existed_still_resumes(model, tiny_gpt2_dir, short_sst2, tmp_path,

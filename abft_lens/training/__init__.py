@@ -24,7 +24,7 @@ and RNG state, each directory published atomically) and, when finished, ``traine
 the trained tensors, by parameter name: W_Q/W_K, or the LoRA adapters' A and B); ``abft_lens.runs`` owns
 that format and loads a trained model back (attaching the adapters for a LoRA run). ``resume=True``
 continues from the latest checkpoint to the same final weights as an uninterrupted run: the data order
-is a pure function of the seed and the step.
+is a pure function of the seed and the step; a killed lr search goes on from its finished trials.
 
 One module per part of training:
 
@@ -34,7 +34,7 @@ One module per part of training:
 - ``head_plan``: which heads count in the loss (per prompt, all, or a fixed heads.csv);
 - ``runner``: ``FinetuneRunner``, the optimiser, PID controller and data order, one step at a time;
 - ``checkpoints``: writing and restoring ``checkpoints/step-NNNNNN/``;
-- ``lr_search``: the validation-accuracy search over the lr grid;
+- ``lr_search``: the validation-accuracy search over the lr grid (resumable trial by trial);
 - ``job``: ``finetune`` (the run and its folder), ``training_prompts`` and ``run_finetune``;
 - ``trajectory``: validation accuracy at each checkpoint a run kept (``keep_checkpoints``).
 """

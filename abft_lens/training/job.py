@@ -28,6 +28,7 @@ from abft_lens.precision import WEIGHT_DTYPES, keep_float32_masters, resolve_con
 from abft_lens.prompts import PromptSet, build_prompts, share_without_query_label
 from abft_lens.runs import (
     CONFIG_FILE,
+    LR_SEARCH_FILE,
     METRICS_FILE,
     TRAINED_FILE,
     append_metrics,
@@ -85,9 +86,9 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _check_resumable(run_dir: Path, config: FinetuneConfig) -> dict[str, object]:
-    """The saved config.json record; an error if it was made with other settings."""
-    record = json.loads((run_dir / CONFIG_FILE).read_text())
+def _check_resumable(run_dir: Path, config: FinetuneConfig, name: str = CONFIG_FILE) -> dict[str, object]:
+    """The record saved as ``name`` (config.json, or lr_search.json); an error if it was made with other settings."""
+    record = json.loads((run_dir / name).read_text())
     # A field the saved config lacks came after the run was started: the run had its default behaviour.
     defaults = json.loads(json.dumps(dataclasses.asdict(FinetuneConfig()), default=str))
     saved = {**defaults, **record.get("config", {})}
@@ -107,7 +108,8 @@ def finetune(model, prompts: PromptSet, config: FinetuneConfig, validation: Prom
     ``validation`` is needed when ``config.lr`` is None (the lr search). ``heads``, if given, is a fixed
     head set that overrides ``config.heads``; it is written to the run folder as heads.csv and the saved
     config points at it, so the run can be repeated from its folder. With ``config.resume`` a killed
-    run continues from its latest checkpoint, and a finished one is loaded instead of trained again."""
+    run continues from its latest checkpoint (or its lr search from the finished trials), and a finished one
+    is loaded instead of trained again."""
     run_dir = config.run_dir()
     main = distributed.is_main_process()  # under torchrun, rank 0 alone writes and shows progress
     progress = progress and main
@@ -167,10 +169,8 @@ def finetune(model, prompts: PromptSet, config: FinetuneConfig, validation: Prom
             raise DataError("config.lr is None, so the lr is searched, and that needs validation prompts: "
                             "pass validation=... (see training_prompts) or set lr.")
         else:
-            lr_search = select_lr(model, prompts, validation, config, plan, progress)
+            lr_search = _search_lr(model, prompts, validation, config, plan, progress)
             lr = lr_search.chosen
-            log.info("lr search: %s -> lr %g", ", ".join(f"{t['lr']:g}: validation accuracy "
-                     f"{t['validation_accuracy']:.3f}" for t in lr_search.trials), lr)
 
         torch.manual_seed(config.seed)
         runner = FinetuneRunner(model, prompts, config, lr, plan, params)
@@ -189,6 +189,7 @@ def finetune(model, prompts: PromptSet, config: FinetuneConfig, validation: Prom
             if main:
                 write_json_lines(metrics_path, read_metrics(metrics_path, runner.completed))
                 _save_record(run_dir, config, "running", lr, lr_search, params, plan, prompts, validation, **recorded)
+                (run_dir / LR_SEARCH_FILE).unlink(missing_ok=True)  # config.json holds the search now
             _train(runner, run_dir, progress)
             if main:
                 atomic_write_bytes(finished, save_safetensors(snapshot(params), metadata={"model": config.model}))
@@ -210,6 +211,28 @@ def finetune(model, prompts: PromptSet, config: FinetuneConfig, validation: Prom
             log.info("finished: %d steps at lr %g in %.1f s, trained tensors in %s", config.steps, lr,
                      result.train_seconds, finished)
         return result
+
+
+def _search_lr(model, prompts: PromptSet, validation: PromptSet, config: FinetuneConfig, plan: HeadPlan,
+               progress: bool) -> LrSearch:
+    """``select_lr``, with each finished trial saved to the run folder's lr_search.json, and a resumed
+    run's search going on from the trials saved there by a killed process."""
+    run_dir = config.run_dir()
+    earlier = None
+    if config.resume and (run_dir / LR_SEARCH_FILE).is_file():
+        earlier = _check_resumable(run_dir, config, LR_SEARCH_FILE)["lr_search"]
+        log.info("lr search: resuming, %d trial(s) done before", len(earlier["trials"]))
+    distributed.barrier()  # every rank has read the saved trials before rank 0 adds to them
+    search = select_lr(model, prompts, validation, config, plan, progress, earlier=earlier,
+                       on_trial=lambda so_far: _save_lr_search_progress(run_dir, config, so_far))
+    log.info("lr search: %s -> lr %g", ", ".join(f"{t['lr']:g}: validation accuracy "
+             f"{t['validation_accuracy']:.3f}" for t in search.trials), search.chosen)
+    return search
+
+
+def _save_lr_search_progress(run_dir: Path, config: FinetuneConfig, so_far: dict[str, object]) -> None:
+    if distributed.is_main_process():
+        save_config(run_dir, config, name=LR_SEARCH_FILE, lr_search=so_far)
 
 
 def _train(runner: FinetuneRunner, run_dir: Path, progress: bool) -> None:

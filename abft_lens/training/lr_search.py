@@ -1,10 +1,12 @@
 """The learning-rate search: a short run at each lr of the grid, scored by validation accuracy on
-queries from the training pool (never the test pool)."""
+queries from the training pool (never the test pool). Each trial starts from the same weights and seed,
+so a killed search resumes from its finished trials (``earlier``) to the same choice."""
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -43,21 +45,35 @@ def validation_accuracy(model, prompts: PromptSet, batch_size: int, precision: s
 
 
 def select_lr(model, prompts: PromptSet, validation: PromptSet, config: FinetuneConfig,
-              plan: HeadPlan | None = None, progress: bool = True) -> LrSearch:
+              plan: HeadPlan | None = None, progress: bool = True, earlier: dict[str, object] | None = None,
+              on_trial: Callable[[dict[str, object]], None] | None = None) -> LrSearch:
     """Train ``config.lr_search_steps`` steps at each lr of ``config.lr_grid`` from the current weights,
     score label-space accuracy on ``validation`` (queries never used for training), restore the
-    weights. Validation prompts must come from the training pool, never from the test pool."""
+    weights. Validation prompts must come from the training pool, never from the test pool.
+
+    ``on_trial`` is given the search so far (LrSearch's fields less ``chosen``) after each trial;
+    ``earlier`` is such a record from a killed search of the same config, whose trials are not run again."""
     if len(validation) == 0:
         raise DataError("The lr search needs validation prompts (n_val > 0).")
     started = time.perf_counter()
+    earlier = earlier or {}
+    trials = [dict(trial) for trial in earlier.get("trials", []) if trial["lr"] in config.lr_grid]
+    earlier_seconds = float(earlier.get("seconds", 0.0)) if trials else 0.0
     plan = plan or plan_heads(config.heads, model.cfg.n_layers, model.cfg.n_heads, config.head_top)
     params = parameters_to_train(model, config)
     initial = snapshot(params)
     short = dataclasses.replace(config, steps=config.lr_search_steps)
-    baseline = validation_accuracy(model, validation, config.micro_batch_size, config.precision)
-    trials = []
+    baseline = earlier.get("baseline_accuracy") if trials else None
+    if baseline is None:
+        baseline = validation_accuracy(model, validation, config.micro_batch_size, config.precision)
+    done = {trial["lr"] for trial in trials}
+    if done and progress:
+        tqdm.write(f"lr search: {len(done)} of {len(config.lr_grid)} trials done before, "
+                   f"{', '.join(f'{lr:g}' for lr in sorted(done))}: not run again")
     with only_these_require_grad(model, params):
         for lr in config.lr_grid:
+            if lr in done:
+                continue
             torch.manual_seed(config.seed)
             runner = FinetuneRunner(model, prompts, short, lr, plan, params)
             bar = tqdm(range(short.steps), desc=f"lr search {lr:g}", unit="step", disable=not progress)
@@ -70,5 +86,10 @@ def select_lr(model, prompts: PromptSet, validation: PromptSet, config: Finetune
                 tqdm.write(f"lr {lr:g}: validation accuracy {accuracy:.3f} (untrained {baseline:.3f}), "
                            f"loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}")
             apply_tensors(model, initial)
+            if on_trial is not None:
+                on_trial({"steps": short.steps, "n_validation": len(validation), "baseline_accuracy": baseline,
+                          "trials": trials, "seconds": earlier_seconds + time.perf_counter() - started})
+    trials.sort(key=lambda trial: config.lr_grid.index(trial["lr"]))
     best = max(trials, key=lambda trial: (trial["validation_accuracy"], -trial["lr"]))
-    return LrSearch(short.steps, len(validation), baseline, trials, best["lr"], time.perf_counter() - started)
+    return LrSearch(short.steps, len(validation), baseline, trials, best["lr"],
+                    earlier_seconds + time.perf_counter() - started)
