@@ -154,7 +154,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-
 def all_reduce_gradients(params: Iterable[torch.nn.Parameter]) -> None:
     """DDP's gradient step, done by hand after gradient accumulation: every rank's ``.grad`` becomes
     the sum over ranks (one flat float32 all-reduce per dtype). Callers weight each micro-batch by its

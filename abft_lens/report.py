@@ -19,7 +19,6 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
@@ -87,11 +86,17 @@ def read_metrics_lines(path: Path) -> pd.DataFrame:
     return pd.DataFrame(read_metrics(path))
 
 
+def grouped_by_query(predictions: pd.DataFrame | None) -> bool:
+    """Whether ``predictions`` says which query each input belongs to (then its errors resample queries)."""
+    return predictions is not None and "query" in predictions.columns
+
+
 def standard_errors(metrics: Mapping[str, object], predictions: pd.DataFrame | None = None,
                     n_boot: int = 200) -> dict[str, float]:
-    """Binomial standard errors of the accuracies (over inputs: the demonstration sets of one query are
-    not independent, so read them as a lower bound) and a bootstrap one of macro-F1 from predictions: the
-    evaluation's own ``macro_f1``, over its whole label space (the words of ``predicted_distribution``)."""
+    """Standard errors of the metrics. With predictions: a bootstrap of accuracy and macro-F1 over whole
+    queries (each with all its demonstration sets, which are not independent) where the file gives the
+    query, else of macro-F1 over the inputs; macro-F1 over the evaluation's label space (the words of
+    ``predicted_distribution``). The other accuracies: binomial over their inputs (lower bounds)."""
     errors = {}
     for name, count in BINOMIAL.items():
         value, n = metrics.get(name), metrics.get(count)
@@ -101,20 +106,16 @@ def standard_errors(metrics: Mapping[str, object], predictions: pd.DataFrame | N
         # Imported here: a report of a run without predictions should not pay for torch and the evaluation package.
         import torch
 
-        from abft_lens.evaluation.metrics import macro_f1
+        from abft_lens.evaluation.metrics import bootstrap_standard_errors, encode_labels
 
-        shown = [str(word) for word in predictions[["true_label", "predicted_label"]].to_numpy().ravel()]
-        words = [str(word) for word in metrics.get("predicted_distribution") or {}]
-        words += sorted(set(shown) - set(words))  # a word the file has but the distribution lacks still counts
-        index = {word: i for i, word in enumerate(words)}
-        true, predicted = (torch.tensor([index[str(word)] for word in predictions[column]])
-                           for column in ("true_label", "predicted_label"))
-        rng = np.random.default_rng(0)
-        scores = []
-        for _ in range(n_boot):
-            pick = torch.from_numpy(rng.integers(0, len(true), len(true)))
-            scores.append(macro_f1(true[pick], predicted[pick], len(words)))
-        errors["macro_f1"] = float(np.std(scores, ddof=1))
+        words, (true, predicted) = encode_labels(metrics.get("predicted_distribution") or {},
+                                                 predictions["true_label"], predictions["predicted_label"], strays=True)
+        grouped = grouped_by_query(predictions)
+        groups = torch.tensor(predictions["query"].astype(int).to_numpy()) if grouped else torch.arange(len(true))
+        bootstrapped = bootstrap_standard_errors(true, predicted, groups, len(words), n_boot=n_boot)
+        errors["macro_f1"] = bootstrapped["macro_f1"]
+        if grouped:
+            errors["accuracy"] = bootstrapped["accuracy"]
     return errors
 
 
@@ -349,9 +350,11 @@ def build_report(run_dir: str | Path) -> Path:
                        if (run_dir / "predictions.csv").is_file() else None)
         errors = standard_errors(metrics, predictions)
         rows = [(name, metrics[name], errors.get(name)) for name in SHOWN_METRICS if name in metrics]
-        note = ("<p class='note'>Standard errors: binomial over the inputs for accuracies, bootstrap over the "
-                "inputs for macro-F1; the demonstration sets of one query are not independent, so read them as "
-                "lower bounds.</p>")
+        resampled = ("whole queries for accuracy and macro-F1" if grouped_by_query(predictions)
+                     else "the inputs for macro-F1")
+        note = (f"<p class='note'>Standard errors: bootstrap over {resampled}; binomial over the inputs for the "
+                "other accuracies. The demonstration sets of one query are not independent, so an error over "
+                "inputs is a lower bound.</p>")
         page.section("metrics", "Metrics", _table(pd.DataFrame(rows, columns=["metric", "value", "standard error"])
                                                   .astype(object), sortable=False) + note)
         page.section("labels", "Predicted labels", page.figure(label_distribution_figure(metrics)))

@@ -21,7 +21,6 @@ tokenizer (runs/*/config.json mean_prompt_tokens), so 128 covers a batch's longe
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

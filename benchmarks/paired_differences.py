@@ -82,20 +82,11 @@ def method_answers(folder: Path, row: pd.Series, test: str) -> tuple[pd.DataFram
     return frame[["query", "repeat", "true_label"]].assign(predicted_label=frame[answer]), [str(w) for w in words]
 
 
-def _scored(answers: pd.DataFrame, index: dict[str, int]):
-    import torch
-
-    unknown = sorted((set(answers["true_label"]) | set(answers["predicted_label"])) - set(index))
-    if unknown:
-        raise DataError(f"answers outside the label words {list(index)}: {unknown}")
-    return (torch.tensor([index[word] for word in answers[column]]) for column in ("true_label", "predicted_label"))
-
-
 def paired_rows(folder: Path, n_boot: int = 1000) -> tuple[pd.DataFrame, list[str]]:
     """The table of differences, and the evaluations that have no predictions in the folder."""
     import torch
 
-    from abft_lens.evaluation.metrics import accuracy, macro_f1, paired_difference
+    from abft_lens.evaluation.metrics import accuracy, encode_labels, macro_f1, paired_difference
 
     results = pd.read_csv(folder / "results.csv")
     rows, missing = [], []
@@ -112,8 +103,11 @@ def paired_rows(folder: Path, n_boot: int = 1000) -> tuple[pd.DataFrame, list[st
                 where = f"{dataset} seed {seed}, {test} test, {first} and {second}"
                 if words != second_words or not a[["query", "repeat", "true_label"]].equals(b[["query", "repeat", "true_label"]]):
                     raise DataError(f"{where} were not evaluated on the same inputs and label words")
-                index = {word: i for i, word in enumerate(words)}
-                (true, first_answers), (_, second_answers) = _scored(a, index), _scored(b, index)
+                try:
+                    _, (true, first_answers, second_answers) = encode_labels(
+                        words, a["true_label"], a["predicted_label"], b["predicted_label"])
+                except DataError as error:
+                    raise DataError(f"{where}: {error}") from None
                 for method, predicted in ((first, first_answers), (second, second_answers)):
                     reported = by_method[method][[f"{prefix}accuracy", f"{prefix}macro_f1"]].astype(float)
                     measured = (accuracy(true, predicted), macro_f1(true, predicted, len(words)))

@@ -486,7 +486,7 @@ def test_label_coverage_counts_training_prompts_without_the_query_s_label(smollm
 def _grid_folder(root, abft_accuracy=0.75):
     """A benchmark folder as the grid writes it: results.csv rows for vanilla, calibration and ABFT on SST-2,
     their predictions (8 queries x 2 demonstration sets, repeat-major as evaluate writes them) and
-    metrics.json files naming the label words; ABFT also has a symbols test."""
+    metrics.json files naming the label words; vanilla and ABFT also have a symbols test."""
     truth = ["negative", "positive"] * 4 * 2  # query q has label q % 2 in both demonstration sets
     base = pd.DataFrame({"query": list(range(8)) * 2, "repeat": [0] * 8 + [1] * 8, "true_label": truth,
                          "predicted_label": ["negative"] * 16, "calibrated_label": truth[:12] + ["positive", "negative"] * 2})
@@ -497,11 +497,12 @@ def _grid_folder(root, abft_accuracy=0.75):
         frame.to_csv(folder / "predictions.csv", index=False)
         (folder / "metrics.json").write_text(json.dumps({"predicted_distribution": {"negative": 0.5, "positive": 0.5},
                                                          "symbols_label_words": ["A", "B"]}))
-    trained.replace({"negative": "A", "positive": "B"}).to_csv(abft_dir / "predictions_icl_symbols.csv", index=False)
+    for folder, frame in ((base_dir, base.drop(columns="calibrated_label")), (abft_dir, trained)):
+        frame.replace({"negative": "A", "positive": "B"}).to_csv(folder / "predictions_icl_symbols.csv", index=False)
     run = "benchmarks/results/grid/runs/sst2_{}_seed42"
     pd.DataFrame([dict(dataset="sst2", method=m, seed=42, accuracy=a, macro_f1=f, symbols_accuracy=sa,
                        symbols_macro_f1=sf, run_dir=run.format(piece)) for m, piece, a, f, sa, sf in
-                  (("vanilla", "base", 0.5, 1 / 3, None, None), ("calibration", "base", 0.75, 0.75, None, None),
+                  (("vanilla", "base", 0.5, 1 / 3, 0.5, 1 / 3), ("calibration", "base", 0.75, 0.75, None, None),
                    ("abft", "abft", abft_accuracy, 0.733333, 0.75, 0.733333))]).to_csv(root / "results.csv", index=False)
     return root
 
@@ -511,20 +512,23 @@ def test_paired_differences_pair_methods_input_by_input_from_a_grid_folder(tmp_p
     folder = _grid_folder(tmp_path / "grid")
     script.main([str(folder), "--n-boot", "50"])
     out = folder / "paired_differences.csv"
-    table = pd.read_csv(out).set_index("second")
-    assert list(table.index) == ["abft", "calibration"] and (table["first"] == "vanilla").all()
-    assert (table["test"] == "ordinary").all()  # vanilla has no symbols predictions: nothing to pair it with
-    assert table.loc["abft", "accuracy_difference"] == pytest.approx(0.25)
-    # vanilla answers 'negative' always (macro-F1 1/3); ABFT is right on the first half, 'positive' after.
-    assert table.loc["abft", "macro_f1_difference"] == pytest.approx(0.733333 - 1 / 3, abs=1e-5)
+    table = pd.read_csv(out).set_index(["test", "second"])
+    # Calibration has no symbols test (its answers there would be vanilla's): nothing to pair.
+    assert sorted(table.index) == [("ordinary", "abft"), ("ordinary", "calibration"), ("symbols", "abft")]
+    assert (table["first"] == "vanilla").all()
+    # vanilla answers 'negative' ('A') always (macro-F1 1/3); ABFT is right on the first half, 'positive' after.
+    for test in ("ordinary", "symbols"):
+        assert table.loc[(test, "abft"), "accuracy_difference"] == pytest.approx(0.25)
+        assert table.loc[(test, "abft"), "macro_f1_difference"] == pytest.approx(0.733333 - 1 / 3, abs=1e-5)
     assert (table["n_groups"] == 8).all() and (table["accuracy_difference_se"] > 0).all()
     # A rerun where some predictions are gone keeps the rows it cannot recompute.
     (folder / "runs" / "sst2_abft_seed42" / "evaluate_sst2" / "predictions.csv").unlink()
     script.main([str(folder), "--n-boot", "50"])
-    again = pd.read_csv(out)
-    assert sorted(again["second"]) == ["abft", "calibration"] and len(again) == 2
+    again = pd.read_csv(out).set_index(["test", "second"])
+    assert sorted(again.index) == sorted(table.index)
     # With no pair left, or answers that do not give results.csv's numbers, it stops with one line, exit 2.
-    (folder / "runs" / "sst2_base_seed42" / "predictions.csv").unlink()
+    for name in ("predictions.csv", "predictions_icl_symbols.csv"):
+        (folder / "runs" / "sst2_base_seed42" / name).unlink()
     mismatched = _grid_folder(tmp_path / "other", abft_accuracy=0.9)
     for bad, message in ((folder, "no two methods"), (mismatched, "results.csv reports")):
         done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "paired_differences.py"), str(bad),

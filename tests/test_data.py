@@ -111,7 +111,6 @@ def test_l9_templates_vary_every_slot_three_ways():
         assert len({getattr(t, slot) for t in templates}) == 3
 
 
-
 @pytest.mark.parametrize("name", sorted(PAPER_TABLE_5))
 def test_every_paper_dataset_uses_the_papers_template_and_label_words(name):
     input_prefix, label_prefix, words = PAPER_TABLE_5[name]

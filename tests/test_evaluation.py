@@ -88,6 +88,38 @@ def test_paired_difference_resamples_whole_queries_and_cancels_what_both_share()
         paired_difference(true, first, true[:10], torch.arange(400), 2)
 
 
+def test_bootstrap_errors_resample_whole_queries():
+    from abft_lens.evaluation.metrics import bootstrap_standard_errors
+
+    generator = torch.Generator().manual_seed(1)
+    true = torch.randint(0, 2, (400,), generator=generator)
+    predicted = torch.where(torch.rand(400, generator=generator) < 0.7, true, 1 - true)
+    p = float((predicted == true).double().mean())
+    alone = bootstrap_standard_errors(true, predicted, torch.arange(400), 2, n_boot=2000)
+    assert alone["accuracy"] == pytest.approx((p * (1 - p) / 400) ** 0.5, rel=0.1)  # binomial
+    # Each query twice with the same answers: whole queries give the 400-input error, sqrt(2) times that
+    # of 800 independent inputs.
+    twice = [torch.cat([t, t]) for t in (true, predicted)]
+    grouped = bootstrap_standard_errors(*twice, torch.cat([torch.arange(400)] * 2), 2, n_boot=2000)
+    independent = bootstrap_standard_errors(*twice, torch.arange(800), 2, n_boot=2000)
+    for name in ("accuracy", "macro_f1"):
+        assert grouped[name] / independent[name] == pytest.approx(2 ** 0.5, rel=0.1)
+    assert bootstrap_standard_errors(true, true.clone(), torch.arange(400), 2, n_boot=50)["accuracy"] == 0
+
+
+def test_label_words_are_encoded_in_the_evaluations_label_space():
+    from abft_lens.evaluation.metrics import encode_labels
+
+    words, (true, predicted) = encode_labels(["negative", "positive", "neutral"], ["positive", "negative"],
+                                             ["neutral", "neutral"])
+    assert words == ["negative", "positive", "neutral"]  # the given order, unshown labels kept
+    assert true.tolist() == [1, 0] and predicted.tolist() == [2, 2] and true.dtype == torch.long
+    with pytest.raises(DataError, match=r"outside the label words .*\['maybe'\]"):
+        encode_labels(["no", "yes"], ["yes"], ["maybe"])
+    words, (answers,) = encode_labels(["no", "yes"], ["yes", "perhaps", "maybe"], strays=True)
+    assert words == ["no", "yes", "maybe", "perhaps"] and answers.tolist() == [1, 3, 2]
+
+
 def test_consistency_is_the_largest_agreeing_share_averaged_over_queries():
     predictions = torch.tensor([[0, 0, 1], [1, 1, 1]])
     assert consistency_score(predictions) == pytest.approx((2 / 3 + 1) / 2)

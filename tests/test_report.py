@@ -168,6 +168,17 @@ def test_standard_errors_are_binomial_for_accuracy_and_bootstrapped_for_macro_f1
         2 / 3 * 0.05 / 2.25, rel=0.25)
 
 
+def test_standard_errors_resample_whole_queries_when_the_predictions_give_them():
+    # 100 queries, each shown with 2 demonstration sets and answered alike: the error is that of 100
+    # inputs (0.05 at accuracy 0.5), not the binomial of 200 (0.035).
+    answers = pd.DataFrame({"query": list(range(100)) * 2, "true_label": ["a", "b"] * 100,
+                            "predicted_label": (["a"] * 60 + ["b"] * 40) * 2})
+    metrics = {"accuracy": 0.5, "n_inputs": 200, "predicted_distribution": {"a": 0.6, "b": 0.4}}
+    errors = standard_errors(metrics, answers)
+    assert errors["accuracy"] == pytest.approx(0.05, rel=0.15)  # 200 resamples: about 5% noise
+    assert standard_errors(metrics, answers.drop(columns="query"))["accuracy"] == pytest.approx(0.5 / 200 ** 0.5)
+
+
 # --- run folders ------------------------------------------------------------------------------------
 
 

@@ -309,6 +309,7 @@ def test_label_covering_prompts_on_trec_show_the_query_label_in_its_demonstratio
         shown = [prompt.tokens[position] for position in prompt.I_plus]
         assert shown and set(shown) == {covering.label_token_ids[prompt.query_label]}
     # The queries themselves are the same as with random demonstrations: only the demonstrations change.
+
     def query_tokens(prompt):
         return prompt.tokens[prompt.label_positions[-1] + 1:]
 

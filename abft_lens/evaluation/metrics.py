@@ -1,8 +1,11 @@
-"""The evaluation's metric math, pure tensor code: accuracy, macro-F1 (and the paired bootstrap of two
-models' differences in both), label distributions and collapse, prediction consistency, contextual
-calibration, and the induction heads' label masses."""
+"""The evaluation's metric math, pure tensor code: label words as indices, accuracy, macro-F1 (their
+bootstrap standard errors over whole queries, and the paired bootstrap of two models' differences),
+label distributions and collapse, prediction consistency, contextual calibration, and the induction
+heads' label masses."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
 
 import einops
 import numpy as np
@@ -10,7 +13,23 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from abft_lens.errors import DataError
 from abft_lens.heads import correct_and_wrong_mass, induction_head_mask
+
+
+def encode_labels(words: Sequence[str], *columns: Sequence[str],
+                  strays: bool = False) -> tuple[list[str], list[Int[Tensor, "n"]]]:
+    """The label space and each column of label words as indices into it. ``words`` is the evaluation's
+    label space (every label counts in macro-F1, predicted or not). A word outside it is a DataError, or
+    with ``strays`` (a hand-edited file, an older run) it joins the space after ``words``, sorted."""
+    space = [str(word) for word in words]
+    shown = {str(word) for column in columns for word in column}
+    outside = sorted(shown - set(space))
+    if outside and not strays:
+        raise DataError(f"answers outside the label words {space}: {outside}")
+    space += outside
+    index = {word: i for i, word in enumerate(space)}
+    return space, [torch.tensor([index[str(word)] for word in column], dtype=torch.long) for column in columns]
 
 
 def accuracy(true: Int[Tensor, "n"], predicted: Int[Tensor, "n"]) -> float:
@@ -34,27 +53,45 @@ def macro_f1(true: Int[Tensor, "n"], predicted: Int[Tensor, "n"], n_labels: int)
     return float(np.mean(scores))
 
 
+def resampled_groups(groups: Int[Tensor, "n"], n_boot: int, seed: int = 0) -> Iterator[Int[Tensor, "m"]]:
+    """``n_boot`` bootstrap resamples of the inputs, as index tensors. Each draws whole ``groups`` (a query
+    with all its demonstration sets) with replacement: the inputs of one query are not independent."""
+    _, group_of = torch.unique(groups, return_inverse=True)
+    order = torch.argsort(group_of, stable=True)
+    members = list(torch.split(order, torch.bincount(group_of).tolist()))
+    rng = np.random.default_rng(seed)
+    for _ in range(n_boot):
+        yield torch.cat([members[g] for g in rng.integers(0, len(members), len(members))])
+
+
+def bootstrap_standard_errors(true: Int[Tensor, "n"], predicted: Int[Tensor, "n"], groups: Int[Tensor, "n"],
+                              n_labels: int, n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
+    """Bootstrap standard errors of accuracy and macro-F1, resampling whole ``groups`` (resampled_groups)."""
+    if not true.shape == predicted.shape == groups.shape:
+        raise ValueError("true, predicted and groups need one entry per input")
+    accuracies, f1s = [], []
+    for pick in resampled_groups(groups, n_boot, seed):
+        accuracies.append(accuracy(true[pick], predicted[pick]))
+        f1s.append(macro_f1(true[pick], predicted[pick], n_labels))
+    return {"accuracy": float(np.std(accuracies, ddof=1)), "macro_f1": float(np.std(f1s, ddof=1))}
+
+
 def paired_difference(true: Int[Tensor, "n"], first: Int[Tensor, "n"], second: Int[Tensor, "n"],
                       groups: Int[Tensor, "n"], n_labels: int, n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
     """``second`` minus ``first`` in accuracy and macro-F1 on the same inputs, with bootstrap standard
-    errors of both differences. A resample draws whole ``groups`` (a query with all its demonstration
-    sets) with replacement: the inputs of one query are not independent, and both predictions of an input
-    stay paired, so what the two share (the query's difficulty) cancels."""
+    errors of both differences. A resample draws whole ``groups`` (resampled_groups), and both predictions
+    of an input stay paired, so what the two share (the query's difficulty) cancels."""
     if not true.shape == first.shape == second.shape == groups.shape:
         raise ValueError("true, first, second and groups need one entry per input")
-    _, group_of = torch.unique(groups, return_inverse=True)
-    members = [torch.nonzero(group_of == g).flatten() for g in range(int(group_of.max()) + 1)]
-    rng = np.random.default_rng(seed)
     accuracy_diffs, f1_diffs = [], []
-    for _ in range(n_boot):
-        pick = torch.cat([members[g] for g in rng.integers(0, len(members), len(members))])
+    for pick in resampled_groups(groups, n_boot, seed):
         accuracy_diffs.append(accuracy(true[pick], second[pick]) - accuracy(true[pick], first[pick]))
         f1_diffs.append(macro_f1(true[pick], second[pick], n_labels) - macro_f1(true[pick], first[pick], n_labels))
     return {"accuracy_difference": accuracy(true, second) - accuracy(true, first),
             "accuracy_difference_se": float(np.std(accuracy_diffs, ddof=1)),
             "macro_f1_difference": macro_f1(true, second, n_labels) - macro_f1(true, first, n_labels),
             "macro_f1_difference_se": float(np.std(f1_diffs, ddof=1)),
-            "n_inputs": int(true.numel()), "n_groups": len(members)}
+            "n_inputs": int(true.numel()), "n_groups": int(torch.unique(groups).numel())}
 
 
 def label_distribution(labels: Int[Tensor, "n"], n_labels: int) -> Float[Tensor, "n_labels"]:

@@ -45,7 +45,6 @@ DESIGN_CHOICES = {
 }
 
 
-
 @dataclass
 class FinetuneConfig:
     """One fine-tuning run. The CLI (`abft-lens finetune`) and the Python API share it; it is saved
