@@ -86,23 +86,27 @@ def read_metrics_lines(path: Path) -> pd.DataFrame:
     return pd.DataFrame(read_metrics(path))
 
 
-def grouped_by_query(predictions: pd.DataFrame | None) -> bool:
-    """Whether ``predictions`` says which query each input belongs to (then its errors resample queries)."""
-    return predictions is not None and "query" in predictions.columns
+def bootstrap_unit(predictions: pd.DataFrame | None) -> str | None:
+    """What ``standard_errors`` resamples for the bootstrap: "queries" where ``predictions`` says which query
+    each input belongs to, "inputs" where it does not, None where there are no answers to resample."""
+    if predictions is None or not len(predictions) or not {"true_label", "predicted_label"} <= set(predictions.columns):
+        return None
+    return "queries" if "query" in predictions.columns else "inputs"
 
 
 def standard_errors(metrics: Mapping[str, object], predictions: pd.DataFrame | None = None,
                     n_boot: int = 200) -> dict[str, float]:
     """Standard errors of the metrics. With predictions: a bootstrap of accuracy and macro-F1 over whole
     queries (each with all its demonstration sets, which are not independent) where the file gives the
-    query, else of macro-F1 over the inputs; macro-F1 over the evaluation's label space (the words of
-    ``predicted_distribution``). The other accuracies: binomial over their inputs (lower bounds)."""
+    query, else of macro-F1 over the inputs (``bootstrap_unit``); macro-F1 over the evaluation's label space
+    (the words of ``predicted_distribution``). The other accuracies: binomial over their inputs (lower bounds)."""
     errors = {}
     for name, count in BINOMIAL.items():
         value, n = metrics.get(name), metrics.get(count)
         if isinstance(value, (int, float)) and isinstance(n, (int, float)) and n > 0:
             errors[name] = binomial_standard_error(value, n)
-    if predictions is not None and {"true_label", "predicted_label"} <= set(predictions.columns) and len(predictions):
+    unit = bootstrap_unit(predictions)
+    if unit is not None:
         # Imported here: a report of a run without predictions should not pay for torch and the evaluation package.
         import torch
 
@@ -110,13 +114,23 @@ def standard_errors(metrics: Mapping[str, object], predictions: pd.DataFrame | N
 
         words, (true, predicted) = encode_labels(metrics.get("predicted_distribution") or {},
                                                  predictions["true_label"], predictions["predicted_label"], strays=True)
-        grouped = grouped_by_query(predictions)
-        groups = torch.tensor(predictions["query"].astype(int).to_numpy()) if grouped else torch.arange(len(true))
+        # Only which inputs share a query matters, so the query column is read as labels, whatever its type.
+        groups = (torch.from_numpy(pd.factorize(predictions["query"])[0]) if unit == "queries"
+                  else torch.arange(len(true)))
         bootstrapped = bootstrap_standard_errors(true, predicted, groups, len(words), n_boot=n_boot)
         errors["macro_f1"] = bootstrapped["macro_f1"]
-        if grouped:
+        if unit == "queries":
             errors["accuracy"] = bootstrapped["accuracy"]
     return errors
+
+
+def standard_errors_note(predictions: pd.DataFrame | None) -> str:
+    """How ``standard_errors`` computed its errors for these predictions, in a sentence or two."""
+    bootstrap = {"queries": "a bootstrap over whole queries for accuracy and macro-F1; ",
+                 "inputs": "a bootstrap over the inputs for macro-F1; ",
+                 None: ""}[bootstrap_unit(predictions)]
+    return (f"Standard errors: {bootstrap}binomial over the inputs for the other accuracies. The demonstration "
+            "sets of one query are not independent, so an error over inputs is a lower bound.")
 
 
 # --- attention examples -----------------------------------------------------------------------------
@@ -350,11 +364,7 @@ def build_report(run_dir: str | Path) -> Path:
                        if (run_dir / "predictions.csv").is_file() else None)
         errors = standard_errors(metrics, predictions)
         rows = [(name, metrics[name], errors.get(name)) for name in SHOWN_METRICS if name in metrics]
-        resampled = ("whole queries for accuracy and macro-F1" if grouped_by_query(predictions)
-                     else "the inputs for macro-F1")
-        note = (f"<p class='note'>Standard errors: bootstrap over {resampled}; binomial over the inputs for the "
-                "other accuracies. The demonstration sets of one query are not independent, so an error over "
-                "inputs is a lower bound.</p>")
+        note = f"<p class='note'>{html.escape(standard_errors_note(predictions))}</p>"
         page.section("metrics", "Metrics", _table(pd.DataFrame(rows, columns=["metric", "value", "standard error"])
                                                   .astype(object), sortable=False) + note)
         page.section("labels", "Predicted labels", page.figure(label_distribution_figure(metrics)))

@@ -116,7 +116,7 @@ def paired_rows(folder: Path, n_boot: int = 1000) -> tuple[pd.DataFrame, list[st
                                         f"{measured[0]:.6f} / {measured[1]:.6f}, results.csv reports "
                                         f"{reported.iloc[0]:.6f} / {reported.iloc[1]:.6f}")
                 difference = paired_difference(true, first_answers, second_answers,
-                                               torch.tensor(a["query"].astype(int).to_numpy()), len(words), n_boot=n_boot)
+                                               torch.from_numpy(pd.factorize(a["query"])[0]), len(words), n_boot=n_boot)
                 rows.append(dict(dataset=dataset, seed=int(seed), test=test, first=first, second=second,
                                  first_accuracy=accuracy(true, first_answers), second_accuracy=accuracy(true, second_answers),
                                  first_macro_f1=macro_f1(true, first_answers, len(words)),

@@ -31,6 +31,7 @@ from abft_lens.report import (
     build_report,
     capture_examples,
     standard_errors,
+    standard_errors_note,
     write_attention_examples,
 )
 
@@ -174,9 +175,19 @@ def test_standard_errors_resample_whole_queries_when_the_predictions_give_them()
     answers = pd.DataFrame({"query": list(range(100)) * 2, "true_label": ["a", "b"] * 100,
                             "predicted_label": (["a"] * 60 + ["b"] * 40) * 2})
     metrics = {"accuracy": 0.5, "n_inputs": 200, "predicted_distribution": {"a": 0.6, "b": 0.4}}
-    errors = standard_errors(metrics, answers)
-    assert errors["accuracy"] == pytest.approx(0.05, rel=0.15)  # 200 resamples: about 5% noise
-    assert standard_errors(metrics, answers.drop(columns="query"))["accuracy"] == pytest.approx(0.5 / 200 ** 0.5)
+    errors = standard_errors(metrics, answers, n_boot=1000)
+    assert errors["accuracy"] == pytest.approx(0.05, rel=0.1)  # 1000 resamples: about 2% noise
+    inputs = answers.drop(columns="query")
+    alone = standard_errors(metrics, inputs, n_boot=1000)
+    assert alone["accuracy"] == pytest.approx(0.5 / 200 ** 0.5)  # binomial over the 200 inputs
+    assert errors["macro_f1"] / alone["macro_f1"] == pytest.approx(2 ** 0.5, rel=0.15)
+    # Query ids are only group labels: any type (a hand-edited file's "q7") gives the same groups.
+    named = answers.assign(query=[f"q{q}" for q in answers["query"]])
+    assert standard_errors(metrics, named, n_boot=1000) == pytest.approx(errors)
+    # The page says what was computed.
+    assert "whole queries for accuracy and macro-F1" in standard_errors_note(answers)
+    assert "over the inputs for macro-F1" in standard_errors_note(inputs)
+    assert "bootstrap" not in standard_errors_note(None) and "bootstrap" not in standard_errors_note(answers[:0])
 
 
 # --- run folders ------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -237,21 +238,43 @@ def test_a_killed_lr_search_goes_on_from_its_finished_trials_to_the_same_run(mod
     saved = json.loads((run_dir / LR_SEARCH_FILE).read_text())["lr_search"]
     assert saved["trials"] == whole.lr_search.trials[:2] and not (run_dir / CONFIG_FILE).exists()
     apply_tensors(model, pristine)  # a fresh process would load the base model
-    with pytest.raises(AbftLensError, match=r"other settings \(lr_grid"):
+    with pytest.raises(AbftLensError, match=r"lr_search.json was made with other settings \(lr_grid"):
         run_finetune(dataclasses.replace(config, resume=True, lr_grid=(1e-3, 3e-3)), model=model, progress=False)
 
-    trial_lrs = []
-    runner_class = lr_search_module.FinetuneRunner
+    # A fresh run (no --resume) killed in its first trial leaves no older run's trials to be resumed into it.
+    fresh = config_for(tiny_gpt2_dir, short_sst2, tmp_path / "fresh", **SEARCH)
+    fresh.run_dir().mkdir(parents=True)
+    shutil.copy(run_dir / LR_SEARCH_FILE, fresh.run_dir() / LR_SEARCH_FILE)
+
+    def dying_runner(*args):
+        raise RuntimeError("killed in the first lr trial")
+
+    monkeypatch.setattr(lr_search_module, "FinetuneRunner", dying_runner)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_finetune(fresh, model=model, progress=False)
+    monkeypatch.undo()
+    assert not (fresh.run_dir() / LR_SEARCH_FILE).exists()
+    apply_tensors(model, pristine)
+
+    trial_lrs, validation_passes = [], []
+    runner_class, score = lr_search_module.FinetuneRunner, lr_search_module.validation_accuracy
 
     def counted_runner(model, prompts, config, lr, *args):
         trial_lrs.append(lr)
         return runner_class(model, prompts, config, lr, *args)
 
+    def counted_score(*args):
+        validation_passes.append(args)
+        return score(*args)
+
     monkeypatch.setattr(lr_search_module, "FinetuneRunner", counted_runner)
+    monkeypatch.setattr(lr_search_module, "validation_accuracy", counted_score)
     resumed = run_finetune(dataclasses.replace(config, resume=True), model=model, progress=False)
     assert trial_lrs == [1e-1]  # only the trial the killed process had not finished
+    assert len(validation_passes) == 1  # that trial's: the untrained model's accuracy was saved too
     assert resumed.lr_search.trials == whole.lr_search.trials and resumed.lr == whole.lr
     assert resumed.lr_search.baseline_accuracy == whole.lr_search.baseline_accuracy
+    assert resumed.lr_search.seconds > saved["seconds"] > 0  # the killed process's trials count
     assert json.loads((run_dir / CONFIG_FILE).read_text())["lr_search"]["trials"] == whole.lr_search.trials
     assert not (run_dir / LR_SEARCH_FILE).exists()
     final, reference = (read_trained_tensors(run.run_dir / TRAINED_FILE) for run in (resumed, whole))

@@ -5,7 +5,7 @@ heads' label masses."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import einops
 import numpy as np
@@ -17,7 +17,7 @@ from abft_lens.errors import DataError
 from abft_lens.heads import correct_and_wrong_mass, induction_head_mask
 
 
-def encode_labels(words: Sequence[str], *columns: Sequence[str],
+def encode_labels(words: Iterable[str], *columns: Sequence[str],
                   strays: bool = False) -> tuple[list[str], list[Int[Tensor, "n"]]]:
     """The label space and each column of label words as indices into it. ``words`` is the evaluation's
     label space (every label counts in macro-F1, predicted or not). A word outside it is a DataError, or

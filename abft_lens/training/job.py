@@ -86,9 +86,10 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _check_resumable(run_dir: Path, config: FinetuneConfig, name: str = CONFIG_FILE) -> dict[str, object]:
-    """The record saved as ``name`` (config.json, or lr_search.json); an error if it was made with other settings."""
-    record = json.loads((run_dir / name).read_text())
+def _check_resumable(run_dir: Path, config: FinetuneConfig, file_name: str = CONFIG_FILE) -> dict[str, object]:
+    """The record saved as ``file_name`` (config.json, or lr_search.json); an error if it was made with other
+    settings."""
+    record = json.loads((run_dir / file_name).read_text())
     # A field the saved config lacks came after the run was started: the run had its default behaviour.
     defaults = json.loads(json.dumps(dataclasses.asdict(FinetuneConfig()), default=str))
     saved = {**defaults, **record.get("config", {})}
@@ -97,7 +98,7 @@ def _check_resumable(run_dir: Path, config: FinetuneConfig, name: str = CONFIG_F
                     if name not in _RESUME_FREE and saved.get(name) != current[name])
     if differ:
         shown = ", ".join(f"{name}: {saved.get(name)!r} -> {current[name]!r}" for name in differ)
-        raise AbftLensError(f"Cannot resume {run_dir}: it was started with other settings ({shown}).")
+        raise AbftLensError(f"Cannot resume {run_dir}: its {file_name} was made with other settings ({shown}).")
     return record
 
 
@@ -222,7 +223,10 @@ def _search_lr(model, prompts: PromptSet, validation: PromptSet, config: Finetun
     if config.resume and (run_dir / LR_SEARCH_FILE).is_file():
         earlier = _check_resumable(run_dir, config, LR_SEARCH_FILE)["lr_search"]
         log.info("lr search: resuming, %d trial(s) done before", len(earlier["trials"]))
-    distributed.barrier()  # every rank has read the saved trials before rank 0 adds to them
+    distributed.barrier()  # every rank has read the saved trials before rank 0 adds to them or removes them
+    if not config.resume and distributed.is_main_process():
+        # A fresh run starts a fresh search: an older run's trials must not be resumed into this one's.
+        (run_dir / LR_SEARCH_FILE).unlink(missing_ok=True)
     search = select_lr(model, prompts, validation, config, plan, progress, earlier=earlier,
                        on_trial=lambda so_far: _save_lr_search_progress(run_dir, config, so_far))
     log.info("lr search: %s -> lr %g", ", ".join(f"{t['lr']:g}: validation accuracy "

@@ -52,18 +52,20 @@ def select_lr(model, prompts: PromptSet, validation: PromptSet, config: Finetune
     weights. Validation prompts must come from the training pool, never from the test pool.
 
     ``on_trial`` is given the search so far (LrSearch's fields less ``chosen``) after each trial;
-    ``earlier`` is such a record from a killed search of the same config, whose trials are not run again."""
+    ``earlier`` is such a record from a killed search of the same config (the caller checks that, grid
+    included), whose trials are not run again. ``seconds`` then adds up the processes' finished trials: the
+    trial a killed process did not finish is not counted."""
     if len(validation) == 0:
         raise DataError("The lr search needs validation prompts (n_val > 0).")
     started = time.perf_counter()
     earlier = earlier or {}
-    trials = [dict(trial) for trial in earlier.get("trials", []) if trial["lr"] in config.lr_grid]
-    earlier_seconds = float(earlier.get("seconds", 0.0)) if trials else 0.0
+    trials = [dict(trial) for trial in earlier.get("trials", [])]
+    earlier_seconds = float(earlier.get("seconds", 0.0))
     plan = plan or plan_heads(config.heads, model.cfg.n_layers, model.cfg.n_heads, config.head_top)
     params = parameters_to_train(model, config)
     initial = snapshot(params)
     short = dataclasses.replace(config, steps=config.lr_search_steps)
-    baseline = earlier.get("baseline_accuracy") if trials else None
+    baseline = earlier.get("baseline_accuracy")
     if baseline is None:
         baseline = validation_accuracy(model, validation, config.micro_batch_size, config.precision)
     done = {trial["lr"] for trial in trials}
@@ -88,7 +90,7 @@ def select_lr(model, prompts: PromptSet, validation: PromptSet, config: Finetune
             apply_tensors(model, initial)
             if on_trial is not None:
                 on_trial({"steps": short.steps, "n_validation": len(validation), "baseline_accuracy": baseline,
-                          "trials": trials, "seconds": earlier_seconds + time.perf_counter() - started})
+                          "trials": list(trials), "seconds": earlier_seconds + time.perf_counter() - started})
     trials.sort(key=lambda trial: config.lr_grid.index(trial["lr"]))
     best = max(trials, key=lambda trial: (trial["validation_accuracy"], -trial["lr"]))
     return LrSearch(short.steps, len(validation), baseline, trials, best["lr"],
