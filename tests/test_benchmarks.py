@@ -130,6 +130,17 @@ def test_summary_counts_wins_differences_and_harm(bench):
     assert summary["paired_out_of_domain_harm"] == {"abft": pytest.approx(0.3), "e2e": pytest.approx(-0.1), "runs": 1}
 
 
+def test_summary_means_weigh_each_data_set_once_however_many_seeds_it_has(bench):
+    # the grid finishes seeds data set by data set: sst2 has two, mr one
+    rows = [("sst2", 42, 0.8), ("sst2", 43, 0.9), ("mr", 42, 0.5)]
+    frame = pd.DataFrame([dict(dataset=d, method="abft", seed=s, accuracy=a, macro_f1=a / 2, train_seconds=1.0,
+                               device="cpu", n_inputs=1024) for d, s, a in rows])
+    summary = bench.summarise(frame)
+    assert summary["mean_accuracy"]["abft"] == pytest.approx((0.85 + 0.5) / 2)  # not (0.8 + 0.9 + 0.5) / 3
+    assert summary["mean_macro_f1"]["abft"] == pytest.approx((0.425 + 0.25) / 2)
+    assert summary["datasets_per_method"] == {"abft": 2}
+
+
 def test_figures_list_data_sets_and_methods_in_the_papers_order():
     table = pd.DataFrame(dict(dataset=["trec", "sst2", "custom", "sst2"], method=["abft", "e2e", "abft", "vanilla"]))
     ordered = in_paper_order(table)
