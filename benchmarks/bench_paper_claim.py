@@ -466,12 +466,13 @@ def summarise(frame: pd.DataFrame, ood: pd.DataFrame | None = None) -> dict[str,
     for other in ("vanilla", "e2e"):  # the headline's two differences under their older names
         if f"abft_minus_{other}_accuracy" in summary:
             summary[f"abft_minus_{other}"] = summary[f"abft_minus_{other}_accuracy"]
-    if _both(frame.pivot_table(index=["dataset", "seed"], columns="method", values="accuracy"), "abft", "e2e") is not None:
+    if {"abft", "e2e"} <= set(frame["method"]) and "train_seconds" in frame:
         # Pieces both methods finished on the same kind of device: timings compare only there.
-        seconds = frame.assign(device=frame["device"].fillna("unknown")).pivot_table(
-            index=["dataset", "seed", "device"], columns="method", values="train_seconds")
-        paired = _both(seconds, "abft", "e2e").sum()
-        summary["abft_over_e2e_train_time"] = float(paired["abft"] / paired["e2e"])
+        device = frame["device"].fillna("unknown") if "device" in frame else "unknown"
+        seconds = frame.assign(device=device).pivot_table(index=["dataset", "seed", "device"], columns="method",
+                                                          values="train_seconds")
+        if (paired := _both(seconds, "abft", "e2e")) is not None and len(paired):
+            summary["abft_over_e2e_train_time"] = float(paired["abft"].sum() / paired["e2e"].sum())
     if "consistency" in frame:
         summary["mean_consistency"] = frame.groupby("method")["consistency"].mean().dropna().to_dict()
     if ood is not None and len(ood):

@@ -225,8 +225,8 @@ def test_a_killed_lr_search_goes_on_from_its_finished_trials_to_the_same_run(mod
     config = config_for(tiny_gpt2_dir, short_sst2, tmp_path / "killed", **SEARCH)
     save_progress = training_job._save_lr_search_progress
 
-    def save_then_die(run_dir, config, so_far):
-        save_progress(run_dir, config, so_far)
+    def save_then_die(run_dir, config, so_far, precision_reasons):
+        save_progress(run_dir, config, so_far, precision_reasons)
         if len(so_far["trials"]) == 2:
             raise RuntimeError("killed after the second lr trial")
 
@@ -235,8 +235,13 @@ def test_a_killed_lr_search_goes_on_from_its_finished_trials_to_the_same_run(mod
         run_finetune(config, model=model, progress=False)
     monkeypatch.undo()
     run_dir = config.run_dir()
-    saved = json.loads((run_dir / LR_SEARCH_FILE).read_text())["lr_search"]
+    saved_file = json.loads((run_dir / LR_SEARCH_FILE).read_text())
+    saved = saved_file["lr_search"]
     assert saved["trials"] == whole.lr_search.trials[:2] and not (run_dir / CONFIG_FILE).exists()
+    assert saved_file["precision_reasons"] == [json.loads((whole.run_dir / CONFIG_FILE).read_text())["precision_reason"]]
+    # As if the killed process ran on another machine: its trials' times were measured under another reason.
+    started = "auto: another CPU, so bf16 would not be faster"
+    (run_dir / LR_SEARCH_FILE).write_text(json.dumps({**saved_file, "precision_reasons": [started]}))
     apply_tensors(model, pristine)  # a fresh process would load the base model
     with pytest.raises(AbftLensError, match=r"lr_search.json was made with other settings \(lr_grid"):
         run_finetune(dataclasses.replace(config, resume=True, lr_grid=(1e-3, 3e-3)), model=model, progress=False)
@@ -275,7 +280,11 @@ def test_a_killed_lr_search_goes_on_from_its_finished_trials_to_the_same_run(mod
     assert resumed.lr_search.trials == whole.lr_search.trials and resumed.lr == whole.lr
     assert resumed.lr_search.baseline_accuracy == whole.lr_search.baseline_accuracy
     assert resumed.lr_search.seconds > saved["seconds"] > 0  # the killed process's trials count
-    assert json.loads((run_dir / CONFIG_FILE).read_text())["lr_search"]["trials"] == whole.lr_search.trials
+    record = json.loads((run_dir / CONFIG_FILE).read_text())
+    assert record["lr_search"]["trials"] == whole.lr_search.trials
+    assert record["precision_reasons"] == [started, record["precision_reason"]]
+    assert "lr search was started under precision" in (run_dir / "run.log").read_text()
+    assert "precision_reasons" not in json.loads((whole.run_dir / CONFIG_FILE).read_text())
     assert not (run_dir / LR_SEARCH_FILE).exists()
     final, reference = (read_trained_tensors(run.run_dir / TRAINED_FILE) for run in (resumed, whole))
     assert all(torch.equal(final[name], reference[name]) for name in reference)

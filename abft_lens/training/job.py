@@ -170,8 +170,11 @@ def finetune(model, prompts: PromptSet, config: FinetuneConfig, validation: Prom
             raise DataError("config.lr is None, so the lr is searched, and that needs validation prompts: "
                             "pass validation=... (see training_prompts) or set lr.")
         else:
-            lr_search = _search_lr(model, prompts, validation, config, plan, progress)
+            lr_search, search_reasons = _search_lr(model, prompts, validation, config, plan, progress,
+                                                   precision_choice.reason)
             lr = lr_search.chosen
+            if len(search_reasons) > 1:  # a killed search's trials were timed under another reason
+                recorded["precision_reasons"] = search_reasons  # (the steps run under the last one)
 
         torch.manual_seed(config.seed)
         runner = FinetuneRunner(model, prompts, config, lr, plan, params)
@@ -215,28 +218,36 @@ def finetune(model, prompts: PromptSet, config: FinetuneConfig, validation: Prom
 
 
 def _search_lr(model, prompts: PromptSet, validation: PromptSet, config: FinetuneConfig, plan: HeadPlan,
-               progress: bool) -> LrSearch:
+               progress: bool, precision_reason: str) -> tuple[LrSearch, list[str]]:
     """``select_lr``, with each finished trial saved to the run folder's lr_search.json, and a resumed
-    run's search going on from the trials saved there by a killed process."""
+    run's search going on from the trials saved there by a killed process. Also returns the precision
+    reasons its trials ran under, oldest first, ``precision_reason`` (this process's) last: more than
+    one when a killed search resumes on other hardware (saved in lr_search.json too)."""
     run_dir = config.run_dir()
-    earlier = None
+    earlier, reasons = None, [precision_reason]
     if config.resume and (run_dir / LR_SEARCH_FILE).is_file():
-        earlier = _check_resumable(run_dir, config, LR_SEARCH_FILE)["lr_search"]
+        saved = _check_resumable(run_dir, config, LR_SEARCH_FILE)
+        earlier, before = saved["lr_search"], saved.get("precision_reasons", [])
+        reasons = before if before[-1:] == [precision_reason] else [*before, precision_reason]
         log.info("lr search: resuming, %d trial(s) done before", len(earlier["trials"]))
+        if len(reasons) > len(before) > 0:
+            log.warning("%s's lr search was started under precision %r and resumes under %r: its trial times "
+                        "mix both (config.json precision_reasons)", run_dir, before[-1], precision_reason)
     distributed.barrier()  # every rank has read the saved trials before rank 0 adds to them or removes them
     if not config.resume and distributed.is_main_process():
         # A fresh run starts a fresh search: an older run's trials must not be resumed into this one's.
         (run_dir / LR_SEARCH_FILE).unlink(missing_ok=True)
     search = select_lr(model, prompts, validation, config, plan, progress, earlier=earlier,
-                       on_trial=lambda so_far: _save_lr_search_progress(run_dir, config, so_far))
+                       on_trial=lambda so_far: _save_lr_search_progress(run_dir, config, so_far, reasons))
     log.info("lr search: %s -> lr %g", ", ".join(f"{t['lr']:g}: validation accuracy "
              f"{t['validation_accuracy']:.3f}" for t in search.trials), search.chosen)
-    return search
+    return search, reasons
 
 
-def _save_lr_search_progress(run_dir: Path, config: FinetuneConfig, so_far: dict[str, object]) -> None:
+def _save_lr_search_progress(run_dir: Path, config: FinetuneConfig, so_far: dict[str, object],
+                             precision_reasons: list[str]) -> None:
     if distributed.is_main_process():
-        save_config(run_dir, config, name=LR_SEARCH_FILE, lr_search=so_far)
+        save_config(run_dir, config, name=LR_SEARCH_FILE, lr_search=so_far, precision_reasons=precision_reasons)
 
 
 def _train(runner: FinetuneRunner, run_dir: Path, progress: bool) -> None:
