@@ -210,11 +210,11 @@ ICL_TEST_KEYS = ("flipped_k", "flipped_accuracy", "flipped_macro_f1", "flipped_m
                  "symbols_macro_f1")
 
 
-def reused_lr(paths: list[Path], dataset: str, method: str) -> tuple[float, str] | None:
-    """The lr that a finished piece of ``dataset`` and ``method`` chose in one of the results files
-    ``paths`` (the first file that has one; there, the lowest seed's), with a note of where it came
-    from; None when none has. Rows whose label words differ from the data set's current ones (SUBJ's
-    false/true before the paper's words) do not count: their search scored other prompts."""
+def reused_lr(paths: list[Path], dataset: str, method: str, model: str) -> tuple[float, str] | None:
+    """The lr that a finished piece of ``model``, ``dataset`` and ``method`` chose in one of the results
+    files ``paths`` (the first file that has one; there, the lowest seed's), with a note of where it came
+    from; None when none has. Rows of another model (its lr suits that model) or whose label words
+    differ from the data set's current ones (SUBJ's false/true before the paper's words) do not count."""
     from abft_lens.data import load_dataset
 
     words = ",".join(load_dataset(dataset).label_words)
@@ -223,7 +223,7 @@ def reused_lr(paths: list[Path], dataset: str, method: str) -> tuple[float, str]
             continue
         frame = with_prediction_columns(read_results(path))
         rows = frame[(frame["dataset"] == dataset) & (frame["method"] == method) & frame["lr"].notna()
-                     & (frame["label_words"] == words)].sort_values("seed")
+                     & (frame["label_words"] == words) & (frame["model"] == model)].sort_values("seed")
         if len(rows):
             row = rows.iloc[0]
             return float(row["lr"]), f"reused: chosen by the search of seed {int(row['seed'])} in {path}"
@@ -299,7 +299,7 @@ def piece_lr(args: argparse.Namespace, dataset: str, method: str) -> tuple[float
     lr_arg = {"abft": args.abft_lr, "e2e": args.e2e_lr}.get(method, args.lora_lr)
     if lr_arg != "search":
         return float(lr_arg), "given"
-    return reused_lr(args.lr_from, dataset, method) or (None, "search")
+    return reused_lr(args.lr_from, dataset, method, args.model) or (None, "search")
 
 
 def finetune_and_evaluate(args: argparse.Namespace, dataset: str, method: str, seed: int, run_dir: Path, model,

@@ -243,26 +243,32 @@ def test_a_collapsed_run_is_never_counted_as_a_win(bench):
     assert summary["collapsed_runs"] == {"abft": 1, "vanilla": 0}
 
 
-def test_a_searched_lr_is_reused_only_for_the_same_data_set_method_and_label_words(bench, tmp_path, monkeypatch):
+def test_a_searched_lr_is_reused_only_for_the_same_model_data_set_method_and_label_words(bench, tmp_path,
+                                                                                         monkeypatch):
     monkeypatch.chdir(tmp_path)  # run_dir paths in the rows are relative, as the benchmark writes them
     older, newer = tmp_path / "older.csv", tmp_path / "newer.csv"
+
+    def row(dataset, method, seed, words, **values):
+        return dict(dataset=dataset, method=method, seed=seed, label_words=words, run_dir="x",
+                    model="smollm2-135m", predicted_distribution="{}", **values)
+
     bench.append_results(older, [
-        dict(dataset="subj", method="abft", seed=42, lr=1e-3, predicted_distribution='{"false": 0.5, "true": 0.5}',
-             label_words="false,true", run_dir="x"),  # StaICC's words, not the paper's: not reused
-        dict(dataset="sst2", method="abft", seed=43, lr=1e-4, label_words="negative,positive", run_dir="x",
-             predicted_distribution="{}"),
-        dict(dataset="sst2", method="abft", seed=42, lr=3e-4, label_words="negative,positive", run_dir="x",
-             predicted_distribution="{}"),
-        dict(dataset="sst2", method="vanilla", seed=42, label_words="negative,positive", run_dir="x",
-             predicted_distribution="{}")])
-    bench.append_results(newer, [dict(dataset="subj", method="abft", seed=42, lr=1e-4, run_dir="x",
-                                      label_words="objective,subjective", predicted_distribution="{}")])
-    assert bench.reused_lr([older, newer], "sst2", "abft")[0] == 3e-4  # the lowest seed's search
-    assert "seed 42" in bench.reused_lr([older, newer], "sst2", "abft")[1]
-    assert bench.reused_lr([older, newer], "subj", "abft")[0] == 1e-4
-    assert bench.reused_lr([older], "subj", "abft") is None
-    assert bench.reused_lr([older, newer], "sst2", "e2e") is None
-    assert bench.reused_lr([tmp_path / "missing.csv"], "sst2", "abft") is None
+        row("subj", "abft", 42, "false,true", lr=1e-3),  # StaICC's words, not the paper's: not reused
+        row("sst2", "abft", 43, "negative,positive", lr=1e-4),
+        row("sst2", "abft", 42, "negative,positive", lr=3e-4),
+        row("sst2", "vanilla", 42, "negative,positive")])
+    bench.append_results(newer, [row("subj", "abft", 42, "objective,subjective", lr=1e-4)])
+
+    def reused(paths, dataset, method, model="smollm2-135m"):
+        return bench.reused_lr(paths, dataset, method, model)
+
+    assert reused([older, newer], "sst2", "abft")[0] == 3e-4  # the lowest seed's search
+    assert "seed 42" in reused([older, newer], "sst2", "abft")[1]
+    assert reused([older, newer], "subj", "abft")[0] == 1e-4
+    assert reused([older], "subj", "abft") is None
+    assert reused([older, newer], "sst2", "e2e") is None
+    assert reused([tmp_path / "missing.csv"], "sst2", "abft") is None
+    assert reused([older, newer], "sst2", "abft", "gemma3-270m") is None  # another model's search
 
 
 def test_icl_test_table_averages_the_tested_seeds_and_leaves_calibration_out(bench):
