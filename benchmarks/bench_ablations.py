@@ -23,8 +23,8 @@ default):
   at the end: which rule (the 8-step search, the mean over the checkpoints, the last step) picks the lr
   with the best test accuracy (``lr_choice.csv``). The test pool is never used to choose.
 
-Every ABFT/E2E piece takes the lr that the paper-claim benchmark's search chose for the same data set and
-method (``--lr-from``, default its committed results.csv), so that no ablation re-runs the search; where
+Every ABFT/E2E piece takes the lr that the paper-claim benchmark's search chose for the same model, data set
+and method (``--lr-from``, default its committed results.csv), so that no ablation re-runs the search; where
 none is found the piece searches on its validation split. Pieces are appended to ``<out>/results.csv`` as
 they finish (under a file lock), a re-run skips finished pieces (and refuses to resume pieces finished in
 another precision), each runs in a fresh subprocess (or, with ``--in-process``, with one loaded model). The
@@ -229,7 +229,7 @@ def check_lrs_known(args: argparse.Namespace, pieces: list[tuple[str, str, int]]
         if setting.method != "vanilla" and overrides.get("n_val") == 0 and "lr" not in overrides \
                 and paper_claim.piece_lr(args, dataset, setting.method)[0] is None:
             raise DataError(f"{dataset} {name}: the training-size pieces train on the whole pool (no validation "
-                            "split to search an lr on): name results with a chosen lr in --lr-from (a path from "
+                            "split to search an lr on): name results with an lr chosen for this model in --lr-from (a path from "
                             f"the working directory), or give --{setting.method}-lr.")
 
 

@@ -111,7 +111,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="steps of each trial run of the search [default: FinetuneConfig's]")
     parser.add_argument("--lr-from", nargs="+", type=Path, default=[],
                         help="results.csv files of earlier runs: an ABFT/E2E piece whose lr is 'search' takes the lr "
-                             "that a finished piece of the same data set, method and label words chose there (the "
+                             "that a finished piece of the same model, data set, method and label words chose there (the "
                              "first file that has one), and searches only where none has; name this run's own "
                              "results.csv too so that later seeds reuse the first seed's search")
     parser.add_argument("--n-test", type=int, default=512)
@@ -391,6 +391,13 @@ def _both(wide: pd.DataFrame, first: str, second: str) -> pd.DataFrame | None:
     return wide[[first, second]].dropna() if {first, second} <= set(wide.columns) else None
 
 
+def _same_seeds(frame: pd.DataFrame, first: str, second: str) -> pd.DataFrame:
+    """The rows of methods ``first`` and ``second`` on the (data set, seed) pairs that both have."""
+    rows = frame[frame["method"].isin([first, second])]
+    both = rows.groupby(["dataset", "seed"])["method"].transform("nunique") == 2
+    return rows[both]
+
+
 def icl_test_table(frame: pd.DataFrame) -> pd.DataFrame:
     """The ICL tests (issue 15) per (dataset, method) beside the ordinary accuracy of the same runs: mean
     over the seeds that ran them (``--icl-tests-seeds``), and how many did. Empty without such rows."""
@@ -433,9 +440,9 @@ def seed_table_markdown(table: pd.DataFrame, metric: str = "accuracy") -> str:
 
 
 def summarise(frame: pd.DataFrame, ood: pd.DataFrame | None = None) -> dict[str, object]:
-    """Mean accuracy and macro-F1 per method, ABFT's wins over vanilla and E2E on both metrics (a win
-    counts only beyond the seed spread or the standard error, and never for a collapsed run), ABFT minus
-    E2E, the training-time ratio, mean consistency per method, collapsed runs and, given the
+    """Mean accuracy and macro-F1 per method (over data sets), ABFT's wins over vanilla and E2E on both
+    metrics and ABFT minus each, on the (data set, seed) pairs both methods finished (a win counts only
+    beyond the seed spread or the standard error, and never for a collapsed run), the training-time ratio, mean consistency per method, collapsed runs and, given the
     out-of-domain table, the mean out-of-domain harm per method (over every run, and over the training
     sets where both ABFT and E2E have one)."""
     table = seed_table(frame)
@@ -443,7 +450,8 @@ def summarise(frame: pd.DataFrame, ood: pd.DataFrame | None = None) -> dict[str,
     # with more finished seeds than another does not weigh more.
     summary: dict[str, object] = {
         **{f"mean_{metric}": table.groupby("method")[f"{metric}_mean"].mean().to_dict() for metric in METRICS},
-        "datasets_per_method": table.groupby("method")["dataset"].nunique().to_dict(),
+        "datasets_per_method": table.dropna(subset=["accuracy_mean"]).groupby("method")["dataset"].nunique()
+        .to_dict(),
         "pieces": len(frame), "seeds": sorted(int(seed) for seed in frame["seed"].unique()),
         "collapsed_runs": {method: int(count) for method, count in
                            frame.assign(c=frame.get("collapsed_onto", pd.Series(index=frame.index, dtype=object))
@@ -452,8 +460,10 @@ def summarise(frame: pd.DataFrame, ood: pd.DataFrame | None = None) -> dict[str,
     collapsed = set(zip(table.loc[table["collapsed_seeds"] > 0, "dataset"],
                         table.loc[table["collapsed_seeds"] > 0, "method"]))
     for other in ("vanilla", "calibration", "e2e", "e2e-lora"):
+        # Like with like: only the (data set, seed) pairs both methods finished, while the grid fills in seeds.
+        paired = seed_table(_same_seeds(frame, "abft", other))
         for metric in METRICS:
-            versus = compare(table, "abft", other, metric)
+            versus = compare(paired, "abft", other, metric)
             if versus.empty:
                 continue
             # A collapsed ABFT run that is "ahead" says so where it is read, not only in the count.
@@ -474,7 +484,8 @@ def summarise(frame: pd.DataFrame, ood: pd.DataFrame | None = None) -> dict[str,
         if (paired := _both(seconds, "abft", "e2e")) is not None and len(paired):
             summary["abft_over_e2e_train_time"] = float(paired["abft"].sum() / paired["e2e"].sum())
     if "consistency" in frame:
-        summary["mean_consistency"] = frame.groupby("method")["consistency"].mean().dropna().to_dict()
+        per_dataset = frame.groupby(["method", "dataset"])["consistency"].mean()
+        summary["mean_consistency"] = per_dataset.groupby("method").mean().dropna().to_dict()
     if ood is not None and len(ood):
         from abft_lens.evaluation import out_of_domain_harm
 

@@ -141,6 +141,19 @@ def test_summary_means_weigh_each_data_set_once_however_many_seeds_it_has(bench)
     assert summary["datasets_per_method"] == {"abft": 2}
 
 
+def test_summary_compares_two_methods_on_the_seeds_both_finished(bench):
+    # sst2: ABFT has seeds 42 and 43, E2E only 42; mr: no seed in common
+    rows = [("sst2", "abft", 42, 0.8), ("sst2", "abft", 43, 0.9), ("sst2", "e2e", 42, 0.9),
+            ("mr", "abft", 42, 0.7), ("mr", "e2e", 44, 0.6)]
+    frame = pd.DataFrame([dict(dataset=d, method=m, seed=s, accuracy=a, macro_f1=a, train_seconds=1.0,
+                               device="cpu", n_inputs=1024) for d, m, s, a in rows])
+    summary = bench.summarise(frame)
+    assert summary["abft_minus_e2e_accuracy"] == pytest.approx(0.8 - 0.9)  # seed 42's pair, not 0.85 - 0.9
+    assert summary["abft_minus_e2e"] == summary["abft_minus_e2e_accuracy"]
+    assert summary["abft_wins_over_e2e_accuracy"] == "0 of 1"  # mr has no pair
+    assert "abft_minus_vanilla_accuracy" not in summary
+
+
 def test_figures_list_data_sets_and_methods_in_the_papers_order():
     table = pd.DataFrame(dict(dataset=["trec", "sst2", "custom", "sst2"], method=["abft", "e2e", "abft", "vanilla"]))
     ordered = in_paper_order(table)

@@ -227,10 +227,11 @@ def _search_lr(model, prompts: PromptSet, validation: PromptSet, config: Finetun
     earlier, reasons = None, [precision_reason]
     if config.resume and (run_dir / LR_SEARCH_FILE).is_file():
         saved = _check_resumable(run_dir, config, LR_SEARCH_FILE)
+        # (a file from before precision_reasons were saved: its trials count as this process's reason)
         earlier, before = saved["lr_search"], saved.get("precision_reasons", [])
         reasons = before if before[-1:] == [precision_reason] else [*before, precision_reason]
         log.info("lr search: resuming, %d trial(s) done before", len(earlier["trials"]))
-        if len(reasons) > len(before) > 0:
+        if len(reasons) > len(before) > 0 and distributed.is_main_process():
             log.warning("%s's lr search was started under precision %r and resumes under %r: its trial times "
                         "mix both (config.json precision_reasons)", run_dir, before[-1], precision_reason)
     distributed.barrier()  # every rank has read the saved trials before rank 0 adds to them or removes them
