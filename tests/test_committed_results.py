@@ -59,13 +59,25 @@ def test_grid_rows_match_their_run_records_and_collapse_rule(grid):
     assert checked >= 10  # the run folders are committed from SST-2 on
 
 
-def _results_md_grid_rows() -> list[dict[str, str]]:
-    """The rows of RESULTS.md's bf16 grid table (the first table of its section), as {column: cell}."""
+def _grid_section_tables() -> list[list[str]]:
+    """The Markdown tables of RESULTS.md's bf16 grid section (until its next heading), each as its lines."""
     text = RESULTS_MD.read_text()
-    section = text[text.index("### The three-seed grid in bf16"):].splitlines()
-    first = next(i for i, line in enumerate(section) if line.startswith("| "))
-    lines = section[first:]
-    table = lines[:next((i for i, line in enumerate(lines) if not line.startswith("|")), len(lines))]
+    section = text[text.index("### The three-seed grid in bf16"):].splitlines()[1:]
+    headings = (i for i, line in enumerate(section) if line.startswith(("## ", "### ")))  # not a "# comment"
+    section = section[:next(headings, len(section))]
+    tables, current = [], []
+    for line in [*section, ""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables, current = [*tables, current], []
+    return tables
+
+
+def _results_md_grid_rows() -> list[dict[str, str]]:
+    """The rows of RESULTS.md's per-seed bf16 grid table (its header starts with "data set"), as
+    {column: cell}."""
+    table = next(table for table in _grid_section_tables() if table[0].startswith("| data set |"))
     header = [cell.strip() for cell in table[0].strip("|").split("|")]
     assert header[:5] == ["data set", "method", "seed", "accuracy", "macro-F1"], header
     assert set(table[1]) <= set("|-: "), "the line under the header is the separator"
@@ -108,6 +120,22 @@ def test_results_md_quotes_the_committed_grid(grid):
                 assert cell_of(row, column) == "-", (key, column)  # not measured for this row
                 continue
             assert numbers == pytest.approx(expected[column], abs=0.0006), (key, column)
+
+
+def test_results_md_seed_tables_are_the_committed_grid_s_three_seed_data_sets(grid):
+    """RESULTS.md's mean ± std tables are what the benchmark's seed_table_markdown draws from results.csv,
+    over the data sets where vanilla, calibration, ABFT and E2E have three seeds."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "benchmarks" / "bench_paper_claim.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = grid[grid["method"].isin(["vanilla", "calibration", "abft", "e2e"])]
+    seeds = rows.groupby("dataset")["seed"].nunique()
+    rows = rows[rows["dataset"].isin(seeds[seeds == 3].index)]
+    quoted = {table[0].split("|")[1].strip(): "\n".join(table) + "\n" for table in _grid_section_tables()}
+    for metric in ("accuracy", "macro_f1"):
+        assert quoted[metric] == bench.seed_table_markdown(bench.seed_table(rows), metric), metric
 
 
 def test_readme_headline_table_is_the_mean_of_the_committed_fp32_table():
