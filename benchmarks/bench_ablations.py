@@ -229,8 +229,8 @@ def check_lrs_known(args: argparse.Namespace, pieces: list[tuple[str, str, int]]
         if setting.method != "vanilla" and overrides.get("n_val") == 0 and "lr" not in overrides \
                 and paper_claim.piece_lr(args, dataset, setting.method)[0] is None:
             raise DataError(f"{dataset} {name}: the training-size pieces train on the whole pool (no validation "
-                            "split to search an lr on): name results with an lr chosen for this model in --lr-from (a path from "
-                            f"the working directory), or give --{setting.method}-lr.")
+                            "split to search an lr on): name results with an lr chosen for this model in "
+                            f"--lr-from (a path from the working directory), or give --{setting.method}-lr.")
 
 
 def finished_pieces(results: Path) -> set[tuple[str, str, int]]:

@@ -111,8 +111,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="steps of each trial run of the search [default: FinetuneConfig's]")
     parser.add_argument("--lr-from", nargs="+", type=Path, default=[],
                         help="results.csv files of earlier runs: an ABFT/E2E piece whose lr is 'search' takes the lr "
-                             "that a finished piece of the same model, data set, method and label words chose there (the "
-                             "first file that has one), and searches only where none has; name this run's own "
+                             "that a finished piece of the same model, data set, method and label words chose "
+                             "there (the first file that has one), and searches only where none has; name this run's own "
                              "results.csv too so that later seeds reuse the first seed's search")
     parser.add_argument("--n-test", type=int, default=512)
     parser.add_argument("--demo-sets", type=int, default=2)
@@ -442,8 +442,8 @@ def seed_table_markdown(table: pd.DataFrame, metric: str = "accuracy") -> str:
 def summarise(frame: pd.DataFrame, ood: pd.DataFrame | None = None) -> dict[str, object]:
     """Mean accuracy and macro-F1 per method (over data sets), ABFT's wins over vanilla and E2E on both
     metrics and ABFT minus each, on the (data set, seed) pairs both methods finished (a win counts only
-    beyond the seed spread or the standard error, and never for a collapsed run), the training-time ratio, mean consistency per method, collapsed runs and, given the
-    out-of-domain table, the mean out-of-domain harm per method (over every run, and over the training
+    beyond the seed spread or the standard error, and never for a collapsed run), the training-time ratio,
+    mean consistency per method, collapsed runs and, given the out-of-domain table, the mean out-of-domain harm per method (over every run, and over the training
     sets where both ABFT and E2E have one)."""
     table = seed_table(frame)
     # Means over data sets of each data set's seed mean, as in seed_table_markdown's mean column: a data set
@@ -476,7 +476,7 @@ def summarise(frame: pd.DataFrame, ood: pd.DataFrame | None = None) -> dict[str,
     for other in ("vanilla", "e2e"):  # the headline's two differences under their older names
         if f"abft_minus_{other}_accuracy" in summary:
             summary[f"abft_minus_{other}"] = summary[f"abft_minus_{other}_accuracy"]
-    if {"abft", "e2e"} <= set(frame["method"]) and "train_seconds" in frame:
+    if "train_seconds" in frame:
         # Pieces both methods finished on the same kind of device: timings compare only there.
         device = frame["device"].fillna("unknown") if "device" in frame else "unknown"
         seconds = frame.assign(device=device).pivot_table(index=["dataset", "seed", "device"], columns="method",

@@ -15,6 +15,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def load_benchmark_script(name: str):
+    """benchmarks/<name>.py as a module (the benchmarks are scripts, not a package)."""
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_benchmark_script("bench_paper_claim")
+
+
+@pytest.fixture(scope="module")
+def ablations():
+    return load_benchmark_script("bench_ablations")
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The embedded default model (SmolLM2-135M-Instruct), real pretrained weights."""

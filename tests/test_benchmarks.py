@@ -6,7 +6,6 @@ GPT-2, in process)."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import subprocess
 import sys
@@ -25,24 +24,6 @@ from abft_lens.training import snapshot, trainable_parameters
 from browser import browser, probe
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def bench():
-    return load_script("bench_paper_claim")
-
-
-@pytest.fixture(scope="module")
-def ablations():
-    return load_script("bench_ablations")
 
 
 def test_append_rows_replaces_rows_with_the_same_key_and_keeps_the_rest(bench, tmp_path):

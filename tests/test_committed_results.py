@@ -122,14 +122,9 @@ def test_results_md_quotes_the_committed_grid(grid):
             assert numbers == pytest.approx(expected[column], abs=0.0006), (key, column)
 
 
-def test_results_md_seed_tables_are_the_committed_grid_s_three_seed_data_sets(grid):
+def test_results_md_seed_tables_are_the_committed_grid_s_three_seed_data_sets(grid, bench):
     """RESULTS.md's mean ± std tables are what the benchmark's seed_table_markdown draws from results.csv,
     over the data sets where vanilla, calibration, ABFT and E2E have three seeds."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "benchmarks" / "bench_paper_claim.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     rows = grid[grid["method"].isin(["vanilla", "calibration", "abft", "e2e"])]
     seeds = rows.groupby("dataset")["seed"].nunique()
     rows = rows[rows["dataset"].isin(seeds[seeds == 3].index)]

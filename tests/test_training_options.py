@@ -238,7 +238,8 @@ def test_a_killed_lr_search_goes_on_from_its_finished_trials_to_the_same_run(mod
     saved_file = json.loads((run_dir / LR_SEARCH_FILE).read_text())
     saved = saved_file["lr_search"]
     assert saved["trials"] == whole.lr_search.trials[:2] and not (run_dir / CONFIG_FILE).exists()
-    assert saved_file["precision_reasons"] == [json.loads((whole.run_dir / CONFIG_FILE).read_text())["precision_reason"]]
+    whole_record = json.loads((whole.run_dir / CONFIG_FILE).read_text())
+    assert saved_file["precision_reasons"] == [whole_record["precision_reason"]]
     # As if the killed process ran on another machine: its trials' times were measured under another reason.
     started = "auto: another CPU, so bf16 would not be faster"
     (run_dir / LR_SEARCH_FILE).write_text(json.dumps({**saved_file, "precision_reasons": [started]}))
@@ -284,7 +285,7 @@ def test_a_killed_lr_search_goes_on_from_its_finished_trials_to_the_same_run(mod
     assert record["lr_search"]["trials"] == whole.lr_search.trials
     assert record["precision_reasons"] == [started, record["precision_reason"]]
     assert "lr search was started under precision" in (run_dir / "run.log").read_text()
-    assert "precision_reasons" not in json.loads((whole.run_dir / CONFIG_FILE).read_text())
+    assert "precision_reasons" not in whole_record
     assert not (run_dir / LR_SEARCH_FILE).exists()
     final, reference = (read_trained_tensors(run.run_dir / TRAINED_FILE) for run in (resumed, whole))
     assert all(torch.equal(final[name], reference[name]) for name in reference)
