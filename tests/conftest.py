@@ -8,22 +8,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark_script
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("ABFT_LENS_CACHE_DIR", str(REPO / ".cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def load_benchmark_script(name: str):
-    """benchmarks/<name>.py as a module (the benchmarks are scripts, not a package)."""
-    import sys
-
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from abft_lens.figures import in_paper_order
 from abft_lens.lora import has_lora
 from abft_lens.training import snapshot, trainable_parameters
 
+from benchmark_scripts import load_benchmark_script
 from browser import browser, probe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -419,7 +420,7 @@ def test_tiny_ablation_benchmark_runs_every_experiment_in_process_and_resumes(ab
 def test_cost_benchmark_measures_every_method_and_leaves_the_model_as_it_was(tiny_gpt2, tiny_gpt2_dir, tmp_path):
     from abft_lens.lora import has_lora
 
-    cost = load_script("bench_cost")
+    cost = load_benchmark_script("bench_cost")
     precision = sys.modules["bench_precision"]
     train, _ = precision.speed_prompts(tiny_gpt2)
     before = {name: p.detach().clone() for name, p in tiny_gpt2.named_parameters()}
@@ -473,7 +474,7 @@ def test_peak_rss_sees_memory_allocated_and_freed_inside_the_block():
 
 
 def test_label_coverage_counts_training_prompts_without_the_query_s_label(smollm2, tmp_path):
-    coverage = load_script("label_coverage")
+    coverage = load_benchmark_script("label_coverage")
     table = coverage.coverage_rows(smollm2, ["trec", "sst2"], [42]).set_index("dataset")
     # Six labels and k = 4 leave many prompts without the query's label, two labels few; the
     # label-covering sampler leaves none, and every prompt of the paper's recipe is counted.
@@ -519,7 +520,7 @@ def _grid_folder(root, abft_accuracy=0.75):
 
 
 def test_paired_differences_pair_methods_input_by_input_from_a_grid_folder(tmp_path):
-    script = load_script("paired_differences")
+    script = load_benchmark_script("paired_differences")
     folder = _grid_folder(tmp_path / "grid")
     script.main([str(folder), "--n-boot", "50"])
     out = folder / "paired_differences.csv"
