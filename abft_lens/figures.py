@@ -8,7 +8,8 @@ present, PNG:
   folder, or ``find_heads_*.csv``);
 - ``accuracy_<name>``: accuracy per data set and method from a benchmark's ``results.csv``
   (``benchmarks/bench_paper_claim.py``), with the paper's own GPT2-XL numbers (Table 1, method.md
-  section 8) drawn beside ours and labelled as quoted;
+  section 8) drawn beside ours and labelled as quoted, and ``macro_f1_<name>``, the same for macro-F1
+  (which the paper does not quote); the mean over seeds with their std as error bars;
 - ``robustness_<name>``: prediction consistency, unseen-label and 0-shot accuracy from the same table,
   and ``ood_<name>``: out-of-domain harm from the benchmark's ``ood.csv`` beside it;
 - ``cost_<name>``: accuracy and macro-F1 of each fine-tuning method (full-rank and LoRA) beside its
@@ -84,8 +85,9 @@ def accuracy_with_paper(results: pd.DataFrame, title: str = "Accuracy per data s
         binomial = binomial_standard_error(ours["mean"], ours["n_inputs"])
         ours["std"] = ours["std"].where(ours["seeds"] > 1, binomial)
     if ours["std"].notna().any():
-        title += ("<br><sup>error bars: std over seeds, or for one seed the binomial standard error (a lower bound: "
-                  "queries repeat)</sup>")
+        one_seed = ("for one seed the binomial standard error (a lower bound: queries repeat)" if metric == "accuracy"
+                    else "none for one seed")
+        title += f"<br><sup>error bars: std over seeds; {one_seed}</sup>"
     datasets = [d for d in PAPER_DATASET_ORDER if d in set(ours["dataset"])]
     datasets += [d for d in dict.fromkeys(ours["dataset"]) if d not in datasets]
     figure = go.Figure()
@@ -331,6 +333,9 @@ def _make_figures(roots: Sequence[Path], out: Path, png: bool) -> FiguresReport:
                 results = with_prediction_columns(results, base=path.parent)
             _save(report, accuracy_with_paper(results, title=f"Accuracy per data set: {name} (k = 4)"),
                   out / f"accuracy_{name}", png)
+            if "macro_f1" in results and results["macro_f1"].notna().any():  # issue 13: beside accuracy
+                _save(report, accuracy_with_paper(results, title=f"Macro-F1 per data set: {name} (k = 4)",
+                                                  metric="macro_f1"), out / f"macro_f1_{name}", png)
             _robustness_figures(report, results, path.parent / "ood.csv", name, out, png)
             _icl_test_figure(report, results, name, out, png)
             _cost_figure(report, results, name, out, png)

@@ -88,6 +88,18 @@ def test_figures_are_drawn_from_saved_folders_as_html(tmp_path):
     assert np.allclose(training["wrong labels"]["y"], [0.2, 0.2, 0.2])
 
 
+def test_a_table_with_macro_f1_gets_a_macro_f1_figure_with_seed_error_bars(tmp_path):
+    # Issue 13: macro-F1 beside accuracy in the Table-1 figure, mean over seeds with their std.
+    (tmp_path / "runs" / "bench").mkdir(parents=True)
+    pd.DataFrame([dict(dataset="sst5", method="abft", seed=s, accuracy=0.4, macro_f1=f)
+                  for s, f in ((42, 0.1), (43, 0.3), (44, 0.2))]).to_csv(tmp_path / "runs" / "bench" / "results.csv",
+                                                                          index=False)
+    report = make_figures([tmp_path / "runs"], tmp_path / "figures", png=False)
+    assert sorted(path.name for path in report.written) == ["accuracy_bench.html", "macro_f1_bench.html"]
+    bars = plotted_traces(tmp_path / "figures" / "macro_f1_bench.html")["abft (ours)"]
+    assert bars["y"] == pytest.approx([0.2]) and bars["error_y"]["array"] == pytest.approx([0.1])
+
+
 def test_registered_figure_sources_run_and_their_failures_are_reported(tmp_path):
     def good(roots, out, png):
         (out / "extra.html").write_text("<html></html>")
