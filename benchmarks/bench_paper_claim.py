@@ -443,8 +443,8 @@ def summarise(frame: pd.DataFrame, ood: pd.DataFrame | None = None) -> dict[str,
     """Mean accuracy and macro-F1 per method (over data sets), ABFT's wins over vanilla and E2E on both
     metrics and ABFT minus each, on the (data set, seed) pairs both methods finished (a win counts only
     beyond the seed spread or the standard error, and never for a collapsed run), the training-time ratio,
-    mean consistency per method, collapsed runs and, given the out-of-domain table, the mean out-of-domain harm per method (over every run, and over the training
-    sets where both ABFT and E2E have one)."""
+    mean consistency per method, collapsed runs and, given the out-of-domain table, the mean out-of-domain
+    harm per method (over every run, and over the training sets where both ABFT and E2E have one)."""
     table = seed_table(frame)
     # Means over data sets of each data set's seed mean, as in seed_table_markdown's mean column: a data set
     # with more finished seeds than another does not weigh more.

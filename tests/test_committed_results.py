@@ -59,10 +59,11 @@ def test_grid_rows_match_their_run_records_and_collapse_rule(grid):
     assert checked >= 10  # the run folders are committed from SST-2 on
 
 
-def _grid_section_tables() -> list[list[str]]:
-    """The Markdown tables of RESULTS.md's bf16 grid section (until its next heading), each as its lines."""
-    text = RESULTS_MD.read_text()
-    section = text[text.index("### The three-seed grid in bf16"):].splitlines()[1:]
+def _section_tables(path: Path, heading: str) -> list[list[str]]:
+    """The Markdown tables of the section of ``path`` that starts at ``heading`` (until the next "## " or
+    "### " heading), each as its lines."""
+    text = path.read_text()
+    section = text[text.index(heading):].splitlines()[1:]
     headings = (i for i, line in enumerate(section) if line.startswith(("## ", "### ")))  # not a "# comment"
     section = section[:next(headings, len(section))]
     tables, current = [], []
@@ -72,6 +73,16 @@ def _grid_section_tables() -> list[list[str]]:
         elif current:
             tables, current = [*tables, current], []
     return tables
+
+
+def _by_first_cell(tables: list[list[str]]) -> dict[str, str]:
+    """Each table as Markdown text, keyed by its header's first cell."""
+    return {table[0].split("|")[1].strip(): "\n".join(table) + "\n" for table in tables}
+
+
+def _grid_section_tables() -> list[list[str]]:
+    """The Markdown tables of RESULTS.md's bf16 grid section."""
+    return _section_tables(RESULTS_MD, "### The three-seed grid in bf16")
 
 
 def _results_md_grid_rows() -> list[dict[str, str]]:
@@ -128,25 +139,15 @@ def test_results_md_seed_tables_are_the_committed_grid_s_three_seed_data_sets(gr
     rows = grid[grid["method"].isin(["vanilla", "calibration", "abft", "e2e"])]
     seeds = rows.groupby("dataset")["seed"].nunique()
     rows = rows[rows["dataset"].isin(seeds[seeds == 3].index)]
-    quoted = {table[0].split("|")[1].strip(): "\n".join(table) + "\n" for table in _grid_section_tables()}
+    quoted = _by_first_cell(_grid_section_tables())
     for metric in ("accuracy", "macro_f1"):
         assert quoted[metric] == bench.seed_table_markdown(bench.seed_table(rows), metric), metric
 
 
 def _readme_headline_tables() -> dict[str, str]:
-    """The Markdown tables of the README's "What ABFT does on the embedded model" section (until the next
-    heading), by their first header cell."""
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## What ABFT does on the embedded model"):].splitlines()[1:]
-    section = section[:next((i for i, line in enumerate(section) if line.startswith("## ")), len(section))]
-    tables, current = {}, []
-    for line in [*section, ""]:
-        if line.startswith("|"):
-            current.append(line)
-        elif current:
-            tables[current[0].split("|")[1].strip()] = "\n".join(current) + "\n"
-            current = []
-    return tables
+    """The Markdown tables of the README's "What ABFT does on the embedded model" section, by their first
+    header cell."""
+    return _by_first_cell(_section_tables(ROOT / "README.md", "## What ABFT does on the embedded model"))
 
 
 def test_readme_headline_tables_are_the_committed_bf16_grid(grid, bench):
