@@ -84,7 +84,8 @@ def process_group(backend: str | None = None, timeout_s: float | None = None) ->
     the caller then also tears down). With nccl each rank uses ``cuda:LOCAL_RANK``.
     ``timeout_s`` (default ``$ABFT_LENS_DIST_TIMEOUT`` or 1800) bounds how long a collective waits
     for a rank that never arrives; torchrun itself stops the other ranks as soon as one exits with
-    an error, so a failing rank ends the job without waiting for the timeout.
+    an error, so a failing rank ends the job without waiting for the timeout. On success every
+    rank waits at a barrier before leaving the group, so no rank exits while another still works.
     """
     if not launched_distributed() or (dist.is_available() and dist.is_initialized()):
         yield
@@ -96,6 +97,10 @@ def process_group(backend: str | None = None, timeout_s: float | None = None) ->
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=seconds))
     try:
         yield
+        # Leave together: a rank that tore gloo down while rank 0 was still writing the run folder
+        # aborted now and then at exit ("terminate called without an active exception", SIGABRT).
+        # Only on success: a rank that raised must not wait here for ranks that never come.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -172,6 +172,32 @@ def test_a_failing_rank_fails_the_whole_job_with_its_error(tiny_gpt2_dir, tmp_pa
     assert elapsed < 300, f"the job waited {elapsed:.0f} s: it hung on the dead rank"
 
 
+RANKS_LEAVING = """
+import json, os, sys, time
+from abft_lens.distributed import process_group
+
+with process_group():
+    if os.environ["RANK"] == "0":
+        time.sleep(2)  # rank 0 writing the run folder while rank 1 is done
+    finished = time.time()
+left = time.time()
+with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json"), "w") as f:
+    json.dump({"finished": finished, "left": left}, f)
+"""
+
+
+def test_no_rank_leaves_the_process_group_before_the_others_are_done(tmp_path):
+    """The teardown abort (gloo torn down by rank 1 while rank 0 still worked) is rare, so the test checks its
+    cause: rank 1, done at once, must leave the group only after rank 0's 2 s of work."""
+    script = tmp_path / "ranks_leaving.py"
+    script.write_text(textwrap.dedent(RANKS_LEAVING))
+    result = torchrun(str(script), str(tmp_path))
+    assert result.returncode == 0, result.stderr[-4000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank1["finished"] < rank0["finished"] - 1, "rank 1 should have been done first"
+    assert rank1["left"] >= rank0["finished"], "rank 1 left the group while rank 0 was still working"
+
+
 # --- data-parallel fine-tuning ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
