@@ -15,12 +15,11 @@ from plotly.subplots import make_subplots
 
 from abft_lens.ablations import REMEDIES, TABLE4, is_lr_setting, is_size_setting, is_weight_setting
 from abft_lens.paper_numbers import PAPER_DATASET_ORDER, PAPER_GPT2_XL, PAPER_N_TRAIN
-from abft_lens.plots import method_comparison
+from abft_lens.plots import PALETTE, method_comparison
 from abft_lens.runs import pid_input_counts
 
 STEPS_FILE = "steps.csv"
 VALIDATION_FILE = "validation.csv"
-PALETTE = ("#F58518", "#4C78A8", "#54A24B", "#E45756", "#72B7B2", "#B279A2", "#FF9DA6", "#9D755D")
 
 
 def read_ablation_tables(folder: Path) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:

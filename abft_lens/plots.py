@@ -61,6 +61,11 @@ def error_bars(spread) -> dict[str, object]:
     return {"type": "data", "array": values, "visible": any(value is not None for value in values)}
 
 
+# One colour per method or setting, in order of first appearance, for every figure: the Table 4 bars and the Fig. 5
+# lines of the same settings then match.
+PALETTE = ("#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2", "#FF9DA6", "#9D755D")
+
+
 def plotted_metrics(results: pd.DataFrame, metrics: tuple[str, ...]) -> list[str]:
     """The panels ``method_comparison`` draws, top to bottom: the ``metrics`` that ``results`` has values of."""
     return [m for m in metrics if m in results and results[m].notna().any()]
@@ -97,7 +102,6 @@ def method_comparison(
             stats[(metric, "std")] = spread.fillna(binomial_standard_error(stats[(metric, "mean")], inputs))
     groups = list(dict.fromkeys(results[group]))
     methods = list(dict.fromkeys(results[method]))
-    palette = ("#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2", "#FF9DA6", "#9D755D")
     figure = make_subplots(rows=len(shown), cols=1, shared_xaxes=True, vertical_spacing=0.06,
                            subplot_titles=[m.replace("_", " ") for m in shown])
     for row, metric in enumerate(shown, start=1):
@@ -107,7 +111,7 @@ def method_comparison(
             stds = [stats.loc[(g, name), (metric, "std")] for g in present]
             figure.add_trace(go.Bar(
                 x=[str(g) for g in present], y=means, name=str(name), legendgroup=str(name),
-                showlegend=row == 1, marker_color=(colours or {}).get(name, palette[index % len(palette)]),
+                showlegend=row == 1, marker_color=(colours or {}).get(name, PALETTE[index % len(PALETTE)]),
                 error_y=error_bars(stds),
                 hovertemplate=f"{name}<br>%{{x}}<br>{metric} %{{y:.3f}}<extra></extra>",
             ), row=row, col=1)

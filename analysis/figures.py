@@ -10,6 +10,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from abft_lens.plots import PALETTE
+
 COLOURS = {"full": "#4C78A8", "label": "#F58518", "correct": "#54A24B", "wrong": "#E45756", "rest": "#9D755D",
            "abft": "#F58518", "e2e": "#4C78A8"}
 
@@ -92,9 +94,8 @@ def dynamics_figure(metrics: pd.DataFrame, title: str = "Induction heads' label 
     """Correct (solid) and wrong (dashed) label mass of the flagged heads per step, one colour per
     method; ``metrics`` has columns method, step, correct_mass, wrong_mass."""
     figure = go.Figure()
-    palette = ("#F58518", "#4C78A8", "#54A24B", "#B279A2")
     for index, (method, group) in enumerate(metrics.groupby("method", sort=False)):
-        colour = COLOURS.get(method, palette[index % len(palette)])
+        colour = COLOURS.get(method, PALETTE[index % len(PALETTE)])
         for column, dash, what in (("correct_mass", "solid", "correct labels"), ("wrong_mass", "dash", "wrong labels")):
             figure.add_trace(go.Scatter(x=group["step"], y=group[column], mode="lines+markers", name=f"{method}: {what}",
                                         line={"color": colour, "dash": dash}))
