@@ -43,7 +43,7 @@ def save_figure(figure: go.Figure, path_without_suffix: Path, png: bool = False)
     if png:
         target = path_without_suffix.with_suffix(".png")
         try:
-            figure.write_image(target)
+            _write_png(figure, target)
         except Exception as error:  # kaleido raises its own types for a missing browser
             raise RuntimeError(
                 f"Could not write {target} (static export needs kaleido, the `figures` extra, and a "
@@ -52,6 +52,19 @@ def save_figure(figure: go.Figure, path_without_suffix: Path, png: bool = False)
             ) from error
         written.append(target)
     return written
+
+
+def _write_png(figure: go.Figure, target: Path, attempts: int = 2) -> None:
+    """``figure.write_image``, tried twice: on a machine busy with training, kaleido's browser page sometimes
+    has not loaded its own scripts when the export starts ("ReferenceError: kaleido_scopes is not defined"),
+    and the same export a moment later works. A missing kaleido or browser fails both tries."""
+    for attempt in range(attempts):
+        try:
+            figure.write_image(target)
+            return
+        except Exception:
+            if attempt == attempts - 1:
+                raise
 
 
 def error_bars(spread) -> dict[str, object]:

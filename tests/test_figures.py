@@ -6,6 +6,7 @@ import importlib.util
 import json
 import shutil
 import struct
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -128,6 +129,35 @@ def test_png_export_writes_real_images(tmp_path):
     assert len(pngs) == 4 and not report.skipped
     width, height = _png_size(next(p for p in pngs if p.name.startswith("heads_")))
     assert (width, height) == (520, 720)  # head_heatmap's layout size
+
+
+def test_png_export_retries_once_and_reports_a_failure_that_persists(tmp_path, monkeypatch):
+    """Kaleido's page once failed to load under load and worked when asked again: one retry, then a clear error."""
+    import plotly.graph_objects as go
+
+    from abft_lens.plots import save_figure
+
+    calls = []
+
+    def flaky(self, target, *args, **kwargs):
+        calls.append(target)
+        if len(calls) == 1:
+            raise ValueError("ReferenceError: kaleido_scopes is not defined")
+        Path(target).write_bytes(b"png")
+
+    monkeypatch.setattr(go.Figure, "write_image", flaky)
+    written = save_figure(go.Figure(), tmp_path / "once", png=True)
+    assert len(calls) == 2 and (tmp_path / "once.png") in written
+
+    def broken(self, target, *args, **kwargs):
+        calls.append(target)
+        raise ValueError("no browser")
+
+    monkeypatch.setattr(go.Figure, "write_image", broken)
+    calls.clear()
+    with pytest.raises(RuntimeError, match="static export needs kaleido.*no browser"):
+        save_figure(go.Figure(), tmp_path / "never", png=True)
+    assert len(calls) == 2 and (tmp_path / "never.html").exists()
 
 
 def test_robustness_and_out_of_domain_figures_come_from_the_benchmark_tables(tmp_path):
