@@ -183,7 +183,8 @@ def run_piece(args: argparse.Namespace, dataset: str, setting: Setting, seed: in
     run_dir = args.out / "runs" / f"{dataset}_{setting.name}_seed{seed}"
     common = dict(setting=setting.name, run_dir=str(run_dir))
     if setting.method == "vanilla":
-        config = paper_claim.eval_config(args, dataset, seed, calibrate=False, out=run_dir, extras=False)
+        config = paper_claim.eval_config(args, dataset, seed, calibrate=False, out=run_dir, model_or_run=args.model,
+                                         extras=False)
         evaluation = run_evaluation(config, model=model)
         return [paper_claim.result_row(args, dataset, "vanilla", seed, evaluation.metrics, **common, train_seconds=0.0,
                                        trainable_params=0, peak_memory_mb=peak_memory_mb(next(model.parameters()).device),

@@ -171,16 +171,19 @@ def piece_of(method: str) -> str:
     return "base" if method in ("vanilla", "calibration") else method
 
 
-def eval_config(args: argparse.Namespace, dataset: str, seed: int, calibrate: bool, out: Path, extras: bool = True):
+def eval_config(args: argparse.Namespace, dataset: str, seed: int, calibrate: bool, out: Path, model_or_run: str,
+                extras: bool = True):
     """The evaluation of a piece: accuracy and macro-F1 on n-test queries x demo-sets (what ``args`` of any
     benchmark gives: n_test, demo_sets, k, pool_seed, eval_batch_size, precision) and, with ``extras`` (this
-    benchmark's), calibration, and the unseen-label test, robustness and the ICL tests for the seeds asked."""
+    benchmark's), calibration, and the unseen-label test, robustness and the ICL tests for the seeds asked.
+    ``model_or_run`` names what is evaluated in the saved config and metrics (the model is passed in loaded, so
+    nothing else records it): the model for the base pieces, the run folder for a fine-tuned one."""
     import dataclasses
 
     from abft_lens.evaluation import EvaluateConfig
 
-    config = EvaluateConfig(dataset=dataset, n_test=args.n_test, demo_sets=args.demo_sets, k=args.k, seed=seed,
-                            pool_seed=args.pool_seed, batch_size=args.eval_batch_size, out=str(out),
+    config = EvaluateConfig(model_or_run=model_or_run, dataset=dataset, n_test=args.n_test, demo_sets=args.demo_sets,
+                            k=args.k, seed=seed, pool_seed=args.pool_seed, batch_size=args.eval_batch_size, out=str(out),
                             precision=args.precision)
     if not extras:
         return config
@@ -262,7 +265,8 @@ def run_piece(args: argparse.Namespace, dataset: str, piece: str, seed: int, mod
     runs = args.out / "runs"
     if piece == "base":
         out = runs / f"{dataset}_base_seed{seed}"
-        result = run_evaluation(eval_config(args, dataset, seed, calibrate=True, out=out), model=model)
+        result = run_evaluation(eval_config(args, dataset, seed, calibrate=True, out=out, model_or_run=args.model),
+                                model=model)
         metrics, peak = result.metrics, peak_memory_mb(device)
         common = dict(train_seconds=0.0, peak_memory_mb=peak, trainable_params=0, full_precision_params=0, run_dir=str(out),
                       precision=run_record(out)["precision"])
@@ -320,7 +324,7 @@ def finetune_and_evaluate(args: argparse.Namespace, dataset: str, method: str, s
                   precision=args.precision, **search)
     trained = run_finetune(FinetuneConfig(**{**recipe, **overrides}), model=model)
     evaluation = run_evaluation(eval_config(args, dataset, seed, calibrate=False, out=run_dir / f"evaluate_{dataset}",
-                                            extras=extras), model=model)
+                                            model_or_run=str(run_dir), extras=extras), model=model)
     return trained, evaluation, lr_source
 
 

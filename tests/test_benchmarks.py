@@ -164,6 +164,9 @@ def test_tiny_benchmark_runs_every_piece_in_process_and_leaves_the_model_as_it_w
     assert tuned.loc["e2e-lora", "lora_rank"] == 16 and pd.isna(tuned.loc["e2e", "lora_rank"])
     assert tuned.loc["e2e-lora", "trainable_params"] < tuned.loc["e2e", "trainable_params"]
     assert (out / "runs" / "sst2_abft_seed42" / "trained.safetensors").is_file()
+    # The model is passed in loaded: each evaluation still names what it evaluated (the base model, or the run).
+    run_metrics = json.loads((out / "runs" / "sst2_abft_seed42" / "evaluate_sst2" / "metrics.json").read_text())
+    assert run_metrics["model_or_run"] == str(out / "runs" / "sst2_abft_seed42")
     # Out of domain: the base model on sst2, each fine-tuned model on the other data sets asked for.
     ood = pd.read_csv(out / "ood.csv")
     assert len(ood) == 1 + 3 * 2
@@ -291,10 +294,12 @@ def test_seed_table_markdown_gives_mean_spread_seeds_and_marks_collapse(bench):
 def test_costly_evaluations_run_only_for_the_seeds_asked(bench, tmp_path):
     args = bench.parse_args(["--robustness-seeds", "--icl-tests-seeds", "42", "--unseen-labels-seeds", "42",
                              "--out", str(tmp_path)])
-    first, second = (bench.eval_config(args, "sst2", seed, calibrate=False, out=tmp_path) for seed in (42, 43))
+    first, second = (bench.eval_config(args, "sst2", seed, calibrate=False, out=tmp_path, model_or_run=args.model)
+                     for seed in (42, 43))
     assert (first.robustness, first.icl_tests, first.unseen_labels) == (False, True, True)
     assert (second.robustness, second.icl_tests, second.unseen_labels) == (False, False, False)
-    default = bench.eval_config(bench.parse_args(["--out", str(tmp_path)]), "sst2", 43, calibrate=False, out=tmp_path)
+    default = bench.eval_config(bench.parse_args(["--out", str(tmp_path)]), "sst2", 43, calibrate=False, out=tmp_path,
+                                model_or_run="smollm2-135m")
     assert (default.robustness, default.icl_tests, default.unseen_labels) == (False, False, True)
 
 
@@ -358,6 +363,8 @@ def test_tiny_ablation_benchmark_runs_every_experiment_in_process_and_resumes(ab
     ablations.main(argv, model=tiny_gpt2)
 
     results = pd.read_csv(out / "results.csv").set_index("setting")
+    vanilla_metrics = json.loads((Path(results.loc["vanilla", "run_dir"]) / "metrics.json").read_text())
+    assert vanilla_metrics["model_or_run"] == str(tiny_gpt2_dir), "the evaluation names the model --model gave"
     # Table 4 (5), the grid (16 more), sizes (vanilla + 2 methods x 2 sizes), 3 remedies, 2 lrs.
     assert len(results) == 5 + 16 + 5 + 3 + 2 and results.index.is_unique
     assert results["accuracy"].between(0, 1).all() and results["macro_f1"].notna().all()
