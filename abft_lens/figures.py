@@ -325,9 +325,9 @@ def _make_figures(roots: Sequence[Path], out: Path, png: bool) -> FiguresReport:
                 for stem, figure in ablation_figures(results, *read_ablation_tables(path.parent), name=name).items():
                     _save(report, figure, out / f"{stem}_{name}", png)
                 continue
-            lacking = "predicted_distribution" not in results or results["predicted_distribution"].isna().any()
-            if "run_dir" in results and lacking:
-                # A table older than its collapse and count columns: completed from its run folders.
+            if "run_dir" in results:
+                # Completed from its run folders where older than its collapse and count columns, and its
+                # collapse flags derived again by the current rule.
                 from abft_lens.evaluation.records import with_prediction_columns  # imports torch: only here
 
                 results = with_prediction_columns(results, base=path.parent)

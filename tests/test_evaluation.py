@@ -21,6 +21,7 @@ from abft_lens.evaluation import (
     default_out,
     evaluate,
     evaluate_datasets,
+    headline,
     induction_label_mass,
     is_run_dir,
     macro_f1,
@@ -595,13 +596,36 @@ def test_evaluate_command_writes_metrics_json(smollm2, tmp_path, monkeypatch):
     assert saved["n_test"] == 4 and saved["dataset"] == "sst2"
 
 
-def test_a_run_is_collapsed_when_most_predictions_are_one_label_that_is_rarely_true():
+def test_a_run_is_collapsed_when_most_predictions_are_one_label_far_above_its_true_share():
     # SST-5 as ABFT predicted it: 'bad' 80% of the answers, 20% of the truth.
     truth = torch.tensor([0.2, 0.2, 0.2, 0.2, 0.2], dtype=torch.float64)
     assert collapsed_label(torch.tensor([0.05, 0.80, 0.05, 0.05, 0.05], dtype=torch.float64), truth) == 1
-    # Mostly one label, but the truth is mostly that label too: not a collapse.
-    assert collapsed_label(torch.tensor([0.85, 0.15], dtype=torch.float64),
+    # SUBJ's punishment-only ablation: 97.7% 'objective' on a balanced set (51.4% true) is a collapse,
+    # though its label is true for more than half the queries.
+    assert collapsed_label(torch.tensor([0.977, 0.023], dtype=torch.float64),
+                           torch.tensor([0.514, 0.486], dtype=torch.float64)) == 0
+    # TEH's ABFT: 85% 'normal' against 57% true, 28 points above.
+    assert collapsed_label(torch.tensor([0.854, 0.146], dtype=torch.float64),
+                           torch.tensor([0.566, 0.434], dtype=torch.float64)) == 0
+    # Mostly one label, but the truth is mostly that label too (15 points less): not a collapse.
+    assert collapsed_label(torch.tensor([0.75, 0.25], dtype=torch.float64),
                            torch.tensor([0.6, 0.4], dtype=torch.float64)) is None
-    # 70% exactly is not "more than 70%".
+    # 70% exactly is not "more than 70%", even far above the truth.
     assert collapsed_label(torch.tensor([0.7, 0.3], dtype=torch.float64),
-                           torch.tensor([0.5 - 1e-9, 0.5 + 1e-9], dtype=torch.float64)) is None
+                           torch.tensor([0.3, 0.7], dtype=torch.float64)) is None
+    # 20 points exactly is "at least 20 points", though 0.75 - 0.55 is a hair under 0.2 in floating point.
+    assert collapsed_label(torch.tensor([0.75, 0.25], dtype=torch.float64),
+                           torch.tensor([0.55, 0.45], dtype=torch.float64)) == 0
+    assert collapsed_label(torch.tensor([0.75, 0.25], dtype=torch.float64),
+                           torch.tensor([0.56, 0.44], dtype=torch.float64)) is None
+
+
+def test_the_headline_says_how_far_a_collapsed_run_is_from_the_truth():
+    metrics = {"accuracy": 0.531, "macro_f1": 0.383, "n_inputs": 1024, "n_queries": 256, "demo_sets": 4, "k": 4,
+               "predicted_distribution": {"objective": 0.977, "subjective": 0.023},
+               "true_distribution": {"objective": 0.514, "subjective": 0.486}, "collapsed_onto": "objective",
+               "n_forwards": 1024, "seconds": 60.0, "seconds_per_prompt": 0.059}
+    collapse = [line for line in headline(metrics) if line.startswith("COLLAPSED")]
+    assert collapse == ["COLLAPSED onto 'objective': 98% of the predictions (over 70%), true share 51% "
+                        "(at least 20 points below); read accuracy with care"]
+    assert not any(line.startswith("COLLAPSED") for line in headline({**metrics, "collapsed_onto": None}))

@@ -203,6 +203,12 @@ def test_a_table_older_than_its_collapse_columns_is_completed_from_its_run_folde
     assert completed.loc[0, "collapsed_onto"] == "bad" and completed.loc[0, "n_inputs"] == 1024
     assert completed.loc[0, "label_words"] == "bad,good"
     assert pd.isna(completed.loc[1, "predicted_distribution"])  # no folder: left as it was
+    # A row written under an older collapse rule has its flag derived again from its folder; a row whose
+    # folder is gone keeps its flag.
+    stale = pd.DataFrame(rows).assign(predicted_distribution=['{"bad": 0.8, "good": 0.2}', '{"bad": 0.9, "good": 0.1}'],
+                                      collapsed_onto=[None, "bad"])
+    rederived = with_prediction_columns(stale, base=tmp_path / "results" / "bench")
+    assert list(rederived["collapsed_onto"]) == ["bad", "bad"]
     figure = accuracy_with_paper(completed)
     abft = next(t for t in figure.data if t.name == "abft (ours)")
     assert list(abft.text) == ["collapsed"] and abft.error_y.array[0] == pytest.approx((0.3 * 0.7 / 1024) ** 0.5)

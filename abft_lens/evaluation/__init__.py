@@ -39,8 +39,8 @@ from abft_lens.evaluation.job import (
     run_evaluation,
 )
 from abft_lens.evaluation.metrics import (
+    COLLAPSE_MARGIN,
     COLLAPSE_SHARE,
-    COLLAPSE_TRUE_SHARE,
     accuracy,
     calibrate_probabilities,
     collapsed_label,
@@ -56,7 +56,7 @@ from abft_lens.forward import label_logits
 from abft_lens.runs import check_not_broken_run_dir, is_run_dir
 
 __all__ = [
-    "COLLAPSE_SHARE", "COLLAPSE_TRUE_SHARE", "EvaluateConfig", "EvaluationResult", "Predictions", "accuracy",
+    "COLLAPSE_MARGIN", "COLLAPSE_SHARE", "EvaluateConfig", "EvaluationResult", "Predictions", "accuracy",
     "calibrate_probabilities", "check_not_broken_run_dir", "collapsed_label", "consistency_score",
     "content_free_probabilities", "default_out", "evaluate", "evaluate_datasets", "headline",
     "induction_label_mass", "is_run_dir", "label_distribution", "label_logits", "load_model_or_run", "macro_f1",

@@ -22,6 +22,7 @@ from abft_lens.data import Example, ICLDataset, l9_templates, load_dataset, spli
 from abft_lens.errors import DataError
 from abft_lens.icl_tests import icl_test_dataset, icl_test_k, memorised_share
 from abft_lens.evaluation.metrics import (
+    COLLAPSE_MARGIN,
     COLLAPSE_SHARE,
     accuracy,
     calibrate_probabilities,
@@ -418,8 +419,10 @@ def headline(metrics: dict[str, object]) -> list[str]:
              f"{m['n_queries']} queries x {m['demo_sets']} demonstration sets, k={m['k']})",
              f"predicted labels: {_shares(m['predicted_distribution'])}"]
     if m.get("collapsed_onto"):
-        lines.append(f"COLLAPSED onto '{m['collapsed_onto']}': over {COLLAPSE_SHARE:.0%} of the predictions, "
-                     f"true share {m['true_distribution'][m['collapsed_onto']]:.2f}; read accuracy with care")
+        word = m["collapsed_onto"]
+        lines.append(f"COLLAPSED onto '{word}': {m['predicted_distribution'][word]:.0%} of the predictions (over "
+                     f"{COLLAPSE_SHARE:.0%}), true share {m['true_distribution'][word]:.0%} (at least "
+                     f"{COLLAPSE_MARGIN * 100:.0f} points below); read accuracy with care")
     if "calibrated_accuracy" in m:
         lines.append(f"calibrated: accuracy {m['calibrated_accuracy']:.3f}  "
                      f"macro-F1 {m['calibrated_macro_f1']:.3f}; predicted labels: {_shares(m['calibrated_predicted_distribution'])}")

@@ -45,20 +45,25 @@ def with_prediction_columns(frame: pd.DataFrame, base: Path | None = None) -> pd
     """``frame`` with ``RECORD_COLUMNS``; rows without a predicted distribution get all four from their
     run folder's ``metrics.json`` (a calibration row its calibrated distribution) where the folder is
     found (from the working directory, else from ``base``, e.g. the table's folder, or a parent of it).
-    The collapse flag is ``collapsed_label``'s rule on the predicted and true distributions."""
+    Every row whose folder is found has its collapse flag derived again by ``collapsed_label``'s rule, so
+    a table follows the current rule, not the one its pieces were written under; rows whose folder is
+    not found keep the flag they have."""
     frame = frame.reindex(columns=list(dict.fromkeys([*frame.columns, *RECORD_COLUMNS]))).copy()
     for column in ("predicted_distribution", "collapsed_onto", "label_words"):
         frame[column] = frame[column].astype(object)
     if "run_dir" not in frame:
         return frame
-    for index, row in frame[frame["predicted_distribution"].isna()].iterrows():
+    for index, row in frame.iterrows():
         path = _found(evaluation_metrics_path(str(row["run_dir"]), row["method"], row["dataset"]), base)
         if path is None:
             continue
         metrics = json.loads(path.read_text())
         key = "calibrated_predicted_distribution" if row["method"] == "calibration" else "predicted_distribution"
         predicted = metrics[key]
-        frame.loc[index, list(RECORD_COLUMNS)] = [json.dumps(predicted),
-                                                  collapsed_word(predicted, metrics["true_distribution"]),
-                                                  metrics["n_inputs"], ",".join(predicted)]
+        collapsed = collapsed_word(predicted, metrics["true_distribution"])
+        if pd.isna(row["predicted_distribution"]):
+            frame.loc[index, list(RECORD_COLUMNS)] = [json.dumps(predicted), collapsed, metrics["n_inputs"],
+                                                      ",".join(predicted)]
+        else:
+            frame.at[index, "collapsed_onto"] = collapsed
     return frame
