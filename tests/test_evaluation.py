@@ -604,7 +604,7 @@ def test_a_run_is_collapsed_when_most_predictions_are_one_label_far_above_its_tr
     # though its label is true for more than half the queries.
     assert collapsed_label(torch.tensor([0.977, 0.023], dtype=torch.float64),
                            torch.tensor([0.514, 0.486], dtype=torch.float64)) == 0
-    # TEH's ABFT: 85% 'normal' against 57% true, 28 points above.
+    # TEH's ABFT: 85% 'normal' against 57% true, 29 points above.
     assert collapsed_label(torch.tensor([0.854, 0.146], dtype=torch.float64),
                            torch.tensor([0.566, 0.434], dtype=torch.float64)) == 0
     # Mostly one label, but the truth is mostly that label too (15 points less): not a collapse.
