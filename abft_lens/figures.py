@@ -31,6 +31,8 @@ out, png)`` draws what it finds under ``roots`` into ``out`` and returns the fil
 
 from __future__ import annotations
 
+import sys
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -174,7 +176,27 @@ def png_session(png: bool = True) -> Iterator[None]:
             yield
     finally:
         if started:
-            kaleido.stop_sync_server(silence_warnings=True)
+            _stop_png_server(kaleido)
+
+
+PNG_SERVER_CLOSE_SECONDS = 60.0
+
+
+def _stop_png_server(kaleido, timeout_s: float = PNG_SERVER_CLOSE_SECONDS) -> None:
+    """Close kaleido's sync server, waiting at most ``timeout_s``. ``stop_sync_server`` joins the server's
+    thread, which closes the browser; once (2026-12-06, the CPU busy with training) that join never
+    returned after every figure had been written, and ``abft-lens figures`` hung. After the wait the server
+    is marked closed, so that kaleido's own close at exit does not wait for it again; its thread is a
+    daemon and ends with the process."""
+    stopper = threading.Thread(target=kaleido.stop_sync_server, kwargs={"silence_warnings": True}, daemon=True)
+    stopper.start()
+    stopper.join(timeout_s)
+    if stopper.is_alive():
+        print(f"note: the PNG export's browser did not close within {timeout_s:g} s; left to close at exit",
+              file=sys.stderr)
+        from kaleido._sync_server import GlobalKaleidoServer  # the singleton behind stop_sync_server
+
+        GlobalKaleidoServer()._initialized = False
 
 
 def _robustness_figures(report: FiguresReport, results: pd.DataFrame, ood_path: Path, name: str, out: Path,

@@ -278,3 +278,28 @@ def test_cost_figure_puts_each_fine_tuning_methods_cost_beside_its_accuracy(tmp_
     pd.DataFrame(rows).drop(columns=["full_precision_params"]).to_csv(bench / "results.csv", index=False)
     again = make_figures([tmp_path / "runs"], tmp_path / "figures2", png=False)
     assert not any(path.name.startswith("cost_") for path in again.written)
+
+
+def test_a_png_server_that_never_closes_does_not_hang_the_figures(capsys):
+    # Once, kaleido's stop_sync_server never returned after every figure had been written.
+    import threading
+    import time
+    import types
+
+    from kaleido._sync_server import GlobalKaleidoServer
+
+    from abft_lens.figures import _stop_png_server
+
+    release, stops = threading.Event(), []
+    stuck = types.SimpleNamespace(stop_sync_server=lambda silence_warnings: (stops.append(1), release.wait()))
+    started = time.monotonic()
+    try:
+        _stop_png_server(stuck, timeout_s=1)
+        assert time.monotonic() - started < 5 and stops == [1]
+        assert not GlobalKaleidoServer().is_running()  # kaleido's close at exit will not wait for it again
+        assert "PNG export's browser did not close" in capsys.readouterr().err
+    finally:
+        release.set()
+    # A server that closes is waited for, and nothing is said.
+    _stop_png_server(types.SimpleNamespace(stop_sync_server=lambda silence_warnings: stops.append(2)), timeout_s=5)
+    assert stops == [1, 2] and capsys.readouterr().err == ""
