@@ -283,7 +283,6 @@ def test_cost_figure_puts_each_fine_tuning_methods_cost_beside_its_accuracy(tmp_
 def test_a_png_server_that_never_closes_does_not_hang_the_figures(capsys):
     # Once, kaleido's stop_sync_server never returned after every figure had been written.
     import threading
-    import time
     import types
 
     from kaleido._sync_server import GlobalKaleidoServer
@@ -292,13 +291,18 @@ def test_a_png_server_that_never_closes_does_not_hang_the_figures(capsys):
 
     release, stops = threading.Event(), []
     stuck = types.SimpleNamespace(stop_sync_server=lambda silence_warnings: (stops.append(1), release.wait()))
-    started = time.monotonic()
+    server = GlobalKaleidoServer()
+    server._initialized = True  # as kaleido.start_sync_server leaves it
+    # In a thread of the test's own: without the bound, the test fails here instead of hanging.
+    stopping = threading.Thread(target=_stop_png_server, args=(stuck,), kwargs={"timeout_s": 1}, daemon=True)
     try:
-        _stop_png_server(stuck, timeout_s=1)
-        assert time.monotonic() - started < 5 and stops == [1]
-        assert not GlobalKaleidoServer().is_running()  # kaleido's close at exit will not wait for it again
+        stopping.start()
+        stopping.join(10)
+        assert not stopping.is_alive() and stops == [1]
+        assert not server.is_running()  # kaleido's close at exit will not wait for it again
         assert "PNG export's browser did not close" in capsys.readouterr().err
     finally:
+        server._initialized = False
         release.set()
     # A server that closes is waited for, and nothing is said.
     _stop_png_server(types.SimpleNamespace(stop_sync_server=lambda silence_warnings: stops.append(2)), timeout_s=5)
