@@ -176,7 +176,8 @@ def ablation_figures(results: pd.DataFrame, steps: pd.DataFrame | None = None,
     if table4["setting"].nunique() > 1:
         figures["table4"] = settings_figure(table4, f"Table 4 (paper): ABFT ablations{suffix}<br><sup>full ABFT "
                                                     "(paper), no PID (A = 0.5 fixed), no head filter (all heads), "
-                                                    "reward only (A = 0), punish only (B = 0)</sup>")
+                                                    "reward only (A = 0), punish only (B = 0)<br>the paper finds punish only below "
+                                                    "vanilla ICL</sup>")
     if steps is not None and len(steps):
         ablated = compared_rows(steps, [s.name for s in TABLE4])
         if len(ablated):
@@ -190,7 +191,8 @@ def ablation_figures(results: pd.DataFrame, steps: pd.DataFrame | None = None,
     sizes = results[results["setting"].map(is_size_setting)]
     if sizes["setting"].nunique() > 1:
         figures["fig2"] = training_size_figure(sizes, f"Fig. 2 (paper): accuracy against the training prompts "
-                                                      f"n_d{suffix}")
+                                                      f"n_d{suffix}<br><sup>E2E here: full-rank W_Q/W_K "
+                                                      f"(this benchmark's --method e2e)</sup>")
     remedies = compared_rows(results, [s.name for s in REMEDIES])
     if remedies["setting"].nunique() > 1:
         figures["remedies"] = settings_figure(remedies, f"Remedies for where ABFT stalls (issue 18, not in the "

@@ -183,11 +183,14 @@ def seed_table(frame: pd.DataFrame, by: str = "method") -> pd.DataFrame:
     return table.reset_index()
 
 
-def compare(table: pd.DataFrame, first: str, second: str, metric: str, by: str = "method") -> pd.DataFrame:
+def compare(table: pd.DataFrame, first: str, second: str, metric: str, by: str = "method",
+            known_std: pd.Series | None = None) -> pd.DataFrame:
     """``first`` minus ``second`` (values of ``seed_table``'s ``by`` column) per data set on ``metric``, and
     whether the difference is beyond the spread: larger than the sum of the two seed standard deviations
-    with 2+ seeds, else larger than two binomial standard errors of the difference (one seed; accuracy's SE
-    stands in for macro-F1's)."""
+    with 2+ seeds, else (one seed) larger than two binomial standard errors of the difference (accuracy's SE
+    stands in for macro-F1's) and, where ``known_std`` gives ``metric``'s seed standard deviation on a data
+    set from another benchmark's seeds, than twice that: the sum of the two sides' spreads, had each been run
+    on more seeds. A binomial error alone understates what a reseed moves where the seeds spread widely."""
     wide = table.pivot(index="dataset", columns=by)
     if first not in table[by].values or second not in table[by].values:
         return pd.DataFrame()
@@ -197,8 +200,12 @@ def compare(table: pd.DataFrame, first: str, second: str, metric: str, by: str =
         "se": (wide[("accuracy_se", first)] ** 2 + wide[("accuracy_se", second)] ** 2) ** 0.5,
         "seeds": wide[("seeds", first)].combine(wide[("seeds", second)], min),
     }).dropna(subset=["difference"])
-    margin = both["spread"].where(both["seeds"] >= 2, 2 * both["se"])
-    both["beyond_spread"] = both["difference"].abs() > margin
+    one_seed = 2 * both["se"]
+    if known_std is not None:
+        # The larger of the two; a data set known_std lacks (NaN) keeps two standard errors.
+        one_seed = pd.concat([one_seed, 2 * known_std.reindex(both.index)], axis=1).max(axis=1)
+    both["margin"] = both["spread"].where(both["seeds"] >= 2, one_seed)
+    both["beyond_spread"] = both["difference"].abs() > both["margin"]
     both["verdict"] = [("ahead" if d > 0 else "behind") if beyond else "within the spread"
                        for d, beyond in zip(both["difference"], both["beyond_spread"], strict=True)]
     return both.reset_index()

@@ -336,6 +336,56 @@ def test_settings_table_gives_time_relative_to_full_abft_and_verdicts_against_it
     assert set(table["dataset"]) == {"sst2"}
 
 
+def test_a_one_seed_difference_counts_only_beyond_the_known_seed_spread_of_the_papers_abft(ablations, tmp_path):
+    # The three-seed grid: ABFT's accuracy and macro-F1 spread 0.05 on TEE (std of 0.40, 0.45, 0.50), nothing on
+    # SST-2; another model's and another method's rows are left out.
+    grid = pd.DataFrame([dict(dataset=d, method=m, model=model, seed=seed, accuracy=a, macro_f1=a)
+                         for d, values in (("tee", (0.40, 0.45, 0.50)), ("sst2", (0.85, 0.85, 0.85)))
+                         for seed, a in zip((42, 43, 44), values, strict=True)
+                         for m, model in (("abft", "smollm2-135m"), ("e2e", "smollm2-135m"), ("abft", "gemma3-270m"))]
+                        + [dict(dataset="mr", method="abft", model="smollm2-135m", seed=42, accuracy=0.8, macro_f1=0.8)])
+    grid.loc[grid["method"] != "abft", ["accuracy", "macro_f1"]] = 0.0
+    grid.loc[grid["model"] != "smollm2-135m", ["accuracy", "macro_f1"]] = 0.0
+    grid.to_csv(tmp_path / "results.csv", index=False)
+    spread = ablations.reference_spread(tmp_path / "results.csv", "smollm2-135m")
+    assert spread.loc["tee", "macro_f1_std"] == pytest.approx(0.05) and spread.loc["sst2", "accuracy_std"] == 0
+    assert "mr" not in spread.index  # one seed: no spread
+    assert ablations.reference_spread(tmp_path / "missing.csv", "smollm2-135m") is None
+
+    # +0.08 on both: beyond two standard errors (about 0.043), within twice TEE's spread (0.10), beyond SST-2's.
+    frame = pd.DataFrame([dict(dataset=d, setting=name, seed=42, accuracy=a, macro_f1=a, n_inputs=1024,
+                               train_seconds=10.0, device="cpu", collapsed_onto=None)
+                          for d, base in (("tee", 0.45), ("sst2", 0.80))
+                          for name, a in (("paper", base), ("label_covering", base + 0.08))])
+    names = ["paper", "label_covering"]
+    binomial = ablations.settings_table(frame, names).set_index(["dataset", "setting"])
+    assert binomial.loc[("tee", "label_covering"), "macro_f1_verdict"] == "ahead"
+    table = ablations.settings_table(frame, names, spread).set_index(["dataset", "setting"])
+    assert table.loc[("tee", "label_covering"), "macro_f1_verdict"] == "within the spread"
+    assert table.loc[("tee", "label_covering"), "macro_f1_margin"] == pytest.approx(0.10)
+    assert table.loc[("sst2", "label_covering"), "macro_f1_verdict"] == "ahead"
+    assert table.loc[("sst2", "label_covering"), "macro_f1_margin"] == pytest.approx(
+        binomial.loc[("sst2", "label_covering"), "macro_f1_margin"])  # no spread: two standard errors
+
+
+def test_a_remedy_is_recommended_only_if_it_helps_a_weak_set_and_hurts_none(ablations):
+    def remedies(verdicts: dict[str, str], collapsed: tuple[str, ...] = ()) -> pd.DataFrame:
+        return pd.DataFrame([dict(dataset=d, setting=s, macro_f1_verdict=v if s != "paper" else None,
+                                  collapsed_seeds=int(s != "paper" and d in collapsed))
+                             for d, v in verdicts.items() for s in ("paper", "label_covering")])
+
+    helps = {"trec": "ahead", "sst5": "within the spread", "sst2": "within the spread"}
+    assert ablations.remedy_verdicts(remedies(helps))["label_covering"]["recommend"]
+    hurts_strong = ablations.remedy_verdicts(remedies({**helps, "sst2": "behind"}))["label_covering"]
+    assert not hurts_strong["recommend"] and hurts_strong["behind_on"] == ["sst2"]
+    assert not ablations.remedy_verdicts(remedies({**helps, "sst5": "behind"}))["label_covering"]["recommend"]
+    assert not ablations.remedy_verdicts(remedies({**helps, "trec": "within the spread"}))["label_covering"]["recommend"]
+    strong_only = {"sst2": "ahead", "trec": "within the spread"}
+    assert not ablations.remedy_verdicts(remedies(strong_only))["label_covering"]["recommend"]
+    collapsed = ablations.remedy_verdicts(remedies(helps, collapsed=("trec",)))["label_covering"]
+    assert not collapsed["recommend"] and collapsed["collapsed_on"] == ["trec"]
+
+
 def test_lr_choice_table_scores_each_rule_by_the_test_accuracy_of_the_lr_it_picks(ablations):
     validation = pd.DataFrame([dict(dataset="trec", setting=f"lr={lr:g}", seed=42, lr=lr, step=step, validation_accuracy=v)
                                for lr, values in ((1e-4, (0.3, 0.4, 0.5, 0.6, 0.7)), (1e-3, (0.3, 0.6, 0.6, 0.5, 0.4)))
