@@ -53,6 +53,7 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
@@ -315,38 +316,45 @@ def lr_choice_table(results: pd.DataFrame, validation: pd.DataFrame, search_step
     return pd.DataFrame(rows)
 
 
-def reference_spread(results: Path | None, model: str) -> pd.DataFrame | None:
+def reference_spread(results: Path | None, model: str, precision: str) -> pd.DataFrame | None:
     """Per data set, the seed standard deviations of accuracy and macro-F1 of the paper's ABFT on ``model`` in
-    another benchmark's ``results`` (the paper-claim grid's 3 seeds), or None without that file or those rows.
-    What one reseed of the paper's recipe moves: a one-seed ablation's difference counts only beyond it."""
+    ``precision`` in another benchmark's ``results`` (the paper-claim grid's 3 seeds), or None without that
+    file or those rows. What one reseed of the paper's recipe moves: a one-seed ablation's difference counts
+    only beyond it."""
     if results is None or not results.is_file():
         return None
     rows = pd.read_csv(results)
-    rows = rows[(rows["method"] == "abft") & (rows["model"] == model)]
+    rows = rows[(rows["method"] == "abft") & (rows["model"] == model) & (rows["precision"] == precision)]
     spread = rows.groupby("dataset").agg(seeds=("seed", "nunique"), accuracy_std=("accuracy", "std"),
                                          macro_f1_std=("macro_f1", "std"))
     spread = spread[spread["seeds"] >= 2]
     return None if spread.empty else spread
 
 
-def remedy_verdicts(remedies: pd.DataFrame) -> dict[str, dict[str, object]]:
-    """Per remedy, the issue's test for recommending it over the paper's recipe: macro-F1 ahead of the paper's
-    ABFT beyond the margin on at least one weak data set (``WEAK_DATASETS``, where ABFT stalls) and on none of
-    them behind, behind on no other data set, and no collapsed run. Only data sets both finished count."""
+def remedy_verdicts(remedies: pd.DataFrame, datasets: Iterable[str] = PAPER_DATASETS) -> dict[str, dict[str, object]]:
+    """Per remedy, the issue's test for recommending it over the paper's recipe, decided only once it has a
+    verdict on every one of ``datasets``: macro-F1 ahead of the paper's ABFT beyond the margin on at least one
+    weak data set (``WEAK_DATASETS``, where ABFT stalls), behind on none of them, and no collapse where the
+    paper's ABFT did not collapse (it does on some seeds of TEE and TEH)."""
+    if "macro_f1_verdict" not in remedies:  # no remedy compared with a finished paper piece yet
+        return {}
+    paper_collapsed = set(remedies.loc[(remedies["setting"] == "paper") & (remedies["collapsed_seeds"] > 0), "dataset"])
     verdicts = {}
     for setting, part in remedies[remedies["setting"] != "paper"].groupby("setting", sort=False):
         by_dataset = dict(zip(part["dataset"], part["macro_f1_verdict"], strict=True))
         ahead_weak = [d for d, v in by_dataset.items() if d in WEAK_DATASETS and v == "ahead"]
         behind = [d for d, v in by_dataset.items() if v == "behind"]
-        collapsed = [d for d, n in zip(part["dataset"], part["collapsed_seeds"], strict=True) if n > 0]
+        collapsed = [d for d, n in zip(part["dataset"], part["collapsed_seeds"], strict=True)
+                     if n > 0 and d not in paper_collapsed]
+        missing = [d for d in datasets if d not in by_dataset]
         verdicts[setting] = {"ahead_on_weak": ahead_weak, "behind_on": behind, "collapsed_on": collapsed,
-                             "datasets": list(by_dataset),
-                             "recommend": bool(ahead_weak) and not behind and not collapsed}
+                             "missing": missing,
+                             "recommend": None if missing else bool(ahead_weak) and not behind and not collapsed}
     return verdicts
 
 
-def summarise(frame: pd.DataFrame, validation: pd.DataFrame, search_step: int,
-              known_spread: pd.DataFrame | None = None) -> tuple[dict[str, object], dict[str, pd.DataFrame]]:
+def summarise(frame: pd.DataFrame, validation: pd.DataFrame, search_step: int, known_spread: pd.DataFrame | None = None,
+              remedy_datasets: Iterable[str] = PAPER_DATASETS) -> tuple[dict[str, object], dict[str, pd.DataFrame]]:
     """The headline (summary.json) and the tables written beside it."""
     tables = {"table4": settings_table(frame, [s.name for s in TABLE4], known_spread),
               "remedies": settings_table(frame, [s.name for s in REMEDIES], known_spread)}
@@ -365,7 +373,7 @@ def summarise(frame: pd.DataFrame, validation: pd.DataFrame, search_step: int,
                                           if "macro_f1_verdict" in part and setting != "paper" else {})}
                              for setting, part in table.groupby("setting", sort=False)}
     if len(tables["remedies"]):
-        summary["remedies_recommended"] = remedy_verdicts(tables["remedies"])
+        summary["remedies_recommended"] = remedy_verdicts(tables["remedies"], remedy_datasets)
     if "lr_choice" in tables and len(tables["lr_choice"]):
         summary["lr_choice_mean_regret"] = tables["lr_choice"].groupby("rule")["regret"].mean().to_dict()
     return summary, tables
@@ -409,8 +417,9 @@ def main(argv: list[str] | None = None, model=None) -> None:
     if frame.empty:
         print("no finished piece yet")
         return
-    known_spread = reference_spread(args.spread_from, args.model)
-    summary, tables = summarise(frame, validation, search_step(args, FinetuneConfig().lr_search_steps), known_spread)
+    known_spread = reference_spread(args.spread_from, args.model, paper_claim.run_precision(args))
+    summary, tables = summarise(frame, validation, search_step(args, FinetuneConfig().lr_search_steps), known_spread,
+                                args.remedy_datasets)
     if known_spread is not None:
         summary["one_seed_margin_from"] = {"results": str(args.spread_from), "method": "abft", "model": args.model,
                                            "seeds": int(known_spread["seeds"].min())}

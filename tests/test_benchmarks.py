@@ -346,11 +346,12 @@ def test_a_one_seed_difference_counts_only_beyond_the_known_seed_spread_of_the_p
                         + [dict(dataset="mr", method="abft", model="smollm2-135m", seed=42, accuracy=0.8, macro_f1=0.8)])
     grid.loc[grid["method"] != "abft", ["accuracy", "macro_f1"]] = 0.0
     grid.loc[grid["model"] != "smollm2-135m", ["accuracy", "macro_f1"]] = 0.0
+    grid = pd.concat([grid.assign(precision="bf16"), grid.assign(precision="fp32", accuracy=0.0, macro_f1=0.0)])
     grid.to_csv(tmp_path / "results.csv", index=False)
-    spread = ablations.reference_spread(tmp_path / "results.csv", "smollm2-135m")
+    spread = ablations.reference_spread(tmp_path / "results.csv", "smollm2-135m", "bf16")
     assert spread.loc["tee", "macro_f1_std"] == pytest.approx(0.05) and spread.loc["sst2", "accuracy_std"] == 0
     assert "mr" not in spread.index  # one seed: no spread
-    assert ablations.reference_spread(tmp_path / "missing.csv", "smollm2-135m") is None
+    assert ablations.reference_spread(tmp_path / "missing.csv", "smollm2-135m", "bf16") is None
 
     # +0.08 on both: beyond two standard errors (about 0.043), within twice TEE's spread (0.10), beyond SST-2's.
     frame = pd.DataFrame([dict(dataset=d, setting=name, seed=42, accuracy=a, macro_f1=a, n_inputs=1024,
@@ -369,21 +370,30 @@ def test_a_one_seed_difference_counts_only_beyond_the_known_seed_spread_of_the_p
 
 
 def test_a_remedy_is_recommended_only_if_it_helps_a_weak_set_and_hurts_none(ablations):
-    def remedies(verdicts: dict[str, str], collapsed: tuple[str, ...] = ()) -> pd.DataFrame:
-        return pd.DataFrame([dict(dataset=d, setting=s, macro_f1_verdict=v if s != "paper" else None,
-                                  collapsed_seeds=int(s != "paper" and d in collapsed))
-                             for d, v in verdicts.items() for s in ("paper", "label_covering")])
+    datasets = ("trec", "sst5", "sst2", "teh")
 
-    helps = {"trec": "ahead", "sst5": "within the spread", "sst2": "within the spread"}
-    assert ablations.remedy_verdicts(remedies(helps))["label_covering"]["recommend"]
-    hurts_strong = ablations.remedy_verdicts(remedies({**helps, "sst2": "behind"}))["label_covering"]
-    assert not hurts_strong["recommend"] and hurts_strong["behind_on"] == ["sst2"]
-    assert not ablations.remedy_verdicts(remedies({**helps, "sst5": "behind"}))["label_covering"]["recommend"]
-    assert not ablations.remedy_verdicts(remedies({**helps, "trec": "within the spread"}))["label_covering"]["recommend"]
-    strong_only = {"sst2": "ahead", "trec": "within the spread"}
-    assert not ablations.remedy_verdicts(remedies(strong_only))["label_covering"]["recommend"]
-    collapsed = ablations.remedy_verdicts(remedies(helps, collapsed=("trec",)))["label_covering"]
-    assert not collapsed["recommend"] and collapsed["collapsed_on"] == ["trec"]
+    def verdict(verdicts: dict[str, str], collapsed: tuple[str, ...] = (), paper_collapsed: tuple[str, ...] = ()):
+        table = pd.DataFrame([dict(dataset=d, setting=s, macro_f1_verdict=v if s != "paper" else None,
+                                   collapsed_seeds=int(d in (collapsed if s != "paper" else paper_collapsed)))
+                              for d, v in verdicts.items() for s in ("paper", "label_covering")])
+        return ablations.remedy_verdicts(table, datasets)["label_covering"]
+
+    helps = {"trec": "ahead", "sst5": "within the spread", "sst2": "within the spread", "teh": "within the spread"}
+    assert verdict(helps)["recommend"] is True
+    hurts_strong = verdict({**helps, "sst2": "behind"})
+    assert hurts_strong["recommend"] is False and hurts_strong["behind_on"] == ["sst2"]
+    assert verdict({**helps, "sst5": "behind"})["recommend"] is False
+    assert verdict({**helps, "trec": "within the spread"})["recommend"] is False
+    assert verdict({**helps, "trec": "within the spread", "sst2": "ahead"})["recommend"] is False  # strong set only
+    collapsed = verdict(helps, collapsed=("trec",))
+    assert collapsed["recommend"] is False and collapsed["collapsed_on"] == ["trec"]
+    # A collapse the paper's ABFT shares (TEH) is not the remedy's doing.
+    assert verdict(helps, collapsed=("teh",), paper_collapsed=("teh",))["recommend"] is True
+    # Not decided before every data set has its verdict: the strong ones may yet be hurt.
+    undecided = verdict({"trec": "ahead", "sst5": "within the spread"})
+    assert undecided["recommend"] is None and undecided["missing"] == ["sst2", "teh"]
+    no_paper = pd.DataFrame([dict(dataset="trec", setting="label_covering", collapsed_seeds=0)])
+    assert ablations.remedy_verdicts(no_paper, datasets) == {}
 
 
 def test_lr_choice_table_scores_each_rule_by_the_test_accuracy_of_the_lr_it_picks(ablations):
