@@ -195,8 +195,8 @@ def ablation_figures(results: pd.DataFrame, steps: pd.DataFrame | None = None,
                                                       f"(this benchmark's --method e2e)</sup>")
     remedies = compared_rows(results, [s.name for s in REMEDIES])
     if remedies["setting"].nunique() > 1:
-        figures["remedies"] = settings_figure(remedies, f"Remedies for where ABFT stalls (issue 18, not in the "
-                                                        f"paper) against the paper's ABFT{suffix}")
+        figures["remedies"] = settings_figure(remedies, f"Remedies for where ABFT stalls{suffix}<br><sup>issue 18, "
+                                                        f"not in the paper: each against the paper's ABFT</sup>")
     lr_runs = results[results["setting"].map(is_lr_setting)]
     # Every setting run with --keep-checkpoints writes validation rows; only the lr runs' choose an lr.
     validation = validation[validation["setting"].map(is_lr_setting)] if validation is not None else None
