@@ -176,8 +176,8 @@ def ablation_figures(results: pd.DataFrame, steps: pd.DataFrame | None = None,
     if table4["setting"].nunique() > 1:
         figures["table4"] = settings_figure(table4, f"Table 4 (paper): ABFT ablations{suffix}<br><sup>full ABFT "
                                                     "(paper), no PID (A = 0.5 fixed), no head filter (all heads), "
-                                                    "reward only (A = 0), punish only (B = 0)<br>the paper finds punish only below "
-                                                    "vanilla ICL</sup>")
+                                                    "reward only (A = 0), punish only (B = 0)<br>the paper finds punish "
+                                                    "only below vanilla ICL</sup>")
     if steps is not None and len(steps):
         ablated = compared_rows(steps, [s.name for s in TABLE4])
         if len(ablated):
@@ -195,8 +195,9 @@ def ablation_figures(results: pd.DataFrame, steps: pd.DataFrame | None = None,
                                                       f"(this benchmark's --method e2e)</sup>")
     remedies = compared_rows(results, [s.name for s in REMEDIES])
     if remedies["setting"].nunique() > 1:
-        figures["remedies"] = settings_figure(remedies, f"Remedies for where ABFT stalls{suffix}<br><sup>issue 18, "
-                                                        f"not in the paper: each against the paper's ABFT</sup>")
+        figures["remedies"] = settings_figure(remedies, f"Remedies for where ABFT stalls{suffix}<br><sup>issue "
+                                                        f"18, not in the paper: each against the paper's "
+                                                        f"ABFT</sup>")
     lr_runs = results[results["setting"].map(is_lr_setting)]
     # Every setting run with --keep-checkpoints writes validation rows; only the lr runs' choose an lr.
     validation = validation[validation["setting"].map(is_lr_setting)] if validation is not None else None

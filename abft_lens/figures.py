@@ -188,7 +188,8 @@ def _stop_png_server(kaleido, timeout_s: float = PNG_SERVER_CLOSE_SECONDS) -> No
     returned after every figure had been written, and ``abft-lens figures`` hung. After the wait the server
     is marked closed, so that kaleido's own close at exit does not wait for it again; its thread is a
     daemon and ends with the process."""
-    stopper = threading.Thread(target=kaleido.stop_sync_server, kwargs={"silence_warnings": True}, daemon=True)
+    stopper = threading.Thread(target=kaleido.stop_sync_server, kwargs={"silence_warnings": True},
+                               daemon=True)
     stopper.start()
     stopper.join(timeout_s)
     if stopper.is_alive():

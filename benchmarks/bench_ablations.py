@@ -139,8 +139,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="every fine-tuning piece keeps its checkpoints (for `abft-lens validate-checkpoints`)")
     parser.add_argument("--spread-from", type=Path, default=SPREAD_FROM,
-                        help="a paper-claim results.csv whose ABFT seeds give, per data set, the spread a one-seed "
-                             "difference must exceed besides two standard errors (a missing file: standard errors only)")
+                        help="a paper-claim results.csv whose ABFT seeds give, per data set, the spread a "
+                             "one-seed difference must exceed besides two standard errors (a missing file: "
+                             "standard errors only)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ablations_smollm2"))
     parser.add_argument("--tiny", action="store_true", help="CI size: SST-2 only, a few prompts, 2 steps")
     args = paper_claim.parse_with_tiny(parser, argv, TINY)
@@ -264,7 +265,8 @@ def relative_train_time(frame: pd.DataFrame) -> pd.Series:
     return pd.Series(frame["train_seconds"].to_numpy() / paper.reindex(index).to_numpy(), index=frame.index)
 
 
-def settings_table(frame: pd.DataFrame, names: list[str], known_spread: pd.DataFrame | None = None) -> pd.DataFrame:
+def settings_table(frame: pd.DataFrame, names: list[str],
+                   known_spread: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per (data set, setting) of ``names`` (the first is "paper"): seed_table's statistics, the mean training
     time relative to full ABFT, and each metric's difference from "paper" with the margin it is judged by and
     its verdict (``compare``; with one seed, ``known_spread``'s seed standard deviations per data set, if
@@ -281,7 +283,8 @@ def settings_table(frame: pd.DataFrame, names: list[str], known_spread: pd.DataF
                   for name in names[1:]]
         versus = [part for part in versus if len(part)]
         if versus:
-            columns = {"difference": f"{metric}_minus_paper", "margin": f"{metric}_margin", "verdict": f"{metric}_verdict"}
+            columns = {"difference": f"{metric}_minus_paper", "margin": f"{metric}_margin",
+                       "verdict": f"{metric}_verdict"}
             table = table.merge(pd.concat(versus)[["dataset", "setting", *columns]].rename(columns=columns),
                                 on=["dataset", "setting"], how="left")
     order = {name: index for index, name in enumerate(names)}
@@ -325,20 +328,23 @@ def reference_spread(results: Path | None, model: str, precision: str) -> pd.Dat
         return None
     rows = pd.read_csv(results)
     rows = rows[(rows["method"] == "abft") & (rows["model"] == model) & (rows["precision"] == precision)]
-    spread = rows.groupby("dataset").agg(seeds=("seed", "nunique"), accuracy_std=("accuracy", "std"),
-                                         macro_f1_std=("macro_f1", "std"))
+    if rows.empty:
+        return None
+    spread = seed_table(rows).set_index("dataset")[["seeds", "accuracy_std", "macro_f1_std"]]
     spread = spread[spread["seeds"] >= 2]
     return None if spread.empty else spread
 
 
-def remedy_verdicts(remedies: pd.DataFrame, datasets: Iterable[str] = PAPER_DATASETS) -> dict[str, dict[str, object]]:
+def remedy_verdicts(remedies: pd.DataFrame,
+                    datasets: Iterable[str] = PAPER_DATASETS) -> dict[str, dict[str, object]]:
     """Per remedy, the issue's test for recommending it over the paper's recipe, decided only once it has a
     verdict on every one of ``datasets``: macro-F1 ahead of the paper's ABFT beyond the margin on at least one
     weak data set (``WEAK_DATASETS``, where ABFT stalls), behind on none of them, and no collapse where the
     paper's ABFT did not collapse (it does on some seeds of TEE and TEH)."""
     if "macro_f1_verdict" not in remedies:  # no remedy compared with a finished paper piece yet
         return {}
-    paper_collapsed = set(remedies.loc[(remedies["setting"] == "paper") & (remedies["collapsed_seeds"] > 0), "dataset"])
+    paper = remedies[remedies["setting"] == "paper"]
+    paper_collapsed = set(paper.loc[paper["collapsed_seeds"] > 0, "dataset"])
     verdicts = {}
     for setting, part in remedies[remedies["setting"] != "paper"].groupby("setting", sort=False):
         by_dataset = dict(zip(part["dataset"], part["macro_f1_verdict"], strict=True))
@@ -349,12 +355,14 @@ def remedy_verdicts(remedies: pd.DataFrame, datasets: Iterable[str] = PAPER_DATA
         missing = [d for d in datasets if d not in by_dataset]
         verdicts[setting] = {"ahead_on_weak": ahead_weak, "behind_on": behind, "collapsed_on": collapsed,
                              "missing": missing,
-                             "recommend": None if missing else bool(ahead_weak) and not behind and not collapsed}
+                             "recommend": None if missing else (bool(ahead_weak) and not behind
+                                                                and not collapsed)}
     return verdicts
 
 
-def summarise(frame: pd.DataFrame, validation: pd.DataFrame, search_step: int, known_spread: pd.DataFrame | None = None,
-              remedy_datasets: Iterable[str] = PAPER_DATASETS) -> tuple[dict[str, object], dict[str, pd.DataFrame]]:
+def summarise(frame: pd.DataFrame, validation: pd.DataFrame, search_step: int,
+              known_spread: pd.DataFrame | None = None, remedy_datasets: Iterable[str] = PAPER_DATASETS,
+              ) -> tuple[dict[str, object], dict[str, pd.DataFrame]]:
     """The headline (summary.json) and the tables written beside it."""
     tables = {"table4": settings_table(frame, [s.name for s in TABLE4], known_spread),
               "remedies": settings_table(frame, [s.name for s in REMEDIES], known_spread)}
@@ -418,11 +426,11 @@ def main(argv: list[str] | None = None, model=None) -> None:
         print("no finished piece yet")
         return
     known_spread = reference_spread(args.spread_from, args.model, paper_claim.run_precision(args))
-    summary, tables = summarise(frame, validation, search_step(args, FinetuneConfig().lr_search_steps), known_spread,
-                                args.remedy_datasets)
+    summary, tables = summarise(frame, validation, search_step(args, FinetuneConfig().lr_search_steps),
+                                known_spread, args.remedy_datasets)
     if known_spread is not None:
-        summary["one_seed_margin_from"] = {"results": str(args.spread_from), "method": "abft", "model": args.model,
-                                           "seeds": int(known_spread["seeds"].min())}
+        summary["one_seed_margin_from"] = {"results": str(args.spread_from), "method": "abft",
+                                           "model": args.model, "seeds": int(known_spread["seeds"].min())}
     for name, table in tables.items():
         if len(table):  # an experiment with no finished comparison yet writes no empty file
             atomic_write_text(args.out / f"{name}.csv", table.to_csv(index=False, float_format="%.4g"))
