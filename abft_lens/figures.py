@@ -141,18 +141,22 @@ class FiguresReport:
 
 
 def figure_name(path: Path, root: Path) -> str:
-    """A file-name-safe name for a saved folder or table: its path below ``root``."""
+    """A file-name-safe name for a saved folder or table: its path below ``root``, a table's without its
+    suffix. A folder's name is kept whole: ``sst2_lr=0.001_seed42`` and ``sst2_lr=0.01_seed42`` must not both
+    become ``sst2_lr=0``."""
     relative = path.relative_to(root) if path.is_relative_to(root) else path
-    parts = [*relative.parts[:-1], Path(relative.parts[-1]).stem] if relative.parts else []
+    parts = list(relative.parts)
+    if parts and path.is_file():
+        parts[-1] = Path(parts[-1]).stem
     parts = [p for p in parts if p not in ("heads", "results")]
-    return "_".join(parts or [path.resolve().stem]).replace(" ", "-")
+    return "_".join(parts or [path.resolve().name]).replace(" ", "-")
 
 
 def _save(report: FiguresReport, figure: go.Figure, target: Path, png: bool) -> None:
     try:
         report.written += save_figure(figure, target, png=png)
     except RuntimeError as error:  # PNG export unavailable: the HTML was written
-        report.written.append(target.with_suffix(".html"))
+        report.written.append(target.with_name(f"{target.name}.html"))
         report.skipped.append(str(error))
 
 

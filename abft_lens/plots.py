@@ -32,8 +32,9 @@ def head_heatmap(table: pd.DataFrame, value: str = "correctness", title: str | N
 
 
 def save_figure(figure: go.Figure, path_without_suffix: Path, png: bool = False) -> list[Path]:
-    """Write ``.html`` (always) and ``.png`` (if ``png``); returns the files written."""
-    html = path_without_suffix.with_suffix(".html")
+    """Write ``.html`` (always) and ``.png`` (if ``png``); returns the files written. The suffixes are appended,
+    not swapped: a name such as ``fig6_a0=0.25,b0=0.5`` has no suffix of its own to replace."""
+    html = path_without_suffix.with_name(f"{path_without_suffix.name}.html")
     # The figures must open offline, so plotly.js is written once beside them, not linked to a CDN.
     bundle = html.parent / "plotly.min.js"
     if not bundle.exists():
@@ -41,7 +42,7 @@ def save_figure(figure: go.Figure, path_without_suffix: Path, png: bool = False)
     atomic_write_text(html, figure.to_html(include_plotlyjs="directory", full_html=True))
     written = [html]
     if png:
-        target = path_without_suffix.with_suffix(".png")
+        target = path_without_suffix.with_name(f"{path_without_suffix.name}.png")
         try:
             _write_png(figure, target)
         except Exception as error:  # kaleido raises its own types for a missing browser

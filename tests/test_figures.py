@@ -89,6 +89,20 @@ def test_figures_are_drawn_from_saved_folders_as_html(tmp_path):
     assert np.allclose(training["wrong labels"]["y"], [0.2, 0.2, 0.2])
 
 
+def test_run_folders_whose_names_hold_dots_get_a_figure_each(tmp_path):
+    """The ablations' run folders are named by their settings (sst2_lr=0.001_seed42, sst2_a0=0.25,b0=0.5_seed42):
+    cutting a name at its first dot as if it were a suffix gave two lrs one file, and the second overwrote the
+    first."""
+    steps = [{"step": step, "correct_mass": 0.3, "wrong_mass": 0.2} for step in (1, 2)]
+    names = ["sst2_lr=0.001_seed42", "sst2_lr=0.01_seed42", "sst2_a0=0.25,b0=0.5_seed42"]
+    for name in names:
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "metrics.jsonl").write_text("\n".join(json.dumps(row) for row in steps) + "\n")
+    report = make_figures([tmp_path / "runs"], tmp_path / "figures", png=False)
+    assert sorted(path.name for path in report.written) == sorted(f"training_{name}.html" for name in names)
+    assert all(path.is_file() for path in report.written)
+
+
 def test_a_table_with_macro_f1_gets_a_macro_f1_figure_with_seed_error_bars(tmp_path):
     # Issue 13: macro-F1 beside accuracy in the Table-1 figure, mean over seeds with their std.
     (tmp_path / "runs" / "bench").mkdir(parents=True)
