@@ -293,12 +293,12 @@ def settings_table(frame: pd.DataFrame, names: list[str],
 
 def lr_choice_table(results: pd.DataFrame, validation: pd.DataFrame, search_step: int) -> pd.DataFrame:
     """Per data set and rule, the lr that rule picks from the validation accuracies (means over seeds; ties:
-    the smaller lr, as the search does) and the test accuracy of that lr's full-length run, beside the best
-    test accuracy any lr of the grid reached (``regret``: the difference). Rules: ``search`` (validation at
+    the smaller lr, as the search does) and the test accuracy (macro-F1 beside it) of that lr's full-length run,
+    beside the best test accuracy any lr of the grid reached (``regret``: the difference). Rules: ``search`` (validation at
     ``search_step``, the lr search's trial length), ``checkpoints`` (mean over every kept step after 0),
     ``full_length`` (the last step)."""
     runs = results[results["setting"].map(is_lr_setting)]
-    test = runs.groupby(["dataset", "lr"])["accuracy"].mean()
+    test = runs.groupby(["dataset", "lr"])[["accuracy", "macro_f1"]].mean()
     # Other settings kept checkpoints too (--keep-checkpoints) at the same lrs: only the lr runs choose.
     validation = validation[validation["setting"].map(is_lr_setting) & (validation["step"] > 0)]
     mean = validation.groupby(["dataset", "lr", "step"])["validation_accuracy"].mean().reset_index()
@@ -307,14 +307,16 @@ def lr_choice_table(results: pd.DataFrame, validation: pd.DataFrame, search_step
         last = part["step"].max()
         rules = {"search": part[part["step"] == min(search_step, last)], "full_length": part[part["step"] == last],
                  "checkpoints": part.groupby(["dataset", "lr"], as_index=False)["validation_accuracy"].mean()}
-        best = test.loc[dataset].max() if dataset in test.index.get_level_values(0) else float("nan")
+        best = test.loc[dataset, "accuracy"].max() if dataset in test.index.get_level_values(0) else float("nan")
         for rule, scores in rules.items():
             if scores.empty:
                 continue
             chosen = scores.sort_values(["validation_accuracy", "lr"], ascending=[False, True]).iloc[0]
-            accuracy = test.get((dataset, chosen["lr"]), float("nan"))
+            picked = test.loc[(dataset, chosen["lr"])] if (dataset, chosen["lr"]) in test.index else None
+            accuracy = picked["accuracy"] if picked is not None else float("nan")
             rows.append({"dataset": dataset, "rule": rule, "lr": chosen["lr"],
                          "validation_accuracy": chosen["validation_accuracy"], "test_accuracy": accuracy,
+                         "test_macro_f1": picked["macro_f1"] if picked is not None else float("nan"),
                          "best_test_accuracy": best, "regret": best - accuracy})
     return pd.DataFrame(rows)
 

@@ -400,13 +400,14 @@ def test_lr_choice_table_scores_each_rule_by_the_test_accuracy_of_the_lr_it_pick
     validation = pd.DataFrame([dict(dataset="trec", setting=f"lr={lr:g}", seed=42, lr=lr, step=step, validation_accuracy=v)
                                for lr, values in ((1e-4, (0.3, 0.4, 0.5, 0.6, 0.7)), (1e-3, (0.3, 0.6, 0.6, 0.5, 0.4)))
                                for step, v in zip((0, 8, 16, 24, 32), values, strict=True)])
-    results = pd.DataFrame([dict(dataset="trec", setting="lr=0.0001", seed=42, lr=1e-4, accuracy=0.55),
-                            dict(dataset="trec", setting="lr=0.001", seed=42, lr=1e-3, accuracy=0.45)])
+    results = pd.DataFrame([dict(dataset="trec", setting="lr=0.0001", seed=42, lr=1e-4, accuracy=0.55, macro_f1=0.5),
+                            dict(dataset="trec", setting="lr=0.001", seed=42, lr=1e-3, accuracy=0.45, macro_f1=0.3)])
     # Another setting kept checkpoints at one of the grid's lrs (--keep-checkpoints): it chooses nothing.
     other = pd.DataFrame([dict(dataset="trec", setting="no_pid", seed=42, lr=1e-4, step=step, validation_accuracy=0.99)
                           for step in (8, 16, 24, 32)])
     table = ablations.lr_choice_table(results, pd.concat([validation, other]), search_step=8).set_index("rule")
     assert table.loc["search", "lr"] == 1e-3 and table.loc["search", "regret"] == pytest.approx(0.10)
+    assert table.loc["search", "test_macro_f1"] == 0.3 and table.loc["full_length", "test_macro_f1"] == 0.5
     assert table.loc["full_length", "lr"] == 1e-4 and table.loc["full_length", "regret"] == 0.0
     # Mean over steps 8-32: 0.55 at 1e-4, 0.525 at 1e-3 (step 0, the base model, is left out).
     assert table.loc["checkpoints", "lr"] == 1e-4
