@@ -14,6 +14,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from abft_lens.ablations import REMEDIES, TABLE4, is_lr_setting, is_size_setting, is_weight_setting
+from abft_lens.benchmarking import binomial_standard_error
 from abft_lens.paper_numbers import PAPER_DATASET_ORDER, PAPER_GPT2_XL, PAPER_N_TRAIN
 from abft_lens.plots import PALETTE, method_comparison
 from abft_lens.runs import pid_input_counts
@@ -81,31 +82,38 @@ def induction_heads_figure(steps: pd.DataFrame, title: str) -> go.Figure:
 
 
 def initial_weights_figure(results: pd.DataFrame, title: str) -> go.Figure:
-    """Accuracy (mean over seeds) over the initial punishment weight A0 and the reward weight B0, with PID
-    (left) and without (right)."""
+    """Accuracy (mean over seeds; the colour) over the initial punishment weight A0 and the reward weight B0,
+    with PID (left) and without (right). Each cell's text gives macro-F1 beside accuracy, and a dagger where a
+    seed collapsed onto one label: a high accuracy that is one label's share is no win."""
     figure = make_subplots(rows=1, cols=2, subplot_titles=("with PID", "without PID (A fixed at A0)"),
                            horizontal_spacing=0.12)
+    results = results.assign(collapsed=results["collapsed_onto"].notna() if "collapsed_onto" in results else False)
     for column, pid in enumerate((True, False), start=1):
         part = results[results["pid"].astype(bool) == pid]
         if part.empty:
             continue
-        grid = part.pivot_table(index="initial_punish_weight", columns="reward_weight", values="accuracy",
-                                aggfunc="mean").sort_index()
+        cells = part.groupby(["initial_punish_weight", "reward_weight"]).agg(
+            accuracy=("accuracy", "mean"), macro_f1=("macro_f1", "mean"), collapsed=("collapsed", "any"))
+        text = [f"{row.accuracy:.3f}{' †' if row.collapsed else ''}<br>F1 {row.macro_f1:.3f}"
+                for row in cells.itertuples()]
+        grid = cells["accuracy"].unstack().sort_index()
+        labels = pd.Series(text, index=cells.index).unstack().reindex(index=grid.index, columns=grid.columns)
         figure.add_trace(go.Heatmap(z=grid.to_numpy(), x=[f"{b:g}" for b in grid.columns],
                                     y=[f"{a:g}" for a in grid.index], zmin=0, zmax=1, colorscale="Viridis",
-                                    text=grid.round(3).to_numpy(), texttemplate="%{text}",
-                                    showscale=column == 2, hovertemplate="A0 %{y}, B0 %{x}: %{z:.3f}<extra></extra>"),
+                                    text=labels.fillna("").to_numpy(), texttemplate="%{text}",
+                                    colorbar={"title": "accuracy"}, showscale=column == 2,
+                                    hovertemplate="A0 %{y}, B0 %{x}: accuracy %{z:.3f}<extra></extra>"),
                          row=1, col=column)
         figure.update_xaxes(title_text="B0 (reward weight)", type="category", row=1, col=column)
         figure.update_yaxes(title_text="A0 (initial punishment weight)", type="category", row=1, col=column)
-    figure.update_layout(template="plotly_white", title=title, width=900, height=430)
+    figure.update_layout(template="plotly_white", title=title, width=900, height=460)
     return figure
 
 
 def training_size_figure(results: pd.DataFrame, title: str) -> go.Figure:
     """Accuracy against the training prompts n_d per data set (columns): ABFT and E2E (mean over seeds, their
-    std as error bars), vanilla ICL as a flat line, and the paper's GPT2-XL Table 1 accuracy at n_d = 512
-    (quoted) as open markers."""
+    std as error bars, or for one seed the binomial standard error), vanilla ICL as a flat line, and the
+    paper's GPT2-XL Table 1 accuracy at n_d = 512 (quoted) as open markers."""
     datasets = list(dict.fromkeys(in_dataset_order(results)["dataset"]))
     figure = make_subplots(rows=1, cols=len(datasets), subplot_titles=datasets, shared_yaxes=True)
     colours = {"abft": "#F58518", "e2e": "#4C78A8", "vanilla": "#9D9D9D"}
@@ -115,7 +123,10 @@ def training_size_figure(results: pd.DataFrame, title: str) -> go.Figure:
         first = column == 1
         for method in ("abft", "e2e"):
             part = trained[(trained["dataset"] == dataset) & (trained["method"] == method)]
-            stats = part.groupby("n_train")["accuracy"].agg(["mean", "std"]).sort_index()
+            stats = part.groupby("n_train").agg(mean=("accuracy", "mean"), std=("accuracy", "std"),
+                                                seeds=("accuracy", "size"), n_inputs=("n_inputs", "mean")).sort_index()
+            stats["std"] = stats["std"].where(stats["seeds"] > 1, binomial_standard_error(stats["mean"],
+                                                                                          stats["n_inputs"]))
             if len(stats):
                 figure.add_trace(go.Scatter(x=stats.index, y=stats["mean"], mode="lines+markers", name=f"{method} (ours)",
                                             legendgroup=method, showlegend=first, line={"color": colours[method]},
@@ -134,7 +145,8 @@ def training_size_figure(results: pd.DataFrame, title: str) -> go.Figure:
                                                                       "color": colours[method]}), row=1, col=column)
         figure.update_xaxes(title_text="training prompts n_d", type="log", row=1, col=column)
     figure.update_yaxes(title_text="accuracy", range=[0, 1], row=1, col=1)
-    figure.update_layout(template="plotly_white", title=title, width=max(700, 480 * len(datasets)), height=450)
+    figure.update_layout(template="plotly_white", title={"text": title, "y": 0.95, "yanchor": "top"},
+                         width=max(700, 480 * len(datasets)), height=500, margin={"t": 130})
     return figure
 
 
@@ -187,12 +199,15 @@ def ablation_figures(results: pd.DataFrame, steps: pd.DataFrame | None = None,
     for dataset, part in in_dataset_order(weights).groupby("dataset", sort=False):
         if part[["initial_punish_weight", "reward_weight"]].drop_duplicates().shape[0] > 1:
             figures[f"fig6_{dataset}"] = initial_weights_figure(
-                part, f"Fig. 6 (paper): {dataset} accuracy over the initial weights (A0, B0){suffix}")
+                part, f"Fig. 6 (paper): {dataset} accuracy over the initial weights (A0, B0){suffix}"
+                         "<br><sup>colour and first line: accuracy (mean over seeds); F1: macro-F1; † collapsed "
+                         "onto one label</sup>")
     sizes = results[results["setting"].map(is_size_setting)]
     if sizes["setting"].nunique() > 1:
         figures["fig2"] = training_size_figure(sizes, f"Fig. 2 (paper): accuracy against the training prompts "
                                                       f"n_d{suffix}<br><sup>E2E here: full-rank W_Q/W_K "
-                                                      f"(this benchmark's --method e2e)</sup>")
+                                                      f"(this benchmark's --method e2e)<br>error bars: seed std, "
+                                                      f"or for one seed the binomial standard error</sup>")
     remedies = compared_rows(results, [s.name for s in REMEDIES])
     if remedies["setting"].nunique() > 1:
         figures["remedies"] = settings_figure(remedies, f"Remedies for where ABFT stalls{suffix}<br><sup>issue "

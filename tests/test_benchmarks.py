@@ -482,6 +482,23 @@ def test_tiny_ablation_benchmark_runs_every_experiment_in_process_and_resumes(ab
     assert "Fig. 6 (paper)" in html
 
 
+def test_fig6_cells_give_macro_f1_and_collapse_and_one_seed_fig2_points_carry_their_standard_error():
+    from abft_lens.ablation_figures import initial_weights_figure, training_size_figure
+
+    cells = pd.DataFrame([dict(pid=pid, initial_punish_weight=a, reward_weight=b, accuracy=acc, macro_f1=f1,
+                               collapsed_onto=onto)
+                          for pid in (True, False)
+                          for a, b, acc, f1, onto in ((0.5, 1.0, 0.86, 0.85, None), (0.25, 1.0, 0.55, 0.36, "positive"))])
+    heatmap = initial_weights_figure(cells, "Fig. 6").data[0]
+    assert list(heatmap.y) == ["0.25", "0.5"] and list(heatmap.x) == ["1"]
+    assert heatmap.text.tolist() == [["0.550 †<br>F1 0.360"], ["0.860<br>F1 0.850"]]
+
+    sizes = pd.DataFrame([dict(dataset="sst2", method="abft", n_train=n, seed=42, accuracy=0.75, n_inputs=1024)
+                          for n in (32, 128)])
+    abft = next(trace for trace in training_size_figure(sizes, "Fig. 2").data if trace.name == "abft (ours)")
+    assert list(abft.error_y.array) == pytest.approx([(0.75 * 0.25 / 1024) ** 0.5] * 2)
+
+
 # --- bench_cost (issue 14): each method's step time, activation memory and Param.* --------------------------
 
 
