@@ -40,6 +40,11 @@ experiment at a time or all at once:
     .venv/bin/python benchmarks/bench_ablations.py --experiments table4 --seeds 42 --precision bf16 \
       --out benchmarks/results/ablations_smollm2
 
+More seeds of only some settings (``--settings``), e.g. where a remedy helped on one seed:
+
+    .venv/bin/python benchmarks/bench_ablations.py --experiments remedies --remedy-datasets trec sst5 \
+      --settings paper label_covering --seeds 43 44 --precision bf16 --out benchmarks/results/ablations_smollm2
+
 CI runs the tiny version in process (tests/test_benchmarks.py; one data set, 2 steps of 4 prompts, 8 test
 inputs; its numbers mean nothing):
 
@@ -142,11 +147,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="a paper-claim results.csv whose ABFT seeds give, per data set, the spread a "
                              "one-seed difference must exceed besides two standard errors (a missing file: "
                              "standard errors only)")
+    parser.add_argument("--settings", nargs="+", default=None,
+                        help="run only these settings of the experiments (names as in results.csv), e.g. more "
+                             "seeds of the paper's recipe and one remedy where it helped")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ablations_smollm2"))
     parser.add_argument("--tiny", action="store_true", help="CI size: SST-2 only, a few prompts, 2 steps")
     args = paper_claim.parse_with_tiny(parser, argv, TINY)
     from abft_lens.training import FinetuneConfig
 
+    if args.settings is not None:
+        planned = {name for _, name, _ in planned_pieces(argparse.Namespace(**{**vars(args), "settings": None}))[0]}
+        if unknown := sorted(set(args.settings) - planned):
+            parser.error(f"--settings {' '.join(unknown)}: no such setting in --experiments "
+                         f"{' '.join(args.experiments)} (they have: {', '.join(sorted(planned))})")
     search_steps = search_step(args, FinetuneConfig().lr_search_steps)
     if "lr_choice" in args.experiments and search_steps % args.lr_checkpoint_every:
         parser.error(f"--lr-checkpoint-every {args.lr_checkpoint_every} keeps no checkpoint at step {search_steps}, "
@@ -160,8 +173,8 @@ def search_step(args: argparse.Namespace, default_search_steps: int) -> int:
 
 
 def planned_pieces(args: argparse.Namespace) -> tuple[list[tuple[str, str, int]], dict[str, Setting]]:
-    """The pieces of the experiments asked for, each (data set, setting name, seed) once, and the settings by
-    name."""
+    """The pieces of the experiments asked for (only ``--settings``' where given), each (data set, setting
+    name, seed) once, and the settings by name."""
     from abft_lens.training import FinetuneConfig
 
     datasets = {"table4": args.table4_datasets, "fig6": args.fig6_datasets, "fig2": args.fig2_datasets,
@@ -176,6 +189,7 @@ def planned_pieces(args: argparse.Namespace) -> tuple[list[tuple[str, str, int]]
         for setting in chosen:
             if settings.setdefault(setting.name, setting) != setting:
                 raise ValueError(f"two settings are named {setting.name!r}")
+        chosen = [setting for setting in chosen if args.settings is None or setting.name in args.settings]
         for dataset in datasets[experiment]:
             for seed in args.seeds:
                 pieces.update({(dataset, setting.name, seed): None for setting in chosen})

@@ -318,6 +318,18 @@ def test_a_setting_shared_by_experiments_is_one_piece(ablations):
                                                         "pid": False}
 
 
+def test_settings_narrow_the_pieces_and_an_unknown_one_is_refused_before_anything_runs(ablations, capsys):
+    args = ablations.parse_args(["--experiments", "remedies", "--seeds", "43", "44", "--remedy-datasets", "trec",
+                                 "sst5", "--settings", "paper", "label_covering"])
+    pieces, _ = ablations.planned_pieces(args)
+    assert sorted(pieces) == sorted((d, name, seed) for d in ("trec", "sst5") for name in ("paper", "label_covering")
+                                    for seed in (43, 44))
+    with pytest.raises(SystemExit) as exit_info:
+        ablations.parse_args(["--experiments", "remedies", "--settings", "label_coverage"])
+    assert exit_info.value.code == 2
+    assert "--settings label_coverage: no such setting in --experiments remedies" in capsys.readouterr().err
+
+
 def test_settings_table_gives_time_relative_to_full_abft_and_verdicts_against_it(ablations):
     rows = [("paper", 0.80, 10.0), ("no_pid", 0.60, 10.0), ("reward_only", 0.79, 5.0)]
     frame = pd.DataFrame([dict(dataset="sst2", setting=name, seed=42, accuracy=a, macro_f1=a, n_inputs=1024,
