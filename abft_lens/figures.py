@@ -46,7 +46,7 @@ from abft_lens.ablation_figures import ablation_figures, read_ablation_tables
 from abft_lens.figure_sources import _SOURCES, FigureSource, figure_sources, register_figure_source  # noqa: F401
 from abft_lens.paper_numbers import PAPER_DATASET_ORDER, PAPER_GPT2_XL
 from abft_lens.benchmarking import binomial_standard_error
-from abft_lens.plots import error_bars, head_heatmap, method_comparison, plotted_metrics, save_figure
+from abft_lens.plots import error_bars, figure_file, head_heatmap, method_comparison, plotted_metrics, save_figure
 from abft_lens.runs import METRICS_FILE, read_json_object, read_metrics
 
 
@@ -156,7 +156,7 @@ def _save(report: FiguresReport, figure: go.Figure, target: Path, png: bool) -> 
     try:
         report.written += save_figure(figure, target, png=png)
     except RuntimeError as error:  # PNG export unavailable: the HTML was written
-        report.written.append(target.with_name(f"{target.name}.html"))
+        report.written.append(figure_file(target, ".html"))
         report.skipped.append(str(error))
 
 

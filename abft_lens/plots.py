@@ -31,10 +31,15 @@ def head_heatmap(table: pd.DataFrame, value: str = "correctness", title: str | N
     return figure
 
 
+def figure_file(path_without_suffix: Path, suffix: str) -> Path:
+    """``path_without_suffix`` with ``suffix`` appended, not swapped in: a run folder's figure such as
+    ``training_sst2_lr=0.001_seed42`` has no suffix of its own to replace."""
+    return path_without_suffix.with_name(f"{path_without_suffix.name}{suffix}")
+
+
 def save_figure(figure: go.Figure, path_without_suffix: Path, png: bool = False) -> list[Path]:
-    """Write ``.html`` (always) and ``.png`` (if ``png``); returns the files written. The suffixes are appended,
-    not swapped: a name such as ``fig6_a0=0.25,b0=0.5`` has no suffix of its own to replace."""
-    html = path_without_suffix.with_name(f"{path_without_suffix.name}.html")
+    """Write ``.html`` (always) and ``.png`` (if ``png``); returns the files written."""
+    html = figure_file(path_without_suffix, ".html")
     # The figures must open offline, so plotly.js is written once beside them, not linked to a CDN.
     bundle = html.parent / "plotly.min.js"
     if not bundle.exists():
@@ -42,7 +47,7 @@ def save_figure(figure: go.Figure, path_without_suffix: Path, png: bool = False)
     atomic_write_text(html, figure.to_html(include_plotlyjs="directory", full_html=True))
     written = [html]
     if png:
-        target = path_without_suffix.with_name(f"{path_without_suffix.name}.png")
+        target = figure_file(path_without_suffix, ".png")
         try:
             _write_png(figure, target)
         except Exception as error:  # kaleido raises its own types for a missing browser

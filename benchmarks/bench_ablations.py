@@ -149,7 +149,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "standard errors only)")
     parser.add_argument("--settings", nargs="+", default=None,
                         help="run only these settings of the experiments (names as in results.csv), e.g. more "
-                             "seeds of the paper's recipe and one remedy where it helped")
+                             "seeds of the paper's recipe and one remedy where it helped; the tables still cover "
+                             "every piece in --out, and a setting with more seeds is then compared over its seeds "
+                             "against the other's one (the verdicts use the smaller count)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ablations_smollm2"))
     parser.add_argument("--tiny", action="store_true", help="CI size: SST-2 only, a few prompts, 2 steps")
     args = paper_claim.parse_with_tiny(parser, argv, TINY)

@@ -505,7 +505,7 @@ def test_fig6_cells_give_macro_f1_and_collapse_and_one_seed_fig2_points_carry_th
     assert list(heatmap.y) == ["0.25", "0.5"] and list(heatmap.x) == ["1"]
     assert heatmap.text.tolist() == [["0.550 †<br>F1 0.360"], ["0.860<br>F1 0.850"]]
 
-    sizes = pd.DataFrame([dict(dataset="sst2", method="abft", n_train=n, seed=42, accuracy=0.75, n_inputs=1024)
+    sizes = pd.DataFrame([dict(dataset="sst2", method="abft", n_train=n, seed=42, accuracy=0.75, macro_f1=0.7, n_inputs=1024)
                           for n in (32, 128)])
     abft = next(trace for trace in training_size_figure(sizes, "Fig. 2").data if trace.name == "abft (ours)")
     assert list(abft.error_y.array) == pytest.approx([(0.75 * 0.25 / 1024) ** 0.5] * 2)
