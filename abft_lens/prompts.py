@@ -133,6 +133,18 @@ def share_without_query_label(prompts: PromptSet) -> float:
     return sum(not any(prompt.correct_demos) for prompt in prompts.prompts) / len(prompts)
 
 
+def query_label_demo_share(prompts: PromptSet) -> float:
+    """The mean share of a prompt's demonstrations that carry its query's label: 1/n_labels for random
+    demonstrations and balanced labels. Forcing one demonstration of the query's label (``label_covering``)
+    raises it to 1/k + (k - 1)/(k n_labels): the query's label is then the demonstrations' majority more often
+    than at test time, a shortcut a model trained on such prompts can learn."""
+    shares = [sum(prompt.correct_demos) / len(prompt.correct_demos) for prompt in prompts.prompts
+              if prompt.correct_demos]
+    if not shares:
+        raise DataError("No prompts with demonstrations to measure.")
+    return sum(shares) / len(shares)
+
+
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
 

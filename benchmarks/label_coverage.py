@@ -7,7 +7,10 @@ On such a prompt the ABFT loss has no reward term: only the punishment of wrong 
 data set and seed this builds the training prompts exactly as `finetune` does (the paper's recipe: 512
 prompts, k = 4, from the training pool; ``training_prompts``), once with random demonstrations (the paper's)
 and once with ``--training-demos label_covering``, and writes the share without the query's label beside
-(1 - 1/n_labels)^k, the share for balanced labels. The model is loaded for its tokenizer and never run:
+(1 - 1/n_labels)^k, the share for balanced labels; and the mean share of a prompt's demonstrations that carry
+the query's label (``query_label_demos_*``: 1/n_labels for random ones and balanced labels; forcing one
+demonstration of the query's label raises it, which makes that label the demonstrations' majority more often
+than at test time). The model is loaded for its tokenizer and never run:
 a minute on 2 cores, so the script writes its table at the end and does not resume.
 """
 
@@ -21,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from abft_lens.data import PAPER_DATASETS, load_dataset
-from abft_lens.prompts import share_without_query_label
+from abft_lens.prompts import query_label_demo_share, share_without_query_label
 from abft_lens.errors import ConfigError
 from abft_lens.runs import atomic_write_text, check_out_file
 from abft_lens.training import FinetuneConfig, training_prompts
@@ -50,11 +53,14 @@ def coverage_rows(model, datasets: list[str], seeds: list[int]) -> pd.DataFrame:
         n_labels = len(load_dataset(dataset).label_words)
         for seed in seeds:
             config = FinetuneConfig(dataset=dataset, seed=seed)  # the paper's recipe: n_train, k, pools
-            shares = {demos: share_without_query_label(training_prompts(
-                model, dataclasses.replace(config, training_demos=demos))[0]) for demos in ("random", "label_covering")}
+            prompts = {demos: training_prompts(model, dataclasses.replace(config, training_demos=demos))[0]
+                       for demos in ("random", "label_covering")}
+            shares = {demos: share_without_query_label(prompts[demos]) for demos in prompts}
             rows.append(dict(dataset=dataset, n_labels=n_labels, seed=seed, k=config.k, n_prompts=config.n_train,
                              random=shares["random"], label_covering=shares["label_covering"],
-                             balanced_random=(1 - 1 / n_labels) ** config.k))
+                             balanced_random=(1 - 1 / n_labels) ** config.k,
+                             **{f"query_label_demos_{demos}": query_label_demo_share(prompts[demos])
+                                for demos in prompts}))
             print(f"{dataset} seed {seed}: {shares['random']:.3f} of the prompts without the query's label "
                   f"(label-covering {shares['label_covering']:.3f})", file=sys.stderr, flush=True)
     return pd.DataFrame(rows)

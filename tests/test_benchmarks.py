@@ -578,6 +578,11 @@ def test_label_coverage_counts_training_prompts_without_the_query_s_label(smollm
     assert table.loc["trec", "random"] > 0.3 and table.loc["sst2", "random"] < 0.15
     assert (table["label_covering"] == 0).all() and (table["n_prompts"] == 512).all()
     assert table.loc["trec", "balanced_random"] == pytest.approx((5 / 6) ** 4)
+    # Forcing one demonstration of the query's label over-represents it: about 1/4 + 3/4 x 1/2 = 0.625 of
+    # SST-2's demonstrations against about 1/2 with random ones (1/4 + 3/4 x 1/6 = 0.375 against 1/6 on TREC).
+    for dataset, labels in (("sst2", 2), ("trec", 6)):
+        assert table.loc[dataset, "query_label_demos_random"] == pytest.approx(1 / labels, abs=0.06)
+        assert table.loc[dataset, "query_label_demos_label_covering"] == pytest.approx(1 / 4 + 3 / (4 * labels), abs=0.06)
     out = tmp_path / "coverage.csv"
     out.write_text("mine\n")
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "label_coverage.py"), "--out", str(out)],
