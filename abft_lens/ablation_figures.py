@@ -51,8 +51,18 @@ def compared_rows(results: pd.DataFrame, names) -> pd.DataFrame:
 
 def settings_figure(results: pd.DataFrame, title: str) -> go.Figure:
     """Accuracy and macro-F1 per data set, one bar per setting (mean over seeds, their std as error bar; for
-    one seed, accuracy's binomial standard error)."""
-    return method_comparison(results, ("accuracy", "macro_f1"), method="setting", title=title, binomial=("accuracy",))
+    one seed, accuracy's binomial standard error); a dagger over a bar where a seed collapsed onto one label,
+    whose accuracy is then that label's share of the test set, not a win."""
+    collapsed = set()
+    if "collapsed_onto" in results:
+        flagged = results[results["collapsed_onto"].notna()]
+        collapsed = set(zip(flagged["dataset"].astype(str), flagged["setting"], strict=True))
+        title = f"{title}<br><sup>† a seed collapsed onto one label</sup>" if collapsed else title
+    figure = method_comparison(results, ("accuracy", "macro_f1"), method="setting", title=title, binomial=("accuracy",))
+    for trace in figure.data:
+        trace.text = ["†" if (dataset, trace.name) in collapsed else "" for dataset in trace.x]
+        trace.textposition = "outside"
+    return figure
 
 
 def induction_heads_figure(steps: pd.DataFrame, title: str) -> go.Figure:

@@ -511,6 +511,18 @@ def test_fig6_cells_give_macro_f1_and_collapse_and_one_seed_fig2_points_carry_th
     assert list(abft.error_y.array) == pytest.approx([(0.75 * 0.25 / 1024) ** 0.5] * 2)
 
 
+def test_settings_figure_marks_the_bars_of_a_collapsed_setting():
+    from abft_lens.ablation_figures import settings_figure
+
+    rows = pd.DataFrame([dict(dataset=d, setting=name, seed=42, accuracy=0.5, macro_f1=0.4, n_inputs=1024,
+                              collapsed_onto="anger" if (d, name) == ("tee", "paper") else None)
+                         for d in ("trec", "tee") for name in ("paper", "label_covering")])
+    figure = settings_figure(rows, "Remedies")
+    marks = {(trace.name, x): text for trace in figure.data for x, text in zip(trace.x, trace.text, strict=True)}
+    assert marks[("paper", "tee")] == "†" and marks[("paper", "trec")] == ""
+    assert marks[("label_covering", "tee")] == "" and "collapsed onto one label" in figure.layout.title.text
+
+
 # --- bench_cost (issue 14): each method's step time, activation memory and Param.* --------------------------
 
 
