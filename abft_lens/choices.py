@@ -18,9 +18,11 @@ WeightDtype = Literal["float32", "bfloat16"]
 # adapters on the q/k projections (the paper's E2E baseline, and its ABFT recipe for models over 10B).
 Method = Literal["abft", "e2e", "abft-lora", "e2e-lora"]
 LORA_METHODS = ("abft-lora", "e2e-lora")
-# How a training prompt's k demonstrations are drawn: "random" (the paper's), or "label_covering": at least
-# one demonstration carries the query's label, so the ABFT reward term has a correct label to act on.
-TrainingDemos = Literal["random", "label_covering"]
+# How a training prompt's k demonstrations are drawn: "random" (the paper's), or at least one of them carries
+# the query's label, so that the ABFT reward term has a correct label to act on: "label_covering" forces one
+# such demonstration and draws the rest at random (the query's label is then over-represented);
+# "label_covering_resampled" redraws random sets until one holds the label (random's mix, given coverage).
+TrainingDemos = Literal["random", "label_covering", "label_covering_resampled"]
 # The PID controller's input: "count" (the paper's: mean flagged heads per prompt) or "relative" (that count
 # over its value at the first step, times a fixed reference count: the same gains on any number of heads).
 PidInput = Literal["count", "relative"]

@@ -197,8 +197,9 @@ def finetune_command(
     reward_weight: Optional[float] = typer.Option(None, help="B, the reward weight [default: 1]"),
     training_demos: Optional[str] = typer.Option(None, callback=checked("training_demos", TrainingDemos),
                                                  help="training prompts' demonstrations: random (the paper's) or "
-                                                      "label_covering (at least one of the query's label) "
-                                                      "[default: random]"),
+                                                      "label_covering (one of the query's label forced, the rest "
+                                                      "random) or label_covering_resampled (random sets redrawn "
+                                                      "until one holds it) [default: random]"),
     e2e_softmax: Optional[str] = typer.Option(None, help="E2E cross-entropy over the label tokens (label) or the "
                                                          "vocabulary (vocab) [default: label]"),
     trainable: Optional[str] = typer.Option(None, help="qk (W_Q, W_K) or all (full fine-tuning) [default: qk]"),

@@ -20,7 +20,9 @@ from torch import Tensor
 from abft_lens.data import Example, ICLDataset, Template
 from abft_lens.errors import DataError, LabelTokenError, PromptTooLongError
 
-DemoSampling = Literal["random", "unseen_label", "every_label", "label_covering"]
+DemoSampling = Literal["random", "unseen_label", "every_label", "label_covering", "label_covering_resampled"]
+# Redraws a "label_covering_resampled" prompt may take before its query's label is called too rare to cover.
+MAX_COVERING_DRAWS = 100_000
 
 
 @dataclass(frozen=True)
@@ -225,6 +227,8 @@ def _sample_demos(
         candidates = candidates[candidates != query_index]
     if len(candidates) < k:
         raise DataError(f"Cannot draw {k} demonstrations from a pool of {len(candidates)} candidates.")
+    if mode == "label_covering_resampled":
+        return _resampled_until_covering(rng, pool, candidates, k, query)
     if mode not in ("every_label", "label_covering"):
         return [pool[i] for i in rng.choice(candidates, size=k, replace=False)]
     # One demonstration of each required label first, the rest at random, in a random order. "every_label"
@@ -245,6 +249,22 @@ def _sample_demos(
     rest = rng.choice(np.setdiff1d(candidates, first), size=k - len(first), replace=False)
     chosen = rng.permutation(np.concatenate([first, rest]).astype(int))
     return [pool[i] for i in chosen]
+
+
+def _resampled_until_covering(rng: np.random.Generator, pool: Sequence[Example], candidates: np.ndarray, k: int,
+                              query: Example) -> list[Example]:
+    """Random demonstration sets, redrawn until one holds the query's label: random demonstrations conditioned
+    on covering the label, without the over-representation of forcing one ("label_covering")."""
+    carries = np.array([pool[i].label == query.label for i in candidates])
+    if k < 1 or not carries.any():
+        raise DataError("demo sampling 'label_covering_resampled': the demonstration pool has no other example of "
+                        f"label {query.label} to show with a query of that label.")
+    for _ in range(MAX_COVERING_DRAWS):
+        drawn = rng.choice(len(candidates), size=k, replace=False)
+        if carries[drawn].any():
+            return [pool[i] for i in candidates[drawn]]
+    raise DataError(f"demo sampling 'label_covering_resampled': {MAX_COVERING_DRAWS} random sets of {k} "
+                    f"demonstrations held no example of label {query.label}; it is too rare to cover this way.")
 
 
 def build_prompts(
@@ -269,7 +289,8 @@ def build_prompts(
     from ``queries`` itself without the query (training prompts). ``demo_sampling="unseen_label"``
     draws only demonstrations whose label differs from the query's (the paper's bias test);
     ``"every_label"`` shows every label at least once (k >= the number of labels; the ICL tests);
-    ``"label_covering"`` shows the query's label at least once (training prompts with a correct label).
+    ``"label_covering"`` shows the query's label at least once (training prompts with a correct label), by
+    forcing one such demonstration; ``"label_covering_resampled"`` by redrawing random sets until one holds it.
     """
     if k < 0:
         raise DataError(f"k must be at least 0 (0-shot), got {k}.")

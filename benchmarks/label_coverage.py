@@ -6,11 +6,12 @@
 On such a prompt the ABFT loss has no reward term: only the punishment of wrong labels acts. For each paper
 data set and seed this builds the training prompts exactly as `finetune` does (the paper's recipe: 512
 prompts, k = 4, from the training pool; ``training_prompts``), once with random demonstrations (the paper's)
-and once with ``--training-demos label_covering``, and writes the share without the query's label beside
+and with each ``--training-demos`` that covers the label (``label_covering``, forcing one such demonstration;
+``label_covering_resampled``, redrawing random sets until one holds it), and writes the share without the query's label beside
 (1 - 1/n_labels)^k, the share for balanced labels; and the mean share of a prompt's demonstrations that carry
 the query's label (``query_label_demos_*``: 1/n_labels for random ones and balanced labels; forcing one
 demonstration of the query's label raises it, which makes that label the demonstrations' majority more often
-than at test time). The model is loaded for its tokenizer and never run:
+than at test time; redrawing raises it less). The model is loaded for its tokenizer and never run:
 a minute on 2 cores, so the script writes its table at the end and does not resume.
 """
 
@@ -54,10 +55,11 @@ def coverage_rows(model, datasets: list[str], seeds: list[int]) -> pd.DataFrame:
         for seed in seeds:
             config = FinetuneConfig(dataset=dataset, seed=seed)  # the paper's recipe: n_train, k, pools
             prompts = {demos: training_prompts(model, dataclasses.replace(config, training_demos=demos))[0]
-                       for demos in ("random", "label_covering")}
+                       for demos in ("random", "label_covering", "label_covering_resampled")}
             shares = {demos: share_without_query_label(prompts[demos]) for demos in prompts}
             rows.append(dict(dataset=dataset, n_labels=n_labels, seed=seed, k=config.k, n_prompts=config.n_train,
                              random=shares["random"], label_covering=shares["label_covering"],
+                             label_covering_resampled=shares["label_covering_resampled"],
                              balanced_random=(1 - 1 / n_labels) ** config.k,
                              **{f"query_label_demos_{demos}": query_label_demo_share(prompts[demos])
                                 for demos in prompts}))

@@ -312,8 +312,8 @@ def test_a_setting_shared_by_experiments_is_one_piece(ablations):
     pieces, settings = ablations.planned_pieces(args)
     assert len(pieces) == len(set(pieces))
     assert [piece for piece in pieces if piece[0] == "sst2" and piece[2] == 42].count(("sst2", "paper", 42)) == 1
-    # sst2: 5 of Table 4, 18 grid cells of which 2 are Table 4's, 3 remedies; mr: paper and 3 remedies.
-    assert len(pieces) == 2 * (5 + 16 + 3 + 4)
+    # sst2: 5 of Table 4, 18 grid cells of which 2 are Table 4's, 4 remedies; mr: paper and 4 remedies.
+    assert len(pieces) == 2 * (5 + 16 + 4 + 5)
     assert settings["a0=0.25,b0=2,no_pid"].fields() == {"initial_punish_weight": 0.25, "reward_weight": 2.0,
                                                         "pid": False}
 
@@ -438,13 +438,14 @@ def test_tiny_ablation_benchmark_runs_every_experiment_in_process_and_resumes(ab
     results = pd.read_csv(out / "results.csv").set_index("setting")
     vanilla_metrics = json.loads((Path(results.loc["vanilla", "run_dir"]) / "metrics.json").read_text())
     assert vanilla_metrics["model_or_run"] == str(tiny_gpt2_dir), "the evaluation names the model --model gave"
-    # Table 4 (5), the grid (16 more), sizes (vanilla + 2 methods x 2 sizes), 3 remedies, 2 lrs.
-    assert len(results) == 5 + 16 + 5 + 3 + 2 and results.index.is_unique
+    # Table 4 (5), the grid (16 more), sizes (vanilla + 2 methods x 2 sizes), 4 remedies, 2 lrs.
+    assert len(results) == 5 + 16 + 5 + 4 + 2 and results.index.is_unique
     assert results["accuracy"].between(0, 1).all() and results["macro_f1"].notna().all()
     assert not results.loc["no_pid", "pid"] and results.loc["all_heads", "heads"] == "all"
     assert results.loc["reward_only", "terms"] == "reward" and results.loc["punish_only", "terms"] == "punish"
     assert results.loc["a0=0.25,b0=2", ["initial_punish_weight", "reward_weight"]].tolist() == [0.25, 2.0]
     assert results.loc["label_covering", "share_without_query_label"] == 0.0
+    assert results.loc["label_covering_resampled", "share_without_query_label"] == 0.0
     assert results.loc["label_covering+relative_pid", "pid_input"] == "relative"
     assert results.loc["e2e_n=8", ["method", "n_train", "n_val"]].tolist() == ["e2e", 8, 0]
     assert results.loc["vanilla", "train_seconds"] == 0 and results.loc["lr=0.01", "lr"] == 0.01
@@ -588,13 +589,17 @@ def test_label_coverage_counts_training_prompts_without_the_query_s_label(smollm
     # Six labels and k = 4 leave many prompts without the query's label, two labels few; the
     # label-covering sampler leaves none, and every prompt of the paper's recipe is counted.
     assert table.loc["trec", "random"] > 0.3 and table.loc["sst2", "random"] < 0.15
-    assert (table["label_covering"] == 0).all() and (table["n_prompts"] == 512).all()
+    assert (table["label_covering"] == 0).all() and (table["label_covering_resampled"] == 0).all()
+    assert (table["n_prompts"] == 512).all()
     assert table.loc["trec", "balanced_random"] == pytest.approx((5 / 6) ** 4)
     # Forcing one demonstration of the query's label over-represents it: about 1/4 + 3/4 x 1/2 = 0.625 of
     # SST-2's demonstrations against about 1/2 with random ones (1/4 + 3/4 x 1/6 = 0.375 against 1/6 on TREC).
     for dataset, labels in (("sst2", 2), ("trec", 6)):
         assert table.loc[dataset, "query_label_demos_random"] == pytest.approx(1 / labels, abs=0.06)
         assert table.loc[dataset, "query_label_demos_label_covering"] == pytest.approx(1 / 4 + 3 / (4 * labels), abs=0.06)
+        # Redrawing random sets until one covers the label: random's mix given coverage, (1/n) / (1 - (1 - 1/n)^4).
+        assert table.loc[dataset, "query_label_demos_label_covering_resampled"] == pytest.approx(
+            (1 / labels) / (1 - (1 - 1 / labels) ** 4), abs=0.06)
     out = tmp_path / "coverage.csv"
     out.write_text("mine\n")
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "label_coverage.py"), "--out", str(out)],

@@ -147,13 +147,14 @@ def test_label_covering_prompts_show_the_query_label_on_real_trec(gpt2_tokenizer
     pools = split_pools(trec, seed=42)
     for queries, demo_pool, n in ((pools.train, None, 300), (pools.test, pools.demo, 100)):
         random = build_prompts(gpt2_tokenizer, trec, queries, n_prompts=n, k=4, seed=1, demo_pool=demo_pool)
-        covering = build_prompts(gpt2_tokenizer, trec, queries, n_prompts=n, k=4, seed=1, demo_pool=demo_pool,
-                                 demo_sampling="label_covering")
         assert share_without_query_label(random) > 0.2
-        assert share_without_query_label(covering) == 0.0
-        assert all(prompt.query_label in prompt.demo_labels and len(prompt.demo_labels) == 4
-                   for prompt in covering.prompts)
-        assert covering.metadata["demo_sampling"] == "label_covering"
+        for sampling in ("label_covering", "label_covering_resampled"):
+            covering = build_prompts(gpt2_tokenizer, trec, queries, n_prompts=n, k=4, seed=1, demo_pool=demo_pool,
+                                     demo_sampling=sampling)
+            assert share_without_query_label(covering) == 0.0
+            assert all(prompt.query_label in prompt.demo_labels and len(prompt.demo_labels) == 4
+                       for prompt in covering.prompts)
+            assert covering.metadata["demo_sampling"] == sampling
     assert all(len(set(prompt.label_positions)) == 4 for prompt in covering.prompts)
 
 
@@ -162,11 +163,20 @@ def test_label_covering_never_shows_a_query_as_its_own_demonstration(gpt2_tokeni
     # sampler that did not exclude the query would pick it as its label's demonstration a third of the time.
     words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot"]
     pool = [Example(word, index % 2) for index, word in enumerate(words)]
-    prompts = build_prompts(gpt2_tokenizer, sst2, pool, k=2, seed=3, repeats=20, demo_sampling="label_covering")
-    for prompt in prompts.prompts:
-        text = gpt2_tokenizer.decode(list(prompt.tokens))
-        assert max(text.count(word) for word in words) == 1, text
-        assert prompt.query_label in prompt.demo_labels
+    for sampling in ("label_covering", "label_covering_resampled"):
+        prompts = build_prompts(gpt2_tokenizer, sst2, pool, k=2, seed=3, repeats=20, demo_sampling=sampling)
+        for prompt in prompts.prompts:
+            text = gpt2_tokenizer.decode(list(prompt.tokens))
+            assert max(text.count(word) for word in words) == 1, text
+            assert prompt.query_label in prompt.demo_labels
+
+
+def test_resampled_label_covering_refuses_a_label_the_pool_cannot_show(gpt2_tokenizer, sst2):
+    # The only example of label 1 is the query itself: no demonstration set can cover it, and redrawing must
+    # stop with a clear error rather than loop.
+    pool = [Example("alpha", 1), *(Example(word, 0) for word in ("bravo", "charlie", "delta"))]
+    with pytest.raises(DataError, match="no other example of label 1"):
+        build_prompts(gpt2_tokenizer, sst2, pool, k=2, seed=3, demo_sampling="label_covering_resampled")
 
 
 def test_share_without_query_label_counts_prompts_with_no_correct_demonstration():

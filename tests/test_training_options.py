@@ -75,16 +75,18 @@ def kept_run(tiny_gpt2, tiny_gpt2_dir, short_sst2, tmp_path_factory):
 # --- label-covering training prompts ------------------------------------------------------------------
 
 
-def test_label_covering_training_prompts_always_show_the_query_label(model, tiny_gpt2_dir, short_sst2, tmp_path):
-    config = config_for(tiny_gpt2_dir, short_sst2, tmp_path / "run", training_demos="label_covering", steps=1)
+@pytest.mark.parametrize("sampling", ["label_covering", "label_covering_resampled"])
+def test_label_covering_training_prompts_always_show_the_query_label(model, tiny_gpt2_dir, short_sst2, tmp_path,
+                                                                     sampling):
+    config = config_for(tiny_gpt2_dir, short_sst2, tmp_path / "run", training_demos=sampling, steps=1)
     train, validation = training_prompts(model, config)
     assert all(prompt.query_label in prompt.demo_labels for prompt in train.prompts)
     assert share_without_query_label(train) == 0.0
     assert validation.metadata["demo_sampling"] == "random"  # validation stands in for the test prompts
     run_finetune(config, model=model, progress=False)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert saved["config"]["training_demos"] == "label_covering"
-    assert saved["prompts"]["demo_sampling"] == "label_covering"
+    assert saved["config"]["training_demos"] == sampling
+    assert saved["prompts"]["demo_sampling"] == sampling
     assert saved["prompts"]["share_without_query_label"] == 0.0
 
 

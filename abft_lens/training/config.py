@@ -35,8 +35,9 @@ DESIGN_CHOICES = {
                  "pseudo-batch (pid_input 'count', the paper's), or that mean over its value at the first step "
                  "with any such head, times "
                  "pid_reference_heads ('relative', ours: the same gains on any number of heads)",
-    "training_demos": "training prompts' demonstrations at random (the paper's) or, with 'label_covering', one of "
-                      "them of the query's label; validation prompts always at random, as the test prompts are",
+    "training_demos": "training prompts' demonstrations at random (the paper's) or with at least one of the query's "
+                      "label: 'label_covering' forces one, 'label_covering_resampled' redraws random sets until one "
+                      "holds it; validation prompts always at random, as the test prompts are",
     "keep_checkpoints": "kept intermediate checkpoints hold the trained tensors and the step record; only the "
                         "newest keeps the optimiser state (for resuming), none once the run has finished",
     "lora": "abft-lora/e2e-lora: peft LoRA on the q and k projections of every layer (no bias, no other module); "
