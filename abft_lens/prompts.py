@@ -139,7 +139,9 @@ def query_label_demo_share(prompts: PromptSet) -> float:
     """The mean share of a prompt's demonstrations that carry its query's label: 1/n_labels for random
     demonstrations and balanced labels. Forcing one demonstration of the query's label (``label_covering``)
     raises it to 1/k + (k - 1)/(k n_labels): the query's label is then the demonstrations' majority more often
-    than at test time, a shortcut a model trained on such prompts can learn."""
+    than at test time, a shortcut a model trained on such prompts can learn. Redrawing random sets until one
+    holds it (``label_covering_resampled``) raises it less, to (1/n_labels) / (1 - (1 - 1/n_labels)^k): close to
+    random's on two labels, two thirds of the way to forcing's on five or six."""
     shares = [sum(prompt.correct_demos) / len(prompt.correct_demos) for prompt in prompts.prompts
               if prompt.correct_demos]
     if not shares:
@@ -228,7 +230,8 @@ def _sample_demos(
     if len(candidates) < k:
         raise DataError(f"Cannot draw {k} demonstrations from a pool of {len(candidates)} candidates.")
     if mode == "label_covering_resampled":
-        return _resampled_until_covering(rng, pool, candidates, k, query)
+        return _resampled_until_covering(rng, pool, candidates, by_label.get(query.label, np.array([], dtype=int)),
+                                         k, query)
     if mode not in ("every_label", "label_covering"):
         return [pool[i] for i in rng.choice(candidates, size=k, replace=False)]
     # One demonstration of each required label first, the rest at random, in a random order. "every_label"
@@ -251,12 +254,16 @@ def _sample_demos(
     return [pool[i] for i in chosen]
 
 
-def _resampled_until_covering(rng: np.random.Generator, pool: Sequence[Example], candidates: np.ndarray, k: int,
-                              query: Example) -> list[Example]:
+def _resampled_until_covering(rng: np.random.Generator, pool: Sequence[Example], candidates: np.ndarray,
+                              with_query_label: np.ndarray, k: int, query: Example) -> list[Example]:
     """Random demonstration sets, redrawn until one holds the query's label: random demonstrations conditioned
-    on covering the label, without the over-representation of forcing one ("label_covering")."""
-    carries = np.array([pool[i].label == query.label for i in candidates])
-    if k < 1 or not carries.any():
+    on covering the label. That raises the label's share less than forcing one ("label_covering") does, but
+    does not remove the rise: covering alone over-represents it where the label is rare in random sets."""
+    if k < 1:
+        raise DataError(f"demo sampling 'label_covering_resampled' needs k >= 1 (a demonstration of the query's "
+                        f"label); got k = {k}.")
+    carries = np.isin(candidates, with_query_label)
+    if not carries.any():
         raise DataError("demo sampling 'label_covering_resampled': the demonstration pool has no other example of "
                         f"label {query.label} to show with a query of that label.")
     for _ in range(MAX_COVERING_DRAWS):

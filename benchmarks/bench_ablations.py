@@ -1,4 +1,4 @@
-"""The paper's ablations and training dynamics on our embedded model, and two remedies for where ABFT stalls
+"""The paper's ablations and training dynamics on our embedded model, and remedies for where ABFT stalls
 (issue 18). Each piece is one (data set, setting, seed): a fine-tuning run with the settings' changes to the
 paper's recipe (``abft_lens.ablations``) and its evaluation (accuracy, macro-F1, the predicted-label
 distribution and whether it collapsed onto one label, on n-test queries x demo-sets). A setting that two
@@ -16,7 +16,8 @@ default):
   ABFT, E2E and vanilla ICL (the same 32 steps of 32 at every size; training queries from the whole
   1024-example pool, so the lr must come from --lr-from or --abft-lr/--e2e-lr);
 - ``remedies`` (not in the paper), on the 8 data sets: label-covering training prompts, the relative PID
-  input, and both, against the paper's ABFT (``remedies.csv``: differences with their verdict against the
+  input, both, and label covering by redrawing random sets instead of forcing a demonstration, against the
+  paper's ABFT (``remedies.csv``: differences with their verdict against the
   seed spread or, for one seed, the larger of two standard errors and twice the paper's ABFT seed spread on
   that data set in the three-seed grid, ``--spread-from``; summary.json's ``remedies_recommended`` applies
   the issue's test: macro-F1 ahead on a weak set, TREC, SST-5 or TEE, and behind nowhere);

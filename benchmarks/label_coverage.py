@@ -64,7 +64,8 @@ def coverage_rows(model, datasets: list[str], seeds: list[int]) -> pd.DataFrame:
                              **{f"query_label_demos_{demos}": query_label_demo_share(prompts[demos])
                                 for demos in prompts}))
             print(f"{dataset} seed {seed}: {shares['random']:.3f} of the prompts without the query's label "
-                  f"(label-covering {shares['label_covering']:.3f})", file=sys.stderr, flush=True)
+                  f"(label-covering {shares['label_covering']:.3f}, resampled "
+                  f"{shares['label_covering_resampled']:.3f})", file=sys.stderr, flush=True)
     return pd.DataFrame(rows)
 
 

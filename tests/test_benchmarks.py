@@ -599,7 +599,7 @@ def test_label_coverage_counts_training_prompts_without_the_query_s_label(smollm
         assert table.loc[dataset, "query_label_demos_label_covering"] == pytest.approx(1 / 4 + 3 / (4 * labels), abs=0.06)
         # Redrawing random sets until one covers the label: random's mix given coverage, (1/n) / (1 - (1 - 1/n)^4).
         assert table.loc[dataset, "query_label_demos_label_covering_resampled"] == pytest.approx(
-            (1 / labels) / (1 - (1 - 1 / labels) ** 4), abs=0.06)
+            (1 / labels) / (1 - (1 - 1 / labels) ** 4), abs=0.03)  # forced: 0.625 and 0.375
     out = tmp_path / "coverage.csv"
     out.write_text("mine\n")
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "label_coverage.py"), "--out", str(out)],

@@ -155,7 +155,7 @@ def test_label_covering_prompts_show_the_query_label_on_real_trec(gpt2_tokenizer
             assert all(prompt.query_label in prompt.demo_labels and len(prompt.demo_labels) == 4
                        for prompt in covering.prompts)
             assert covering.metadata["demo_sampling"] == sampling
-    assert all(len(set(prompt.label_positions)) == 4 for prompt in covering.prompts)
+            assert all(len(set(prompt.label_positions)) == 4 for prompt in covering.prompts)
 
 
 def test_label_covering_never_shows_a_query_as_its_own_demonstration(gpt2_tokenizer, sst2):
@@ -177,6 +177,17 @@ def test_resampled_label_covering_refuses_a_label_the_pool_cannot_show(gpt2_toke
     pool = [Example("alpha", 1), *(Example(word, 0) for word in ("bravo", "charlie", "delta"))]
     with pytest.raises(DataError, match="no other example of label 1"):
         build_prompts(gpt2_tokenizer, sst2, pool, k=2, seed=3, demo_sampling="label_covering_resampled")
+
+
+def test_resampled_label_covering_gives_up_on_a_label_too_rare_to_draw(gpt2_tokenizer, sst2, monkeypatch):
+    # One example of label 1 among 40 others: a random pair holds it 1 time in 20, so three draws usually miss.
+    import abft_lens.prompts as prompts
+
+    monkeypatch.setattr(prompts, "MAX_COVERING_DRAWS", 3)
+    pool = [Example("query", 1), Example("rare", 1), *(Example(f"w{i}", 0) for i in range(39))]
+    with pytest.raises(DataError, match="3 random sets of 2 demonstrations held no example of label 1"):
+        build_prompts(gpt2_tokenizer, sst2, pool, n_prompts=1, k=2, seed=0, repeats=30,
+                      demo_sampling="label_covering_resampled")
 
 
 def test_share_without_query_label_counts_prompts_with_no_correct_demonstration():

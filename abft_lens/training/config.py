@@ -78,7 +78,7 @@ class FinetuneConfig:
     trainable: Trainable = "qk"  # "all": every parameter (full fine-tuning, for the cost comparison)
     checkpoint_every: int = 4  # steps between checkpoints
     keep_checkpoints: bool = False  # keep every checkpoint (a trajectory to evaluate), not only the latest
-    training_demos: TrainingDemos = "random"  # "label_covering": the query's label among the demonstrations
+    training_demos: TrainingDemos = "random"  # "label_covering*": the query's label among the demonstrations
     seed: int = 42  # prompts (demonstrations), data order, torch RNG
     pool_seed: int = 42  # the train/demo/test split, fixed across seeds so the test pool stays the same
     label_words: tuple[str, ...] | None = None
