@@ -14,7 +14,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from abft_lens.ablations import REMEDIES, TABLE4, is_lr_setting, is_size_setting, is_weight_setting
-from abft_lens.benchmarking import seed_table
+from abft_lens.benchmarking import collapsed_runs, seed_table
 from abft_lens.paper_numbers import PAPER_DATASET_ORDER, PAPER_GPT2_XL, PAPER_N_TRAIN
 from abft_lens.plots import PALETTE, error_bars, method_comparison
 from abft_lens.runs import pid_input_counts
@@ -53,11 +53,11 @@ def settings_figure(results: pd.DataFrame, title: str) -> go.Figure:
     """Accuracy and macro-F1 per data set, one bar per setting (mean over seeds, their std as error bar; for
     one seed, accuracy's binomial standard error); a dagger over a bar where a seed collapsed onto one label,
     whose accuracy is then that label's share of the test set, not a win."""
-    collapsed = set()
-    if "collapsed_onto" in results:
-        flagged = results[results["collapsed_onto"].notna()]
-        collapsed = set(zip(flagged["dataset"].astype(str), flagged["setting"], strict=True))
-        title = f"{title}<br><sup>† a seed collapsed onto one label</sup>" if collapsed else title
+    table = seed_table(results, by="setting")
+    flagged = table[table["collapsed_seeds"] > 0]
+    collapsed = set(zip(flagged["dataset"].astype(str), flagged["setting"], strict=True))
+    if collapsed:
+        title = f"{title}<br><sup>† a seed collapsed onto one label</sup>"
     figure = method_comparison(results, ("accuracy", "macro_f1"), method="setting", title=title, binomial=("accuracy",))
     for trace in figure.data:
         trace.text = ["†" if (dataset, trace.name) in collapsed else "" for dataset in trace.x]
@@ -97,7 +97,7 @@ def initial_weights_figure(results: pd.DataFrame, title: str) -> go.Figure:
     seed collapsed onto one label: a high accuracy that is one label's share is no win."""
     figure = make_subplots(rows=1, cols=2, subplot_titles=("with PID", "without PID (A fixed at A0)"),
                            horizontal_spacing=0.12)
-    results = results.assign(collapsed=results["collapsed_onto"].notna() if "collapsed_onto" in results else False)
+    results = results.assign(collapsed=collapsed_runs(results))
     for column, pid in enumerate((True, False), start=1):
         part = results[results["pid"].astype(bool) == pid]
         if part.empty:

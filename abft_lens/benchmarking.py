@@ -168,10 +168,18 @@ def binomial_standard_error(share: float | pd.Series, n: float | pd.Series) -> f
     return (share * (1 - share) / n) ** 0.5
 
 
+def collapsed_runs(frame: pd.DataFrame) -> pd.Series:
+    """Per row, whether that run collapsed onto one label (``collapsed_onto`` set); all False for a table older
+    than that column."""
+    if "collapsed_onto" not in frame:
+        return pd.Series(False, index=frame.index)
+    return frame["collapsed_onto"].notna()
+
+
 def seed_table(frame: pd.DataFrame, by: str = "method") -> pd.DataFrame:
     """Per (dataset, ``by``): mean and standard deviation over seeds of accuracy and macro-F1, the number of
     seeds, the binomial standard error of one run's accuracy, and how many seeds collapsed."""
-    frame = frame.assign(collapsed=frame.get("collapsed_onto", pd.Series(index=frame.index, dtype=object)).notna())
+    frame = frame.assign(collapsed=collapsed_runs(frame))
     grouped = frame.groupby(["dataset", by])
     table = grouped[list(METRICS)].agg(["mean", "std"])
     table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]

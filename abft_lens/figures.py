@@ -45,7 +45,7 @@ import plotly.graph_objects as go
 from abft_lens.ablation_figures import ablation_figures, read_ablation_tables
 from abft_lens.figure_sources import _SOURCES, FigureSource, figure_sources, register_figure_source  # noqa: F401
 from abft_lens.paper_numbers import PAPER_DATASET_ORDER, PAPER_GPT2_XL
-from abft_lens.benchmarking import binomial_standard_error
+from abft_lens.benchmarking import binomial_standard_error, collapsed_runs
 from abft_lens.plots import error_bars, figure_file, head_heatmap, method_comparison, plotted_metrics, save_figure
 from abft_lens.runs import METRICS_FILE, read_json_object, read_metrics
 
@@ -76,8 +76,7 @@ def accuracy_with_paper(results: pd.DataFrame, title: str = "Accuracy per data s
     the accuracy's binomial standard error where ``n_inputs`` is known; a bar whose
     runs collapsed onto one label is marked "collapsed") and, for accuracy, the paper's GPT2-XL numbers
     (hatched, "GPT2-XL, quoted from the paper") for the same data sets."""
-    results = results.assign(collapsed=results["collapsed_onto"].notna() if "collapsed_onto" in results else False,
-                             seed=results["seed"] if "seed" in results else 0)
+    results = results.assign(collapsed=collapsed_runs(results), seed=results["seed"] if "seed" in results else 0)
     results = results.assign(n_inputs=results["n_inputs"] if "n_inputs" in results else float("nan"))
     ours = results.groupby(["dataset", "method"], sort=False).agg(
         mean=(metric, "mean"), std=(metric, "std"), seeds=("seed", "nunique"), collapsed=("collapsed", "sum"),

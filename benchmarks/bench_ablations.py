@@ -329,12 +329,12 @@ def lr_choice_table(results: pd.DataFrame, validation: pd.DataFrame, search_step
             if scores.empty:
                 continue
             chosen = scores.sort_values(["validation_accuracy", "lr"], ascending=[False, True]).iloc[0]
-            picked = test.loc[(dataset, chosen["lr"])] if (dataset, chosen["lr"]) in test.index else None
-            accuracy = picked["accuracy"] if picked is not None else float("nan")
+            key = (dataset, chosen["lr"])
+            picked = test.loc[key] if key in test.index else pd.Series(float("nan"), index=test.columns)
             rows.append({"dataset": dataset, "rule": rule, "lr": chosen["lr"],
-                         "validation_accuracy": chosen["validation_accuracy"], "test_accuracy": accuracy,
-                         "test_macro_f1": picked["macro_f1"] if picked is not None else float("nan"),
-                         "best_test_accuracy": best, "regret": best - accuracy})
+                         "validation_accuracy": chosen["validation_accuracy"], "test_accuracy": picked["accuracy"],
+                         "test_macro_f1": picked["macro_f1"], "best_test_accuracy": best,
+                         "regret": best - picked["accuracy"]})
     return pd.DataFrame(rows)
 
 

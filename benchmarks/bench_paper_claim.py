@@ -64,6 +64,7 @@ from abft_lens.benchmarking import (
     METRICS,
     append_rows,
     check_finished_precision,
+    collapsed_runs,
     compare,
     piece_keys,
     read_table,
@@ -458,8 +459,7 @@ def summarise(frame: pd.DataFrame, ood: pd.DataFrame | None = None) -> dict[str,
         .to_dict(),
         "pieces": len(frame), "seeds": sorted(int(seed) for seed in frame["seed"].unique()),
         "collapsed_runs": {method: int(count) for method, count in
-                           frame.assign(c=frame.get("collapsed_onto", pd.Series(index=frame.index, dtype=object))
-                                        .notna()).groupby("method")["c"].sum().items()},
+                           frame.assign(c=collapsed_runs(frame)).groupby("method")["c"].sum().items()},
     }
     collapsed = set(zip(table.loc[table["collapsed_seeds"] > 0, "dataset"],
                         table.loc[table["collapsed_seeds"] > 0, "method"]))

@@ -21,9 +21,11 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
+from typing import get_args
 
 import pandas as pd
 
+from abft_lens.choices import TrainingDemos
 from abft_lens.data import PAPER_DATASETS, load_dataset
 from abft_lens.prompts import query_label_demo_share, share_without_query_label
 from abft_lens.errors import ConfigError
@@ -55,12 +57,10 @@ def coverage_rows(model, datasets: list[str], seeds: list[int]) -> pd.DataFrame:
         for seed in seeds:
             config = FinetuneConfig(dataset=dataset, seed=seed)  # the paper's recipe: n_train, k, pools
             prompts = {demos: training_prompts(model, dataclasses.replace(config, training_demos=demos))[0]
-                       for demos in ("random", "label_covering", "label_covering_resampled")}
+                       for demos in get_args(TrainingDemos)}
             shares = {demos: share_without_query_label(prompts[demos]) for demos in prompts}
             rows.append(dict(dataset=dataset, n_labels=n_labels, seed=seed, k=config.k, n_prompts=config.n_train,
-                             random=shares["random"], label_covering=shares["label_covering"],
-                             label_covering_resampled=shares["label_covering_resampled"],
-                             balanced_random=(1 - 1 / n_labels) ** config.k,
+                             **shares, balanced_random=(1 - 1 / n_labels) ** config.k,
                              **{f"query_label_demos_{demos}": query_label_demo_share(prompts[demos])
                                 for demos in prompts}))
             print(f"{dataset} seed {seed}: {shares['random']:.3f} of the prompts without the query's label "
