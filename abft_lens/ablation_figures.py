@@ -8,6 +8,7 @@ numbers for these experiments are not in method.md, so none is drawn, except Tab
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -15,6 +16,7 @@ from plotly.subplots import make_subplots
 
 from abft_lens.ablations import REMEDIES, TABLE4, is_lr_setting, is_size_setting, is_weight_setting
 from abft_lens.benchmarking import collapsed_runs, seed_table
+from abft_lens.choices import Method
 from abft_lens.paper_numbers import PAPER_DATASET_ORDER, PAPER_GPT2_XL, PAPER_N_TRAIN
 from abft_lens.plots import PALETTE, error_bars, method_comparison
 from abft_lens.runs import pid_input_counts
@@ -121,18 +123,21 @@ def initial_weights_figure(results: pd.DataFrame, title: str) -> go.Figure:
 
 
 def training_size_figure(results: pd.DataFrame, title: str) -> go.Figure:
-    """Accuracy against the training prompts n_d per data set (columns): ABFT and E2E (mean over seeds, their
+    """Accuracy against the training prompts n_d per data set (columns): each fine-tuning method present, ABFT
+    and the paper's E2E baseline (E2E-LoRA) by default (mean over seeds, their
     std as error bars, or for one seed the binomial standard error, a lower bound where queries repeat with
     other demonstrations), vanilla ICL as a flat line, and the
     paper's GPT2-XL Table 1 accuracy at n_d = 512 (quoted) as open markers."""
     datasets = list(dict.fromkeys(in_dataset_order(results)["dataset"]))
     figure = make_subplots(rows=1, cols=len(datasets), subplot_titles=datasets, shared_yaxes=True)
-    colours = {"abft": "#F58518", "e2e": "#4C78A8", "vanilla": "#9D9D9D"}
+    colours = {"abft": "#F58518", "e2e": "#4C78A8", "e2e-lora": "#54A24B", "abft-lora": "#B279A2",
+               "vanilla": "#9D9D9D"}
     trained = results[results["method"] != "vanilla"]
+    methods = [method for method in get_args(Method) if method in set(trained["method"])]
     sizes = sorted(trained["n_train"].dropna().unique()) or [PAPER_N_TRAIN]
     for column, dataset in enumerate(datasets, start=1):
         first = column == 1
-        for method in ("abft", "e2e"):
+        for method in methods:
             part = trained[(trained["dataset"] == dataset) & (trained["method"] == method)]
             if part.empty:
                 continue
@@ -216,8 +221,9 @@ def ablation_figures(results: pd.DataFrame, steps: pd.DataFrame | None = None,
     sizes = results[results["setting"].map(is_size_setting)]
     if sizes["setting"].nunique() > 1:
         figures["fig2"] = training_size_figure(sizes, f"Fig. 2 (paper): accuracy against the training prompts "
-                                                      f"n_d{suffix}<br><sup>E2E here: full-rank W_Q/W_K "
-                                                      f"(this benchmark's --method e2e)<br>error bars: seed std, "
+                                                      f"n_d{suffix}<br><sup>e2e-lora: the paper's E2E baseline "
+                                                      f"(LoRA r = 16 on q/k); e2e: full-rank W_Q/W_K<br>error "
+                                                      f"bars: seed std, "
                                                       f"or for one seed the binomial standard error (a lower bound: "
                                                       f"queries repeat)</sup>")
     remedies = compared_rows(results, [s.name for s in REMEDIES])

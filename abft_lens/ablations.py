@@ -9,7 +9,9 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
+
+from abft_lens.choices import Method
 
 Experiment = Literal["table4", "fig6", "fig2", "remedies", "lr_choice"]
 EXPERIMENTS: tuple[Experiment, ...] = ("table4", "fig6", "fig2", "remedies", "lr_choice")
@@ -18,7 +20,7 @@ EXPERIMENTS: tuple[Experiment, ...] = ("table4", "fig6", "fig2", "remedies", "lr
 @dataclass(frozen=True)
 class Setting:
     name: str
-    method: str = "abft"  # abft, e2e, or vanilla (the base model: nothing trained)
+    method: str = "abft"  # a fine-tuning Method, or vanilla (the base model: nothing trained)
     overrides: tuple[tuple[str, object], ...] = ()  # FinetuneConfig fields that differ from the recipe
 
     def fields(self) -> dict[str, object]:
@@ -53,6 +55,8 @@ REMEDIES = (
 FIG6_PUNISH_WEIGHTS = (0.25, 0.5, 1.0)
 FIG6_REWARD_WEIGHTS = (0.5, 1.0, 2.0)
 FIG2_SIZES = (32, 128, 512, 1024)  # Fig. 2's training-set sizes n_d
+# Fig. 2's fine-tuning methods: ABFT and the paper's E2E baseline, LoRA on q/k (method.md section 6; issue 14).
+FIG2_METHODS: tuple[Method, ...] = ("abft", "e2e-lora")
 
 
 def weight_setting(punish_weight: float, reward_weight: float, pid: bool) -> Setting:
@@ -68,7 +72,7 @@ def is_weight_setting(name: str) -> bool:
 
 
 def size_setting(method: str, n_train: int | None = None) -> Setting:
-    """Fig. 2's point: ``method`` (abft, e2e) trained on ``n_train`` prompts, or the vanilla model. Every size
+    """Fig. 2's point: ``method`` (a Method) trained on ``n_train`` prompts, or the vanilla model. Every size
     takes its training queries from the whole 1024-example training pool (no validation split carved: the
     largest size needs all of it), so the lr must be given or reused, not searched."""
     if method == "vanilla":
@@ -76,7 +80,7 @@ def size_setting(method: str, n_train: int | None = None) -> Setting:
     return Setting(f"{method}_n={n_train}", method=method, overrides=(("n_train", n_train), ("n_val", 0)))
 
 
-_SIZE = re.compile(r"^(abft|e2e)_n=\d+$")
+_SIZE = re.compile(rf"^({'|'.join(map(re.escape, get_args(Method)))})_n=\d+$")
 
 
 def is_size_setting(name: str) -> bool:
@@ -95,6 +99,7 @@ def is_lr_setting(name: str) -> bool:
 
 
 def experiment_settings(experiment: Experiment, sizes: Sequence[int] = FIG2_SIZES,
+                        size_methods: Sequence[Method] = FIG2_METHODS,
                         punish_weights: Sequence[float] = FIG6_PUNISH_WEIGHTS,
                         reward_weights: Sequence[float] = FIG6_REWARD_WEIGHTS, lrs: Sequence[float] = (),
                         checkpoint_every: int = 8) -> tuple[Setting, ...]:
@@ -106,7 +111,7 @@ def experiment_settings(experiment: Experiment, sizes: Sequence[int] = FIG2_SIZE
     if experiment == "fig6":
         return tuple(weight_setting(a, b, pid) for pid in (True, False) for a in punish_weights for b in reward_weights)
     if experiment == "fig2":
-        return (size_setting("vanilla"), *(size_setting(method, n) for method in ("abft", "e2e") for n in sizes))
+        return (size_setting("vanilla"), *(size_setting(method, n) for method in size_methods for n in sizes))
     if experiment == "lr_choice":
         return tuple(lr_setting(lr, checkpoint_every) for lr in lrs)
     raise ValueError(f"experiment must be one of {EXPERIMENTS}; got {experiment!r}")

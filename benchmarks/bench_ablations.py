@@ -13,8 +13,9 @@ default):
   above the induction threshold);
 - ``fig6`` (paper Fig. 6), on SST-2: a 3 x 3 grid of initial weights (A0, B0), with and without PID;
 - ``fig2`` (paper Fig. 2), on SST-2 and TREC: accuracy against 32, 128, 512 and 1024 training prompts for
-  ABFT, E2E and vanilla ICL (the same 32 steps of 32 at every size; training queries from the whole
-  1024-example pool, so the lr must come from --lr-from or --abft-lr/--e2e-lr);
+  ABFT, the paper's E2E baseline (E2E-LoRA; ``--fig2-methods``) and vanilla ICL (the same 32 steps of 32 at
+  every size; training queries from the whole 1024-example pool, so the lr must come from --lr-from or
+  --abft-lr/--e2e-lr/--lora-lr);
 - ``remedies`` (not in the paper), on the 8 data sets: label-covering training prompts, the relative PID
   input, both, and label covering by redrawing random sets instead of forcing a demonstration, against the
   paper's ABFT (``remedies.csv``: differences with their verdict against the
@@ -61,12 +62,14 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import get_args
 
 import pandas as pd
 
 from abft_lens.ablation_figures import STEPS_FILE, VALIDATION_FILE, ablation_figures, compared_rows, in_dataset_order
 from abft_lens.ablations import (
     EXPERIMENTS,
+    FIG2_METHODS,
     FIG2_SIZES,
     FIG6_PUNISH_WEIGHTS,
     FIG6_REWARD_WEIGHTS,
@@ -88,6 +91,7 @@ from abft_lens.benchmarking import (
     seed_table,
     timed_rows,
 )
+from abft_lens.choices import Method
 from abft_lens.data import PAPER_DATASETS
 from abft_lens.errors import DataError
 from abft_lens.runs import atomic_write_text, package_versions, write_json
@@ -117,7 +121,7 @@ WEAK_DATASETS = ("trec", "sst5", "tee")
 # The three-seed bf16 grid of the paper's claim: ABFT's seed spread per data set at the ablations' precision.
 SPREAD_FROM = Path("benchmarks/results/paper_claim_smollm2_bf16/results.csv")
 TINY = dict(n_train=8, steps=2, batch_size=4, micro_batch_size=4, n_val=8, k=2, n_test=8, demo_sets=1,
-            abft_lr="1e-3", e2e_lr="1e-3", eval_batch_size=8, lr_grid=[1e-3, 1e-2], lr_checkpoint_every=1,
+            abft_lr="1e-3", e2e_lr="1e-3", lora_lr="1e-3", eval_batch_size=8, lr_grid=[1e-3, 1e-2], lr_checkpoint_every=1,
             sizes=[4, 8], table4_datasets=["sst2"], fig6_datasets=["sst2"], fig2_datasets=["sst2"],
             remedy_datasets=["sst2"], lr_datasets=["sst2"], lr_from=[], spread_from=None)
 
@@ -135,6 +139,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr-datasets", nargs="+", default=list(PAPER_DATASETS),
                         help="data sets of lr_choice (its lrs: --lr-grid, default FinetuneConfig.lr_grid)")
     parser.add_argument("--sizes", nargs="+", type=int, default=list(FIG2_SIZES), help="fig2's training prompts")
+    parser.add_argument("--fig2-methods", nargs="+", default=list(FIG2_METHODS), choices=get_args(Method),
+                        help="fig2's fine-tuning methods (e2e-lora: the paper's E2E baseline; e2e: full W_Q/W_K)")
     parser.add_argument("--fig6-punish-weights", nargs="+", type=float, default=list(FIG6_PUNISH_WEIGHTS),
                         help="fig6's initial punishment weights A0")
     parser.add_argument("--fig6-reward-weights", nargs="+", type=float, default=list(FIG6_REWARD_WEIGHTS),
@@ -185,7 +191,8 @@ def planned_pieces(args: argparse.Namespace) -> tuple[list[tuple[str, str, int]]
     settings: dict[str, Setting] = {}
     pieces: dict[tuple[str, str, int], None] = {}
     for experiment in args.experiments:
-        chosen = experiment_settings(experiment, sizes=args.sizes, punish_weights=args.fig6_punish_weights,
+        chosen = experiment_settings(experiment, sizes=args.sizes, size_methods=args.fig2_methods,
+                                     punish_weights=args.fig6_punish_weights,
                                      reward_weights=args.fig6_reward_weights,
                                      lrs=args.lr_grid or FinetuneConfig().lr_grid,
                                      checkpoint_every=args.lr_checkpoint_every)

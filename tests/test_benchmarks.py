@@ -330,6 +330,20 @@ def test_settings_narrow_the_pieces_and_an_unknown_one_is_refused_before_anythin
     assert "--settings label_coverage: no such setting in --experiments remedies" in capsys.readouterr().err
 
 
+def test_fig2_plans_the_papers_e2e_baseline_and_takes_other_methods_when_asked(ablations, capsys):
+    pieces, settings = ablations.planned_pieces(ablations.parse_args(["--experiments", "fig2", "--fig2-datasets",
+                                                                       "trec", "--sizes", "32", "1024"]))
+    assert [name for _, name, _ in pieces] == ["vanilla", "abft_n=32", "abft_n=1024", "e2e-lora_n=32",
+                                               "e2e-lora_n=1024"]
+    assert settings["e2e-lora_n=32"].method == "e2e-lora"
+    pieces, _ = ablations.planned_pieces(ablations.parse_args(["--experiments", "fig2", "--fig2-datasets", "trec",
+                                                               "--sizes", "32", "--fig2-methods", "e2e"]))
+    assert [name for _, name, _ in pieces] == ["vanilla", "e2e_n=32"]
+    with pytest.raises(SystemExit) as exit_info:
+        ablations.parse_args(["--experiments", "fig2", "--fig2-methods", "lora"])
+    assert exit_info.value.code == 2 and "--fig2-methods" in capsys.readouterr().err
+
+
 def test_settings_table_gives_time_relative_to_full_abft_and_verdicts_against_it(ablations):
     rows = [("paper", 0.80, 10.0), ("no_pid", 0.60, 10.0), ("reward_only", 0.79, 5.0)]
     frame = pd.DataFrame([dict(dataset="sst2", setting=name, seed=42, accuracy=a, macro_f1=a, n_inputs=1024,
@@ -447,7 +461,7 @@ def test_tiny_ablation_benchmark_runs_every_experiment_in_process_and_resumes(ab
     assert results.loc["label_covering", "share_without_query_label"] == 0.0
     assert results.loc["label_covering_resampled", "share_without_query_label"] == 0.0
     assert results.loc["label_covering+relative_pid", "pid_input"] == "relative"
-    assert results.loc["e2e_n=8", ["method", "n_train", "n_val"]].tolist() == ["e2e", 8, 0]
+    assert results.loc["e2e-lora_n=8", ["method", "n_train", "n_val"]].tolist() == ["e2e-lora", 8, 0]  # the paper's E2E
     assert results.loc["vanilla", "train_seconds"] == 0 and results.loc["lr=0.01", "lr"] == 0.01
     assert (results.drop(index="vanilla")["lr_source"] != "search").all()  # --tiny gives the lr
     table4 = pd.read_csv(out / "table4.csv").set_index("setting")
@@ -506,10 +520,11 @@ def test_fig6_cells_give_macro_f1_and_collapse_and_one_seed_fig2_points_carry_th
     assert list(heatmap.y) == ["0.25", "0.5"] and list(heatmap.x) == ["1"]
     assert heatmap.text.tolist() == [["0.550 †<br>F1 0.360"], ["0.860<br>F1 0.850"]]
 
-    sizes = pd.DataFrame([dict(dataset="sst2", method="abft", n_train=n, seed=42, accuracy=0.75, macro_f1=0.7, n_inputs=1024)
-                          for n in (32, 128)])
-    abft = next(trace for trace in training_size_figure(sizes, "Fig. 2").data if trace.name == "abft (ours)")
-    assert list(abft.error_y.array) == pytest.approx([(0.75 * 0.25 / 1024) ** 0.5] * 2)
+    sizes = pd.DataFrame([dict(dataset="sst2", method=method, n_train=n, seed=42, accuracy=0.75, macro_f1=0.7,
+                               n_inputs=1024) for method in ("abft", "e2e-lora") for n in (32, 128)])
+    traces = {trace.name: trace for trace in training_size_figure(sizes, "Fig. 2").data}
+    assert list(traces["abft (ours)"].error_y.array) == pytest.approx([(0.75 * 0.25 / 1024) ** 0.5] * 2)
+    assert list(traces["e2e-lora (ours)"].x) == [32, 128] and "e2e (ours)" not in traces
 
 
 def test_settings_figure_marks_the_bars_of_a_collapsed_setting():
