@@ -126,8 +126,8 @@ def training_size_figure(results: pd.DataFrame, title: str) -> go.Figure:
     """Accuracy against the training prompts n_d per data set (columns): each fine-tuning method present, ABFT
     and the paper's E2E baseline (E2E-LoRA) by default (mean over seeds, their
     std as error bars, or for one seed the binomial standard error, a lower bound where queries repeat with
-    other demonstrations), vanilla ICL as a flat line, and the
-    paper's GPT2-XL Table 1 accuracy at n_d = 512 (quoted) as open markers."""
+    other demonstrations; † over a point where a seed collapsed onto one label), vanilla ICL as a flat line,
+    and the paper's GPT2-XL Table 1 accuracy at n_d = 512 (quoted) as open markers."""
     datasets = list(dict.fromkeys(in_dataset_order(results)["dataset"]))
     figure = make_subplots(rows=1, cols=len(datasets), subplot_titles=datasets, shared_yaxes=True)
     colours = {"abft": "#F58518", "e2e": "#4C78A8", "e2e-lora": "#54A24B", "abft-lora": "#B279A2",
@@ -143,7 +143,9 @@ def training_size_figure(results: pd.DataFrame, title: str) -> go.Figure:
                 continue
             stats = seed_table(part, by="n_train").set_index("n_train").sort_index()
             error = stats["accuracy_std"].where(stats["seeds"] > 1, stats["accuracy_se"])
-            figure.add_trace(go.Scatter(x=stats.index, y=stats["accuracy_mean"], mode="lines+markers",
+            marks = ["†" if collapsed else "" for collapsed in stats["collapsed_seeds"] > 0]
+            figure.add_trace(go.Scatter(x=stats.index, y=stats["accuracy_mean"], mode="lines+markers+text",
+                                        text=marks, textposition="top center",
                                         name=f"{method} (ours)", legendgroup=method, showlegend=first,
                                         line={"color": colours[method]}, error_y=error_bars(error)),
                              row=1, col=column)
@@ -159,10 +161,11 @@ def training_size_figure(results: pd.DataFrame, title: str) -> go.Figure:
                                             name=f"{method} (GPT2-XL, Table 1, quoted)", legendgroup=f"paper {method}",
                                             showlegend=first, marker={"symbol": "circle-open", "size": 11,
                                                                       "color": colours[method]}), row=1, col=column)
-        figure.update_xaxes(title_text="training prompts n_d", type="log", row=1, col=column)
+        figure.update_xaxes(title_text="training prompts n_d", type="log", tickvals=sizes,
+                            ticktext=[f"{size:g}" for size in sizes], row=1, col=column)
     figure.update_yaxes(title_text="accuracy", range=[0, 1], row=1, col=1)
     figure.update_layout(template="plotly_white", title={"text": title, "y": 0.95, "yanchor": "top"},
-                         width=max(700, 480 * len(datasets)), height=500, margin={"t": 130})
+                         width=max(700, 480 * len(datasets)), height=520, margin={"t": 150})
     return figure
 
 
@@ -225,7 +228,7 @@ def ablation_figures(results: pd.DataFrame, steps: pd.DataFrame | None = None,
                                                       f"(LoRA r = 16 on q/k); e2e: full-rank W_Q/W_K<br>error "
                                                       f"bars: seed std, "
                                                       f"or for one seed the binomial standard error (a lower bound: "
-                                                      f"queries repeat)</sup>")
+                                                      f"queries repeat)<br>† a seed collapsed onto one label</sup>")
     remedies = compared_rows(results, [s.name for s in REMEDIES])
     if remedies["setting"].nunique() > 1:
         figures["remedies"] = settings_figure(remedies, f"Remedies for where ABFT stalls{suffix}<br><sup>issue "

@@ -521,10 +521,14 @@ def test_fig6_cells_give_macro_f1_and_collapse_and_one_seed_fig2_points_carry_th
     assert heatmap.text.tolist() == [["0.550 †<br>F1 0.360"], ["0.860<br>F1 0.850"]]
 
     sizes = pd.DataFrame([dict(dataset="sst2", method=method, n_train=n, seed=42, accuracy=0.75, macro_f1=0.7,
-                               n_inputs=1024) for method in ("abft", "e2e-lora") for n in (32, 128)])
-    traces = {trace.name: trace for trace in training_size_figure(sizes, "Fig. 2").data}
+                               n_inputs=1024, collapsed_onto="positive" if (method, n) == ("abft", 32) else None)
+                          for method in ("abft", "e2e-lora") for n in (32, 128)])
+    figure = training_size_figure(sizes, "Fig. 2")
+    traces = {trace.name: trace for trace in figure.data}
     assert list(traces["abft (ours)"].error_y.array) == pytest.approx([(0.75 * 0.25 / 1024) ** 0.5] * 2)
+    assert list(traces["abft (ours)"].text) == ["†", ""] and list(traces["e2e-lora (ours)"].text) == ["", ""]
     assert list(traces["e2e-lora (ours)"].x) == [32, 128] and "e2e (ours)" not in traces
+    assert list(figure.layout.xaxis.tickvals) == [32, 128]  # the sizes themselves, not log-axis minor ticks
 
 
 def test_settings_figure_marks_the_bars_of_a_collapsed_setting():
