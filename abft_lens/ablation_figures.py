@@ -18,7 +18,7 @@ from abft_lens.ablations import REMEDIES, TABLE4, is_lr_setting, is_size_setting
 from abft_lens.benchmarking import collapsed_runs, seed_table
 from abft_lens.choices import Method
 from abft_lens.paper_numbers import PAPER_DATASET_ORDER, PAPER_GPT2_XL, PAPER_N_TRAIN
-from abft_lens.plots import PALETTE, error_bars, method_comparison
+from abft_lens.plots import METHOD_COLOURS, PALETTE, error_bars, method_comparison
 from abft_lens.runs import pid_input_counts
 
 STEPS_FILE = "steps.csv"
@@ -130,8 +130,6 @@ def training_size_figure(results: pd.DataFrame, title: str) -> go.Figure:
     and the paper's GPT2-XL Table 1 accuracy at n_d = 512 (quoted) as open markers."""
     datasets = list(dict.fromkeys(in_dataset_order(results)["dataset"]))
     figure = make_subplots(rows=1, cols=len(datasets), subplot_titles=datasets, shared_yaxes=True)
-    colours = {"abft": "#F58518", "e2e": "#4C78A8", "e2e-lora": "#54A24B", "abft-lora": "#B279A2",
-               "vanilla": "#9D9D9D"}
     trained = results[results["method"] != "vanilla"]
     methods = [method for method in get_args(Method) if method in set(trained["method"])]
     sizes = sorted(trained["n_train"].dropna().unique()) or [PAPER_N_TRAIN]
@@ -147,20 +145,20 @@ def training_size_figure(results: pd.DataFrame, title: str) -> go.Figure:
             figure.add_trace(go.Scatter(x=stats.index, y=stats["accuracy_mean"], mode="lines+markers+text",
                                         text=marks, textposition="top center",
                                         name=f"{method} (ours)", legendgroup=method, showlegend=first,
-                                        line={"color": colours[method]}, error_y=error_bars(error)),
+                                        line={"color": METHOD_COLOURS[method]}, error_y=error_bars(error)),
                              row=1, col=column)
         vanilla = results[(results["dataset"] == dataset) & (results["method"] == "vanilla")]["accuracy"]
         if len(vanilla):
             figure.add_trace(go.Scatter(x=[min(sizes), max(sizes)], y=[vanilla.mean()] * 2, mode="lines",
                                         name="vanilla (ours)", legendgroup="vanilla", showlegend=first,
-                                        line={"color": colours["vanilla"], "dash": "dash"}), row=1, col=column)
+                                        line={"color": METHOD_COLOURS["vanilla"], "dash": "dash"}), row=1, col=column)
         for method in ("vanilla", "abft"):
             quoted = PAPER_GPT2_XL[method].get(dataset)
             if quoted is not None:
                 figure.add_trace(go.Scatter(x=[PAPER_N_TRAIN], y=[quoted / 100], mode="markers",
                                             name=f"{method} (GPT2-XL, Table 1, quoted)", legendgroup=f"paper {method}",
                                             showlegend=first, marker={"symbol": "circle-open", "size": 11,
-                                                                      "color": colours[method]}), row=1, col=column)
+                                                                      "color": METHOD_COLOURS[method]}), row=1, col=column)
         figure.update_xaxes(title_text="training prompts n_d", type="log", tickvals=sizes,
                             ticktext=[f"{size:g}" for size in sizes], row=1, col=column)
     figure.update_yaxes(title_text="accuracy", range=[0, 1], row=1, col=1)

@@ -46,7 +46,15 @@ from abft_lens.ablation_figures import ablation_figures, read_ablation_tables
 from abft_lens.figure_sources import _SOURCES, FigureSource, figure_sources, register_figure_source  # noqa: F401
 from abft_lens.paper_numbers import PAPER_DATASET_ORDER, PAPER_GPT2_XL
 from abft_lens.benchmarking import binomial_standard_error, collapsed_runs
-from abft_lens.plots import error_bars, figure_file, head_heatmap, method_comparison, plotted_metrics, save_figure
+from abft_lens.plots import (
+    METHOD_COLOURS,
+    error_bars,
+    figure_file,
+    head_heatmap,
+    method_comparison,
+    plotted_metrics,
+    save_figure,
+)
 from abft_lens.runs import METRICS_FILE, read_json_object, read_metrics
 
 
@@ -60,8 +68,6 @@ ICL_TEST_METRICS = ("accuracy", "flipped_accuracy", "flipped_memorised_share", "
 # Issue 14: what each fine-tuning method cost, beside what it gained (the paper's Table 2).
 TRAINED_METHODS = ("abft", "e2e", "abft-lora", "e2e-lora")
 COST_METRICS = ("accuracy", "macro_f1", "full_precision_params", "seconds_per_step", "peak_memory_mb")
-METHOD_COLOURS = {"vanilla": "#9D9D9D", "calibration": "#72B7B2", "abft": "#F58518", "e2e": "#4C78A8",
-                  "abft-lora": "#FFBF79", "e2e-lora": "#9ECAE9"}
 
 
 def paper_table() -> pd.DataFrame:

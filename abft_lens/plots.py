@@ -83,6 +83,9 @@ def error_bars(spread) -> dict[str, object]:
 # One colour per method or setting, in order of first appearance, for every figure: the Table 4 bars and the Fig. 5
 # lines of the same settings then match.
 PALETTE = ("#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2", "#FF9DA6", "#9D755D")
+# One colour per method in every figure that compares methods (the LoRA variants a lighter shade of theirs).
+METHOD_COLOURS = {"vanilla": "#9D9D9D", "calibration": "#72B7B2", "abft": "#F58518", "e2e": "#4C78A8",
+                  "abft-lora": "#FFBF79", "e2e-lora": "#9ECAE9"}
 
 
 def plotted_metrics(results: pd.DataFrame, metrics: tuple[str, ...]) -> list[str]:

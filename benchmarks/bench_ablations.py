@@ -121,7 +121,8 @@ WEAK_DATASETS = ("trec", "sst5", "tee")
 # The three-seed bf16 grid of the paper's claim: ABFT's seed spread per data set at the ablations' precision.
 SPREAD_FROM = Path("benchmarks/results/paper_claim_smollm2_bf16/results.csv")
 TINY = dict(n_train=8, steps=2, batch_size=4, micro_batch_size=4, n_val=8, k=2, n_test=8, demo_sets=1,
-            abft_lr="1e-3", e2e_lr="1e-3", lora_lr="1e-3", eval_batch_size=8, lr_grid=[1e-3, 1e-2], lr_checkpoint_every=1,
+            abft_lr="1e-3", e2e_lr="1e-3", lora_lr="1e-3", eval_batch_size=8, lr_grid=[1e-3, 1e-2],
+            lr_checkpoint_every=1,
             sizes=[4, 8], table4_datasets=["sst2"], fig6_datasets=["sst2"], fig2_datasets=["sst2"],
             remedy_datasets=["sst2"], lr_datasets=["sst2"], lr_from=[], spread_from=None)
 
