@@ -173,7 +173,8 @@ def finetune_command(
     lr: Optional[str] = typer.Option(None, help="a learning rate, or 'search': the best of --lr-grid by validation "
                                                 "accuracy after --lr-search-steps steps [default: search]"),
     lr_grid: Optional[str] = typer.Option(None, help="comma-separated lrs for the search [default: 2e-5,1e-4,3e-4,1e-3]"),
-    lr_search_steps: Optional[int] = typer.Option(None, help="steps of each lr trial [default: 8]"),
+    lr_search_steps: Optional[int] = typer.Option(None, help="steps of each lr trial (8: Table 1's short search) "
+                                                             "[default: --steps, a full-length trial]"),
     batch_size: Optional[int] = typer.Option(None, help="prompts per optimiser step (pseudo-batch) [default: 32]"),
     micro_batch_size: Optional[int] = typer.Option(None, help="prompts per forward [default: 8, or --batch-size "
                                                               "where that is smaller]"),

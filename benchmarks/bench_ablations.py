@@ -163,23 +163,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ablations_smollm2"))
     parser.add_argument("--tiny", action="store_true", help="CI size: SST-2 only, a few prompts, 2 steps")
     args = paper_claim.parse_with_tiny(parser, argv, TINY)
-    from abft_lens.training import FinetuneConfig
-
     if args.settings is not None:
         planned = {name for _, name, _ in planned_pieces(argparse.Namespace(**{**vars(args), "settings": None}))[0]}
         if unknown := sorted(set(args.settings) - planned):
             parser.error(f"--settings {' '.join(unknown)}: no such setting in --experiments "
                          f"{' '.join(args.experiments)} (they have: {', '.join(sorted(planned))})")
-    search_steps = search_step(args, FinetuneConfig().lr_search_steps)
+    search_steps = search_step(args)
     if "lr_choice" in args.experiments and search_steps % args.lr_checkpoint_every:
         parser.error(f"--lr-checkpoint-every {args.lr_checkpoint_every} keeps no checkpoint at step {search_steps}, "
                      "the lr search's trial length, which lr_choice's 'search' rule scores")
     return args
 
 
-def search_step(args: argparse.Namespace, default_search_steps: int) -> int:
-    """The step whose validation accuracy the 8-step lr search would have seen (lr_choice's 'search' rule)."""
-    return min(args.lr_search_steps or default_search_steps, args.steps)
+def search_step(args: argparse.Namespace) -> int:
+    """The step whose validation accuracy the short lr search (``--lr-search-steps``, 8) would have seen
+    (lr_choice's 'search' rule)."""
+    return min(args.lr_search_steps, args.steps)
 
 
 def planned_pieces(args: argparse.Namespace) -> tuple[list[tuple[str, str, int]], dict[str, Setting]]:
@@ -319,7 +318,8 @@ def settings_table(frame: pd.DataFrame, names: list[str],
 def lr_choice_table(results: pd.DataFrame, validation: pd.DataFrame, search_step: int) -> pd.DataFrame:
     """Per data set and rule, the lr that rule picks from the validation accuracies (means over seeds; ties:
     the smaller lr, as the search does) and the test accuracy (macro-F1 beside it) of that lr's full-length run,
-    beside the best test accuracy any lr of the grid reached (``regret``: the difference). Rules: ``search`` (validation at
+    beside the best test accuracy any lr of the grid reached (``regret``: the difference; ``macro_f1_regret`` the
+    same for macro-F1, which also counts an lr whose run collapsed onto one label). Rules: ``search`` (validation at
     ``search_step``, the lr search's trial length), ``checkpoints`` (mean over every kept step after 0),
     ``full_length`` (the last step)."""
     runs = results[results["setting"].map(is_lr_setting)]
@@ -332,7 +332,9 @@ def lr_choice_table(results: pd.DataFrame, validation: pd.DataFrame, search_step
         last = part["step"].max()
         rules = {"search": part[part["step"] == min(search_step, last)], "full_length": part[part["step"] == last],
                  "checkpoints": part.groupby(["dataset", "lr"], as_index=False)["validation_accuracy"].mean()}
-        best = test.loc[dataset, "accuracy"].max() if dataset in test.index.get_level_values(0) else float("nan")
+        known = dataset in test.index.get_level_values(0)
+        best, best_f1 = (test.loc[dataset, metric].max() if known else float("nan")
+                         for metric in ("accuracy", "macro_f1"))
         for rule, scores in rules.items():
             if scores.empty:
                 continue
@@ -342,7 +344,8 @@ def lr_choice_table(results: pd.DataFrame, validation: pd.DataFrame, search_step
             rows.append({"dataset": dataset, "rule": rule, "lr": chosen["lr"],
                          "validation_accuracy": chosen["validation_accuracy"], "test_accuracy": picked["accuracy"],
                          "test_macro_f1": picked["macro_f1"], "best_test_accuracy": best,
-                         "regret": best - picked["accuracy"]})
+                         "regret": best - picked["accuracy"], "best_test_macro_f1": best_f1,
+                         "macro_f1_regret": best_f1 - picked["macro_f1"]})
     return pd.DataFrame(rows)
 
 
@@ -410,7 +413,9 @@ def summarise(frame: pd.DataFrame, validation: pd.DataFrame, search_step: int,
     if len(tables["remedies"]):
         summary["remedies_recommended"] = remedy_verdicts(tables["remedies"], remedy_datasets)
     if "lr_choice" in tables and len(tables["lr_choice"]):
-        summary["lr_choice_mean_regret"] = tables["lr_choice"].groupby("rule")["regret"].mean().to_dict()
+        by_rule = tables["lr_choice"].groupby("rule")
+        summary["lr_choice_mean_regret"] = by_rule["regret"].mean().to_dict()
+        summary["lr_choice_mean_macro_f1_regret"] = by_rule["macro_f1_regret"].mean().to_dict()
     return summary, tables
 
 
@@ -430,7 +435,6 @@ def main(argv: list[str] | None = None, model=None) -> None:
         return
     from abft_lens.models import load_model
     from abft_lens.plots import save_figure
-    from abft_lens.training import FinetuneConfig
 
     args.out.mkdir(parents=True, exist_ok=True)
     given = sys.argv[1:] if argv is None else argv
@@ -453,7 +457,7 @@ def main(argv: list[str] | None = None, model=None) -> None:
         print("no finished piece yet")
         return
     known_spread = reference_spread(args.spread_from, args.model, paper_claim.run_precision(args))
-    summary, tables = summarise(frame, validation, search_step(args, FinetuneConfig().lr_search_steps),
+    summary, tables = summarise(frame, validation, search_step(args),
                                 known_spread, args.remedy_datasets)
     if known_spread is not None:
         summary["one_seed_margin_from"] = {"results": str(args.spread_from), "method": "abft",

@@ -434,6 +434,7 @@ def test_lr_choice_table_scores_each_rule_by_the_test_accuracy_of_the_lr_it_pick
     table = ablations.lr_choice_table(results, pd.concat([validation, other]), search_step=8).set_index("rule")
     assert table.loc["search", "lr"] == 1e-3 and table.loc["search", "regret"] == pytest.approx(0.10)
     assert table.loc["search", "test_macro_f1"] == 0.3 and table.loc["full_length", "test_macro_f1"] == 0.5
+    assert table.loc["search", "macro_f1_regret"] == pytest.approx(0.2) and table.loc["full_length", "macro_f1_regret"] == 0
     assert table.loc["full_length", "lr"] == 1e-4 and table.loc["full_length", "regret"] == 0.0
     # Mean over steps 8-32: 0.55 at 1e-4, 0.525 at 1e-3 (step 0, the base model, is left out).
     assert table.loc["checkpoints", "lr"] == 1e-4

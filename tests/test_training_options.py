@@ -217,6 +217,27 @@ def test_a_killed_run_that_keeps_checkpoints_resumes_to_the_same_weights(kept_ru
 SEARCH = dict(lr=None, lr_grid=(1e-3, 1e-2, 1e-1), lr_search_steps=2, steps=2)
 
 
+@pytest.mark.parametrize(("trial_steps", "expected"), [(None, 3), (1, 1)])
+def test_each_lr_trial_is_as_long_as_the_run_unless_told(trial_steps, expected, model, tiny_gpt2_dir, short_sst2,
+                                                         tmp_path, monkeypatch):
+    # Full-length trials are the default because they predicted the test result best (RESULTS.md, lr choice).
+    trial_lengths = []
+    runner_class = lr_search_module.FinetuneRunner
+
+    def counted_runner(model, prompts, config, *rest):
+        trial_lengths.append(config.steps)
+        return runner_class(model, prompts, config, *rest)
+
+    monkeypatch.setattr(lr_search_module, "FinetuneRunner", counted_runner)
+    pristine = snapshot(trainable_parameters(model, "qk"))
+    config = config_for(tiny_gpt2_dir, short_sst2, tmp_path / "run", lr=None, lr_grid=(1e-3, 1e-2), steps=3,
+                        lr_search_steps=trial_steps)
+    result = run_finetune(config, model=model, progress=False)
+    apply_tensors(model, pristine)
+    assert trial_lengths == [expected, expected] and result.lr_search.steps == expected
+    assert len(result.metrics) == 3  # the run itself keeps its own length
+
+
 def test_a_killed_lr_search_goes_on_from_its_finished_trials_to_the_same_run(model, tiny_gpt2_dir, short_sst2,
                                                                              tmp_path, monkeypatch):
     pristine = snapshot(trainable_parameters(model, "qk"))

@@ -59,7 +59,9 @@ class FinetuneConfig:
     k: int = 4
     lr: float | None = None  # None: chosen from lr_grid by validation accuracy (select_lr)
     lr_grid: tuple[float, ...] = (2e-5, 1e-4, 3e-4, 1e-3)
-    lr_search_steps: int = 8  # optimiser steps of each trial run of the lr search
+    # Optimiser steps of each lr trial; None: the run's full length (``steps``). Full-length trials predicted
+    # the test result better than 8-step ones (benchmarks/RESULTS.md, "Choosing the lr"), at 4x the cost.
+    lr_search_steps: int | None = None
     batch_size: int = 32  # prompts per optimiser step (pseudo-batch, by gradient accumulation)
     micro_batch_size: int = 8  # prompts per forward; the CLI lowers it to --batch-size when only that is given
     steps: int = 32
@@ -98,8 +100,9 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         validate_config(self, positive=("n_train", "k", "batch_size", "micro_batch_size", "steps",
-                                        "checkpoint_every", "lr_search_steps", "lora_rank"),
-                        non_negative=("n_val", "seed", "pool_seed"), optional_positive=("head_top",),
+                                        "checkpoint_every", "lora_rank"),
+                        non_negative=("n_val", "seed", "pool_seed"),
+                        optional_positive=("head_top", "lr_search_steps"),
                         positive_float=("tau", "lora_alpha"))
         if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
             raise ConfigError(f"lora_dropout must be a number in [0, 1); got {self.lora_dropout!r}.")

@@ -1,6 +1,6 @@
-"""The learning-rate search: a short run at each lr of the grid, scored by validation accuracy on
-queries from the training pool (never the test pool). Each trial starts from the same weights and seed,
-so a killed search resumes from its finished trials (``earlier``) to the same choice."""
+"""The learning-rate search: a trial run (by default as long as the run itself) at each lr of the grid,
+scored by validation accuracy on queries from the training pool (never the test pool). Each trial starts
+from the same weights and seed, so a killed search resumes from its finished trials (``earlier``) to the same choice."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from abft_lens.training.runner import FinetuneRunner
 
 @dataclass
 class LrSearch:
-    """Validation accuracy after a short run (``steps``) at each lr; ``chosen`` is the best (ties:
+    """Validation accuracy after a trial run (``steps``) at each lr; ``chosen`` is the best (ties:
     the smaller lr). ``baseline_accuracy`` is the untrained model's."""
 
     steps: int
@@ -47,9 +47,10 @@ def validation_accuracy(model, prompts: PromptSet, batch_size: int, precision: s
 def select_lr(model, prompts: PromptSet, validation: PromptSet, config: FinetuneConfig,
               plan: HeadPlan | None = None, progress: bool = True, earlier: dict[str, object] | None = None,
               on_trial: Callable[[dict[str, object]], None] | None = None) -> LrSearch:
-    """Train ``config.lr_search_steps`` steps at each lr of ``config.lr_grid`` from the current weights,
-    score label-space accuracy on ``validation`` (queries never used for training), restore the
-    weights. Validation prompts must come from the training pool, never from the test pool.
+    """Train ``config.lr_search_steps`` steps (None: ``config.steps``, a full-length trial) at each lr of
+    ``config.lr_grid`` from the current weights, score label-space accuracy on ``validation`` (queries never
+    used for training), restore the weights. Validation prompts must come from the training pool, never from
+    the test pool.
 
     ``on_trial`` is given the search so far (LrSearch's fields less ``chosen``) after each trial;
     ``earlier`` is such a record from a killed search of the same config (the caller checks that, grid
@@ -64,7 +65,7 @@ def select_lr(model, prompts: PromptSet, validation: PromptSet, config: Finetune
     plan = plan or plan_heads(config.heads, model.cfg.n_layers, model.cfg.n_heads, config.head_top)
     params = parameters_to_train(model, config)
     initial = snapshot(params)
-    short = dataclasses.replace(config, steps=config.lr_search_steps)
+    trial_config = dataclasses.replace(config, steps=config.lr_search_steps or config.steps)
     baseline = earlier.get("baseline_accuracy")
     if baseline is None:
         baseline = validation_accuracy(model, validation, config.micro_batch_size, config.precision)
@@ -77,8 +78,8 @@ def select_lr(model, prompts: PromptSet, validation: PromptSet, config: Finetune
             if lr in done:
                 continue
             torch.manual_seed(config.seed)
-            runner = FinetuneRunner(model, prompts, short, lr, plan, params)
-            bar = tqdm(range(short.steps), desc=f"lr search {lr:g}", unit="step", disable=not progress)
+            runner = FinetuneRunner(model, prompts, trial_config, lr, plan, params)
+            bar = tqdm(range(trial_config.steps), desc=f"lr search {lr:g}", unit="step", disable=not progress)
             rows = [runner.step() for _ in bar]
             bar.close()
             accuracy = validation_accuracy(model, validation, config.micro_batch_size, config.precision)
@@ -89,9 +90,10 @@ def select_lr(model, prompts: PromptSet, validation: PromptSet, config: Finetune
                            f"loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}")
             apply_tensors(model, initial)
             if on_trial is not None:
-                on_trial({"steps": short.steps, "n_validation": len(validation), "baseline_accuracy": baseline,
+                on_trial({"steps": trial_config.steps, "n_validation": len(validation),
+                          "baseline_accuracy": baseline,
                           "trials": list(trials), "seconds": earlier_seconds + time.perf_counter() - started})
     trials.sort(key=lambda trial: config.lr_grid.index(trial["lr"]))
     best = max(trials, key=lambda trial: (trial["validation_accuracy"], -trial["lr"]))
-    return LrSearch(short.steps, len(validation), baseline, trials, best["lr"],
+    return LrSearch(trial_config.steps, len(validation), baseline, trials, best["lr"],
                     earlier_seconds + time.perf_counter() - started)
