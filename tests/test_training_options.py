@@ -217,7 +217,7 @@ def test_a_killed_run_that_keeps_checkpoints_resumes_to_the_same_weights(kept_ru
 SEARCH = dict(lr=None, lr_grid=(1e-3, 1e-2, 1e-1), lr_search_steps=2, steps=2)
 
 
-@pytest.mark.parametrize(("trial_steps", "expected"), [(None, 3), (1, 1)])
+@pytest.mark.parametrize(("trial_steps", "expected"), [("default", 3), (1, 1)])
 def test_each_lr_trial_is_as_long_as_the_run_unless_told(trial_steps, expected, model, tiny_gpt2_dir, short_sst2,
                                                          tmp_path, monkeypatch):
     # Full-length trials are the default because they predicted the test result best (RESULTS.md, lr choice).
@@ -230,8 +230,8 @@ def test_each_lr_trial_is_as_long_as_the_run_unless_told(trial_steps, expected, 
 
     monkeypatch.setattr(lr_search_module, "FinetuneRunner", counted_runner)
     pristine = snapshot(trainable_parameters(model, "qk"))
-    config = config_for(tiny_gpt2_dir, short_sst2, tmp_path / "run", lr=None, lr_grid=(1e-3, 1e-2), steps=3,
-                        lr_search_steps=trial_steps)
+    told = {} if trial_steps == "default" else {"lr_search_steps": trial_steps}
+    config = config_for(tiny_gpt2_dir, short_sst2, tmp_path / "run", lr=None, lr_grid=(1e-3, 1e-2), steps=3, **told)
     result = run_finetune(config, model=model, progress=False)
     apply_tensors(model, pristine)
     assert trial_lengths == [expected, expected] and result.lr_search.steps == expected
@@ -328,6 +328,21 @@ def test_a_run_saved_before_the_new_fields_existed_still_resumes(model, tiny_gpt
     with pytest.raises(AbftLensError, match="other settings.*training_demos"):
         run_finetune(dataclasses.replace(config, resume=True, training_demos="label_covering"), model=model,
                      progress=False)
+
+
+def test_a_fixed_lr_run_saved_with_8_step_trials_resumes_under_the_full_length_default(model, tiny_gpt2_dir,
+                                                                                      short_sst2, tmp_path,
+                                                                                      monkeypatch):
+    # Runs started before the default became full-length trials recorded lr_search_steps 8.
+    config = config_for(tiny_gpt2_dir, short_sst2, tmp_path / "run")
+    assert config.lr is not None and config.lr_search_steps is None
+    run_killed_after(2, config, model, monkeypatch)
+    path = config.run_dir() / "config.json"
+    saved = json.loads(path.read_text())
+    saved["config"]["lr_search_steps"] = 8
+    path.write_text(json.dumps(saved))
+    resumed = run_finetune(dataclasses.replace(config, resume=True), model=model, progress=False)
+    assert resumed.resumed_from_step == 2 and len(resumed.metrics) == 4
 
 
 def test_the_precision_reason_is_recorded_and_a_resume_under_another_keeps_both(model, tiny_gpt2_dir, short_sst2,

@@ -60,7 +60,8 @@ class FinetuneConfig:
     lr: float | None = None  # None: chosen from lr_grid by validation accuracy (select_lr)
     lr_grid: tuple[float, ...] = (2e-5, 1e-4, 3e-4, 1e-3)
     # Optimiser steps of each lr trial; None: the run's full length (``steps``). Full-length trials predicted
-    # the test result better than 8-step ones (benchmarks/RESULTS.md, "Choosing the lr"), at 4x the cost.
+    # the test result better than 8-step ones (benchmarks/RESULTS.md, "Choosing the lr"; one seed, four data
+    # sets), at four times the search's training.
     lr_search_steps: int | None = None
     batch_size: int = 32  # prompts per optimiser step (pseudo-batch, by gradient accumulation)
     micro_batch_size: int = 8  # prompts per forward; the CLI lowers it to --batch-size when only that is given

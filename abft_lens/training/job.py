@@ -94,6 +94,11 @@ def _check_resumable(run_dir: Path, config: FinetuneConfig, file_name: str = CON
     defaults = json.loads(json.dumps(dataclasses.asdict(FinetuneConfig()), default=str))
     saved = {**defaults, **record.get("config", {})}
     current = json.loads(json.dumps(dataclasses.asdict(config), default=str))
+    for fields in (saved, current):
+        # The trial length matters only to an lr search, and None is the run's own length: a fixed-lr run saved
+        # when the default was 8 resumes under today's default, and 32 resumes as None for a 32-step run.
+        searched = fields.get("lr") is None
+        fields["lr_search_steps"] = (fields.get("lr_search_steps") or fields.get("steps")) if searched else None
     differ = sorted(name for name in current
                     if name not in _RESUME_FREE and saved.get(name) != current[name])
     if differ:
