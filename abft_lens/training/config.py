@@ -134,6 +134,10 @@ class FinetuneConfig:
         return self.method in LORA_METHODS
 
     @property
+    def lr_trial_steps(self) -> int:
+        return lr_trial_steps(self.lr_search_steps, self.steps)
+
+    @property
     def objective(self) -> Objective:
         """The loss: "abft" (attention on the demonstration labels) or "e2e" (the query label's cross-entropy)."""
         return "e2e" if self.method.startswith("e2e") else "abft"
@@ -155,3 +159,9 @@ class FinetuneConfig:
 
 # Fields that may differ between a run and its resumption.
 _RESUME_FREE = ("resume", "device", "out")
+
+
+def lr_trial_steps(lr_search_steps: int | None, steps: int) -> int:
+    """Optimiser steps of each trial of the lr search: ``lr_search_steps``, or the run's own length where it is
+    None (the default). Also applied to a saved config.json's fields when a run resumes."""
+    return lr_search_steps or steps

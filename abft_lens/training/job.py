@@ -47,7 +47,7 @@ from abft_lens.training.checkpoints import (
     restore_checkpoint,
     write_checkpoint,
 )
-from abft_lens.training.config import _RESUME_FREE, DESIGN_CHOICES, FinetuneConfig
+from abft_lens.training.config import _RESUME_FREE, DESIGN_CHOICES, FinetuneConfig, lr_trial_steps
 from abft_lens.training.head_plan import HeadPlan, plan_heads
 from abft_lens.training.lr_search import LrSearch, select_lr
 from abft_lens.training.parameters import (
@@ -98,7 +98,8 @@ def _check_resumable(run_dir: Path, config: FinetuneConfig, file_name: str = CON
         # The trial length matters only to an lr search, and None is the run's own length: a fixed-lr run saved
         # when the default was 8 resumes under today's default, and 32 resumes as None for a 32-step run.
         searched = fields.get("lr") is None
-        fields["lr_search_steps"] = (fields.get("lr_search_steps") or fields.get("steps")) if searched else None
+        fields["lr_search_steps"] = (lr_trial_steps(fields.get("lr_search_steps"), fields["steps"]) if searched
+                                     else None)
     differ = sorted(name for name in current
                     if name not in _RESUME_FREE and saved.get(name) != current[name])
     if differ:

@@ -65,7 +65,7 @@ def select_lr(model, prompts: PromptSet, validation: PromptSet, config: Finetune
     plan = plan or plan_heads(config.heads, model.cfg.n_layers, model.cfg.n_heads, config.head_top)
     params = parameters_to_train(model, config)
     initial = snapshot(params)
-    trial_config = dataclasses.replace(config, steps=config.lr_search_steps or config.steps)
+    trial_config = dataclasses.replace(config, steps=config.lr_trial_steps)
     baseline = earlier.get("baseline_accuracy")
     if baseline is None:
         baseline = validation_accuracy(model, validation, config.micro_batch_size, config.precision)
